@@ -1,0 +1,64 @@
+"""The few collectives the checkpoint layer needs, usable with or without a process group.
+
+Without an initialized process group every helper acts as a world of one, so the same
+CheckpointManager code serves ``python train.py`` and ``torchrun ... train.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def control_group() -> Any:
+    """A gloo group for small Python-object collectives.
+
+    Object collectives on NCCL need a CUDA device per rank and a host->device copy of every
+    pickle; a gloo group avoids both. With gloo already the default, reuse the default group.
+    """
+    if not initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def broadcast(obj: Any, group: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def all_gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def raise_if_any_failed(error: str | None, group: Any = None) -> None:
+    """Raise the same ``CheckpointError`` on every rank when any rank reported an error.
+
+    A rank that fails alone would otherwise leave the others waiting in the next collective.
+    """
+    from .errors import CheckpointError
+
+    errors = [e for e in all_gather(error, group) if e]
+    if errors:
+        raise CheckpointError(errors[0])

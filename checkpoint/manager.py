@@ -1,0 +1,266 @@
+"""CheckpointManager: scheduled, sharded, committed, verified checkpoints.
+
+Save (every rank calls it at the same step)::
+
+    rank 0: refuse if step already committed; remove a stale uncommitted dir of that step
+    all:    dcp.save -> shard files + DCP .metadata (fsynced by DCP's FileSystemWriter)
+    all:    crc32 of a share of the files each          } the "barrier": nobody commits
+    all:    gather sizes + checksums and any error       } until every rank reported success
+    rank 0: write manifest.json atomically  <- the commit
+    rank 0: retention; the result is shared so every rank returns or raises the same
+
+Load: rank 0 finds the newest committed checkpoint that verifies and broadcasts it; every
+rank then loads that one step (DCP reshards when the world size changed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from . import _dist
+from .errors import CheckpointError
+from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecord, Manifest,
+                       find_latest, is_committed, list_steps, step_dir_name)
+from .state import TrainingState, check_compatible
+from .storage import Storage
+
+log = logging.getLogger("checkpoint")
+
+
+class CheckpointManager:
+    """Save and resume one training job's state under ``root``.
+
+    Args:
+        root: a directory or an fsspec URL (``memory://...``, ``s3://...``).
+        model, optimizer, scheduler: the live objects; a DDP-wrapped model is fine.
+        state: more things to save by name: Stateful objects (``state_dict``/``load_state_dict``)
+            or plain dicts, e.g. ``{"progress": progress, "data": sampler}``.
+        save_every_steps: save when ``step % N == 0`` (0 = off).
+        save_every_seconds: save when rank 0's clock says T seconds passed since the last
+            save; rank 0's decision is broadcast, so every rank saves the same step (0 = off).
+        keep_last: committed checkpoints to keep (0 = keep all). The newest is always kept.
+        keep_every: also keep every checkpoint whose step is a multiple of M (0 = off).
+        verify: how ``load`` checks a candidate: ``"size"`` (cheap) or ``"hash"`` (crc32 of
+            every file; thorough).
+        metadata: user data written into every commit record (config, run name, ...).
+        before_commit: called on every rank with the step after the shards are written and
+            before the record is; a hook for fault injection and tests.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
+                 state: Mapping[str, Any] | None = None, save_every_steps: int = 0,
+                 save_every_seconds: float = 0.0, keep_last: int = 3, keep_every: int = 0,
+                 verify: str = "hash", metadata: Mapping[str, Any] | None = None,
+                 before_commit: Callable[[int], None] | None = None):
+        for name, value in (("save_every_steps", save_every_steps), ("save_every_seconds", save_every_seconds),
+                            ("keep_last", keep_last), ("keep_every", keep_every)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        self.storage = Storage(root)
+        self.training = TrainingState(model, optimizer, scheduler, state)
+        self.save_every_steps = int(save_every_steps)
+        self.save_every_seconds = float(save_every_seconds)
+        self.keep_last = int(keep_last)
+        self.keep_every = int(keep_every)
+        self.verify = verify
+        self.metadata = dict(metadata or {})
+        self.before_commit = before_commit
+        self.rank = _dist.rank()
+        self.world_size = _dist.world_size()
+        self._group = _dist.control_group()
+        self._last_save_time = time.monotonic()
+        self.last_committed: int | None = None
+
+        # Fail before any training happens when the root cannot be written.
+        error = None
+        if self.rank == 0:
+            try:
+                self.storage.check_writable()
+            except OSError as e:
+                error = str(e)
+        error = _dist.broadcast(error, self._group)
+        if error:
+            raise CheckpointError(error)
+
+    # -- schedule --------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is a save step; the same answer on every rank."""
+        due = self.save_every_steps > 0 and step % self.save_every_steps == 0
+        if self.save_every_seconds > 0:
+            # Clocks differ between ranks: rank 0 decides, everyone follows.
+            late = time.monotonic() - self._last_save_time >= self.save_every_seconds
+            due = bool(_dist.broadcast(due or late, self._group))
+        return due
+
+    def maybe_save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
+        return self.save(step, metrics) if self.should_save(step) else None
+
+    # -- save ------------------------------------------------------------------------------
+    def save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
+        """Save and commit ``step`` on every rank. Returns the record, or None if the step
+        was already committed (a committed checkpoint is never written again)."""
+        started = time.monotonic()
+        dirname = step_dir_name(step)
+        path = self.storage.join(dirname)
+
+        error, already = None, False
+        if self.rank == 0:
+            try:
+                already = is_committed(self.storage, step)
+                if not already:
+                    self.storage.remove_tree(path)  # a stale save of this step that never committed
+                    self.storage.makedirs(path)
+            except OSError as e:
+                error = f"cannot prepare {path}: {e}"
+        error, already = _dist.broadcast((error, already), self._group)
+        if error:
+            raise CheckpointError(error)
+        if already:
+            log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
+            self._last_save_time = time.monotonic()
+            return None
+
+        state = self.training.state_dict(self.rank)
+        try:
+            dcp.save(state, storage_writer=self._writer(dirname))
+        except Exception as e:  # DCP gathers every rank's failure into one exception
+            raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}") from e
+        written = time.monotonic()
+
+        files = self._checksum_files(dirname)
+        if self.before_commit is not None:
+            self.before_commit(step)
+
+        manifest = Manifest(
+            step=step, world_size=self.world_size, files=files,
+            run_id=os.environ.get("TORCHELASTIC_RUN_ID", ""),
+            restart_generation=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            torch_version=torch.__version__, created_unix=time.time(),
+            save_seconds=round(time.monotonic() - started, 4),
+            metadata={**self.metadata, **dict(metrics or {})},
+        )
+        error = None
+        if self.rank == 0:
+            try:
+                self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
+            except OSError as e:
+                error = f"committing checkpoint {path} failed: {e}; the previous committed checkpoint stays"
+            else:
+                self._apply_retention(step)
+        error = _dist.broadcast(error, self._group)
+        if error:
+            raise CheckpointError(error)
+
+        self.last_committed = step
+        self._last_save_time = time.monotonic()
+        total = sum(f.size for f in files.values())
+        log.info("committed checkpoint step %d: %.1f KiB in %.3f s (write %.3f s, checksum+commit %.3f s)",
+                 step, total / 1024, time.monotonic() - started, written - started, time.monotonic() - written)
+        return manifest
+
+    def _writer(self, dirname: str):
+        if self.storage.is_local:
+            return dcp.FileSystemWriter(self.storage.join(dirname), sync_files=True)
+        from torch.distributed.checkpoint import FsspecWriter
+        return FsspecWriter(self.storage.url_of(dirname), sync_files=False)  # no fsync on object stores
+
+    def _reader(self, dirname: str):
+        if self.storage.is_local:
+            return dcp.FileSystemReader(self.storage.join(dirname))
+        from torch.distributed.checkpoint import FsspecReader
+        return FsspecReader(self.storage.url_of(dirname))
+
+    def _checksum_files(self, dirname: str) -> dict[str, FileRecord]:
+        """Size and crc32 of every file of the save; each rank hashes its share."""
+        names = None
+        if self.rank == 0:
+            base = self.storage.join(dirname)
+            names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.storage.fs.ls(base, detail=False))
+        names = _dist.broadcast(names, self._group)
+        mine, error, name = {}, None, ""
+        try:
+            for name in names[self.rank::self.world_size]:
+                path = self.storage.join(dirname, name)
+                mine[name] = FileRecord(self.storage.size(path), self.storage.crc32(path))
+        except OSError as e:
+            error = f"rank {self.rank} cannot read back {dirname}/{name}: {e}"
+        _dist.raise_if_any_failed(error, self._group)
+        files: dict[str, FileRecord] = {}
+        for part in _dist.all_gather(mine, self._group):
+            files.update(part)
+        if DCP_METADATA_NAME not in files:
+            raise CheckpointError(f"{self.storage.join(dirname)}: DCP wrote no {DCP_METADATA_NAME}")
+        return files
+
+    def _apply_retention(self, newest: int) -> None:
+        """Rank 0, right after committing ``newest``: drop old committed checkpoints beyond
+        ``keep_last`` and stale uncommitted directories older than ``newest``."""
+        steps = list_steps(self.storage)
+        committed = [s for s in steps if is_committed(self.storage, s)]
+        keep = {newest}
+        keep.update(committed if self.keep_last == 0 else committed[-self.keep_last:])
+        if self.keep_every:
+            keep.update(s for s in committed if s % self.keep_every == 0)
+        for s in steps:
+            # Uncommitted and newer than ``newest`` could be a save in flight: leave it.
+            if s in keep or s > newest:
+                continue
+            path = self.storage.join(step_dir_name(s))
+            try:
+                record = self.storage.join(step_dir_name(s), MANIFEST_NAME)
+                if self.storage.exists(record):
+                    self.storage.fs.rm(record)  # uncommit first: a half-deleted dir is never loaded
+                self.storage.remove_tree(path)
+                log.info("retention removed %s", path)
+            except OSError as e:
+                log.warning("retention could not remove %s: %s", path, e)
+
+    # -- load ------------------------------------------------------------------------------
+    def load(self) -> Manifest | None:
+        """Load the newest committed, verified checkpoint into the live objects.
+
+        Returns its record (``.step``, ``.metadata``...), or None when there is none, in
+        which case nothing is changed. Every rank gets the same answer.
+        """
+        started = time.monotonic()
+        found = None
+        if self.rank == 0:
+            manifest = find_latest(self.storage, self.verify)
+            found = manifest.to_json() if manifest else None
+        found = _dist.broadcast(found, self._group)
+        if found is None:
+            log.info("no committed checkpoint in %s; starting from scratch", self.storage.url)
+            return None
+        manifest = Manifest.from_json(found)
+        dirname = step_dir_name(manifest.step)
+        where = self.storage.url_of(dirname)
+
+        # Ranks beyond the saved world size have no RNG state of their own to restore.
+        state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
+        reader = self._reader(dirname)
+        saved = {k: getattr(v, "size", None) for k, v in reader.read_metadata().state_dict_metadata.items()}
+        check_compatible(state, {k: v for k, v in saved.items() if v is not None}, where)
+        try:
+            dcp.load(state, storage_reader=reader)
+        except Exception as e:
+            raise CheckpointError(f"loading checkpoint {where} failed: {_short(e)}") from e
+        self.training.apply(state, self.rank)
+        self.last_committed = manifest.step
+        self._last_save_time = time.monotonic()
+        log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
+                 manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
+        return manifest
+
+
+def _short(e: BaseException) -> str:
+    """First line of an exception, which for DCP's CheckpointException is the useful part."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

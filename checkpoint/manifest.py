@@ -1,0 +1,147 @@
+"""The commit record and discovery of the newest committed, verified checkpoint.
+
+Layout under the checkpoint root::
+
+    step-00000040/            one checkpoint, written by every rank through DCP
+        __0_0.distcp          shard files (DCP names them)
+        .metadata             DCP's own index, written by rank 0 at the end of the save
+        manifest.json         OUR commit record: written last, by rank 0, atomically
+
+A checkpoint is committed iff ``manifest.json`` exists and validates: it parses, its format
+version is known, and every file it lists exists with the listed size (and, with
+``verify="hash"``, the listed crc32). Nothing else counts: a directory with shards and even
+DCP's ``.metadata`` but no record is a save that died before its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DCP_METADATA_NAME = ".metadata"
+VERIFY_MODES = ("size", "hash")
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class FileRecord:
+    size: int
+    crc32: str
+
+
+@dataclass
+class Manifest:
+    """Everything needed to trust, and to describe, one committed checkpoint."""
+
+    step: int
+    world_size: int
+    files: dict[str, FileRecord]
+    run_id: str = ""
+    restart_generation: int = 0
+    torch_version: str = ""
+    created_unix: float = 0.0
+    save_seconds: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)  # user data: loss, metrics, config
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Manifest":
+        """Parse a record; raise ``ValueError`` saying what is wrong with it."""
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r}, this library reads {FORMAT_VERSION}")
+        try:
+            files = {name: FileRecord(int(rec["size"]), str(rec["crc32"]))
+                     for name, rec in data["files"].items()}
+            data["files"] = files
+            manifest = cls(**data)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed record ({type(e).__name__}: {e})") from None
+        if DCP_METADATA_NAME not in files:
+            raise ValueError(f"record does not list DCP's {DCP_METADATA_NAME}")
+        return manifest
+
+
+def verify(storage: Storage, dirname: str, mode: str) -> tuple[Manifest | None, str | None]:
+    """Check one checkpoint directory. Returns ``(manifest, None)`` or ``(None, reason)``.
+
+    The reason names the bad file so an operator can look at it.
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, not {mode!r}")
+    record = storage.join(dirname, MANIFEST_NAME)
+    if not storage.exists(record):
+        return None, f"{record}: no commit record, the save did not finish (uncommitted)"
+    try:
+        manifest = Manifest.from_json(storage.read_bytes(record))
+    except ValueError as e:
+        return None, f"{record}: unreadable commit record: {e}"
+    for name, rec in sorted(manifest.files.items()):
+        path = storage.join(dirname, name)
+        if not storage.exists(path):
+            return None, f"{path}: listed in the commit record but missing"
+        size = storage.size(path)
+        if size != rec.size:
+            return None, f"{path}: {size} bytes, the commit record says {rec.size} (truncated or rewritten)"
+        if mode == "hash":
+            crc = storage.crc32(path)
+            if crc != rec.crc32:
+                return None, f"{path}: crc32 {crc}, the commit record says {rec.crc32} (corrupt)"
+    return manifest, None
+
+
+def list_steps(storage: Storage) -> list[int]:
+    """All ``step-N`` directories under the root, committed or not, oldest first."""
+    steps = (parse_step_dir(name) for name in storage.list_dirs())
+    return sorted(s for s in steps if s is not None)
+
+
+def is_committed(storage: Storage, step: int) -> bool:
+    """Cheap check used before saving and for retention: does the record exist at all?"""
+    return storage.exists(storage.join(step_dir_name(step), MANIFEST_NAME))
+
+
+def find_latest(storage: Storage, mode: str = "hash") -> Manifest | None:
+    """The newest checkpoint that is committed and verifies, or None.
+
+    Each newer directory that fails gets one warning line naming the bad file. Call this on
+    one rank only and broadcast the answer: ranks listing a directory on their own can
+    disagree while another job writes to it.
+    """
+    for step in reversed(list_steps(storage)):
+        manifest, reason = verify(storage, step_dir_name(step), mode)
+        if manifest is not None:
+            if manifest.step != step:
+                log.warning("%s: record says step %d; skipping", storage.join(step_dir_name(step)), manifest.step)
+                continue
+            return manifest
+        log.warning("skipping checkpoint %s", reason)
+    return None

@@ -1,0 +1,141 @@
+"""Turning live training objects into one state dict for DCP, and back.
+
+What goes in (one dict, so one DCP save holds the whole training state):
+
+    model.*       model weights, DDP's ``module.`` prefix stripped (get_state_dict)
+    optim.*       optimizer state keyed by parameter name (get_state_dict)
+    scheduler.*   LR scheduler state_dict()
+    <name>.*      every extra Stateful or dict the user passes (train progress, data cursor)
+    rng.rank_<r>  this rank's RNG states: python, numpy, torch CPU, CUDA when present
+
+Replicated tensors (model and optimizer under DDP) are identical on all ranks; DCP writes one
+copy. RNG states differ per rank, so each rank saves them under its own key.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict
+
+from .errors import CheckpointMismatchError
+
+
+def rng_key(rank: int) -> str:
+    return f"rank_{rank}"
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+class TrainingState:
+    """The live objects of one rank, and how to save them into / load them from a dict."""
+
+    def __init__(self, model=None, optimizer=None, scheduler=None, extra: Mapping[str, Any] | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.extra = dict(extra or {})
+        reserved = {"model", "optim", "scheduler", "rng"} & set(self.extra)
+        if reserved:
+            raise ValueError(f"extra state names {sorted(reserved)} are reserved; rename them")
+        for name, obj in self.extra.items():
+            if not (_is_stateful(obj) or isinstance(obj, dict)):
+                raise TypeError(f"extra state {name!r} must be a dict or have state_dict()/load_state_dict()")
+        if optimizer is not None and model is None:
+            raise ValueError("an optimizer needs its model: pass model= too")
+
+    def state_dict(self, rank: int, with_rng: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.model is not None and self.optimizer is not None:
+            out["model"], out["optim"] = get_state_dict(self.model, self.optimizer)
+        elif self.model is not None:
+            out["model"] = get_model_state_dict(self.model)
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler.state_dict()
+        for name, obj in self.extra.items():
+            out[name] = obj.state_dict() if _is_stateful(obj) else dict(obj)
+        if with_rng:
+            out["rng"] = {rng_key(rank): capture_rng()}
+        return out
+
+    def apply(self, loaded: dict[str, Any], rank: int) -> None:
+        """Put a loaded state dict (same shape as ``state_dict()`` made) into the live objects."""
+        if self.model is not None and self.optimizer is not None:
+            set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"],
+                           optim_state_dict=loaded["optim"])
+        elif self.model is not None:
+            set_model_state_dict(self.model, loaded["model"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(loaded["scheduler"])
+        for name, obj in self.extra.items():
+            if _is_stateful(obj):
+                obj.load_state_dict(loaded[name])
+            else:
+                obj.clear()
+                obj.update(loaded[name])
+        if "rng" in loaded:
+            restore_rng(loaded["rng"][rng_key(rank)])
+
+
+def flatten_tensors(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Size]:
+    """``{"model.conv1.weight": shape, ...}`` in DCP's dotted key style, tensors only."""
+    out: dict[str, torch.Size] = {}
+    items = state.items() if isinstance(state, Mapping) else enumerate(state)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = value.shape
+        elif isinstance(value, (Mapping, list)):
+            out.update(flatten_tensors(value, name + "."))
+    return out
+
+
+def check_compatible(ours: Mapping[str, Any], saved_shapes: Mapping[str, torch.Size], where: str) -> None:
+    """Raise ``CheckpointMismatchError`` listing keys and shapes that differ, before DCP does.
+
+    DCP's own error for a foreign checkpoint is a long traceback about a missing key; this
+    one names what differs so the user can tell "wrong directory" from "wrong model config".
+    """
+    mine = {k: v for k, v in flatten_tensors(ours).items() if not k.startswith("rng.")}
+    theirs = {k: v for k, v in saved_shapes.items() if k.split(".", 1)[0] in {"model", "optim"}}
+    missing = sorted(k for k in mine if k not in saved_shapes)
+    unexpected = sorted(k for k in theirs if k not in mine)
+    shapes = sorted(f"{k} (checkpoint {list(saved_shapes[k])}, this run {list(v)})"
+                    for k, v in mine.items() if k in saved_shapes and saved_shapes[k] != v)
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, keys in (("shape mismatch", shapes), ("missing from checkpoint", missing),
+                        ("not in this model", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            parts.append(f"{label}: {shown}")
+    raise CheckpointMismatchError(
+        f"checkpoint {where} was saved from a different model or optimizer; " + "; ".join(parts)
+        + ". Use a fresh checkpoint directory, or the model settings that wrote this one.")

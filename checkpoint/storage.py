@@ -1,0 +1,116 @@
+"""Where checkpoints live: a local directory or any fsspec URL (``memory://``, ``s3://``, ...).
+
+One small wrapper so the rest of the library never asks "is this local?" twice. The only
+place where local and remote really differ is the atomic write of the commit record:
+locally tmp + fsync + rename + fsync(dir); on an object store the single PUT of the object is
+itself atomic, and there is no rename to lean on.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zlib
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_CHUNK = 8 << 20  # bytes read per call while checksumming
+
+
+class Storage:
+    """A checkpoint root on the local disk or behind fsspec."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = os.fspath(root)
+        if not root:
+            raise ValueError("checkpoint root is empty: give a directory or an fsspec URL")
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
+        self.url = self.root if self.is_local else root.rstrip("/")
+
+    # -- paths ---------------------------------------------------------------------------
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts]) if not self.is_local else os.path.join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        """The address DCP and users should use for ``parts`` (a URL keeps its protocol)."""
+        if self.is_local:
+            return self.join(*parts)
+        return "/".join([self.url, *parts])
+
+    # -- queries -------------------------------------------------------------------------
+    def list_dirs(self) -> list[str]:
+        """Names of the directories directly under the root ([] when the root is missing)."""
+        if not self.fs.exists(self.root):
+            return []
+        names = []
+        for info in self.fs.ls(self.root, detail=True):
+            if info.get("type") == "directory":
+                names.append(info["name"].rstrip("/").rsplit("/", 1)[-1])
+        return names
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(path))
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def crc32(self, path: str) -> str:
+        """crc32 of the file as 8 hex digits; zlib's is in the standard library and fast."""
+        crc = 0
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+        return f"{crc:08x}"
+
+    # -- changes -------------------------------------------------------------------------
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def remove_tree(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Make ``path`` appear whole or not at all, and durable once this returns."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)  # one PUT: the object is the commit
+            return
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        fsync_dir(directory)
+
+    def check_writable(self) -> None:
+        """Raise ``OSError`` naming the root unless we can create, write and delete in it."""
+        probe = self.join(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.makedirs(self.root)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as e:  # every backend raises its own type; name the root in one line
+            raise OSError(f"checkpoint directory {self.url!r} is not writable ({e}); "
+                          "choose a directory this job can write to") from e
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory so a rename or a new file in it survives a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

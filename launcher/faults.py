@@ -1,0 +1,74 @@
+"""Fault injection for tests and demos: ``--inject kill:rank=1:step=40``.
+
+Kinds:
+    kill                 SIGKILL this worker right after it finishes step N
+    kill-before-commit   SIGKILL after the shards of step N are written, before the commit record
+    raise                raise RuntimeError after step N
+
+Each fault fires once per run: before firing, the worker creates a marker file in the run's
+fault directory with O_EXCL, so the restarted generation sees it and does not fire again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+KINDS = ("kill", "kill-before-commit", "raise")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int
+
+    @property
+    def marker_name(self) -> str:
+        return f"{self.kind}.rank{self.rank}.step{self.step}.fired"
+
+
+def parse_fault(spec: str) -> Fault:
+    """``KIND:rank=R:step=N`` -> Fault; ``ValueError`` with a readable message otherwise."""
+    kind, *fields = spec.strip().split(":")
+    if kind not in KINDS:
+        raise ValueError(f"fault {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    values = {}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep or key not in ("rank", "step") or not value.isdigit():
+            raise ValueError(f"fault {spec!r}: bad field {field!r}; expected rank=R and step=N (integers)")
+        values[key] = int(value)
+    if set(values) != {"rank", "step"}:
+        raise ValueError(f"fault {spec!r}: needs both rank=R and step=N, e.g. kill:rank=1:step=40")
+    return Fault(kind, values["rank"], values["step"])
+
+
+class FaultInjector:
+    def __init__(self, faults: list[Fault], rank: int, marker_dir: str):
+        self.faults = [f for f in faults if f.rank == rank]
+        self.marker_dir = marker_dir
+
+    def after_step(self, step: int) -> None:
+        for fault in self.faults:
+            if fault.step == step and fault.kind in ("kill", "raise"):
+                self._fire(fault)
+
+    def before_commit(self, step: int) -> None:
+        for fault in self.faults:
+            if fault.step == step and fault.kind == "kill-before-commit":
+                self._fire(fault)
+
+    def _fire(self, fault: Fault) -> None:
+        os.makedirs(self.marker_dir, exist_ok=True)
+        try:
+            fd = os.open(os.path.join(self.marker_dir, fault.marker_name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # fired in an earlier generation of this run
+        os.fsync(fd)
+        os.close(fd)
+        print(f"[fault] rank {fault.rank}: injecting {fault.kind} at step {fault.step}", flush=True)
+        if fault.kind == "raise":
+            raise RuntimeError(f"injected fault at step {fault.step}")
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,155 @@
+"""The training loop, top to bottom: set up, resume, train, checkpoint, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import CheckpointManager
+from launcher.faults import FaultInjector, parse_fault
+from launcher.worker import init_process_group
+
+from .config import ConfigError, TrainConfig
+from .data import DataCursor, Split, load_dataset
+from .model import CNN
+
+log = logging.getLogger("trainer")
+
+
+class Progress:
+    """Optimizer steps and samples trained on so far (global, summed over ranks)."""
+
+    def __init__(self):
+        self.step = 0
+        self.samples_seen = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format=f"[rank{rank}] %(name)s: %(message)s", force=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, batch: int = 1024) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(split), batch):
+        logits = model(split.images[i:i + batch])
+        correct += (logits.argmax(1) == split.labels[i:i + batch]).sum().item()
+    model.train()
+    return correct / len(split)
+
+
+def train(cfg: TrainConfig) -> dict:
+    try:
+        faults = [parse_fault(spec) for spec in cfg.inject]
+    except ValueError as e:
+        raise ConfigError(f"--inject: {e}") from None
+    env = init_process_group()
+    rank, world = env.rank, env.world_size
+    _setup_logging(rank)
+    torch.use_deterministic_algorithms(True)
+
+    train_split, test_split = load_dataset(cfg)
+    _seed_everything(cfg.seed)  # the same initial weights on every rank
+    model = CNN(train_split.images.shape[-1], cfg.width)
+    _seed_everything(cfg.seed * 1000 + rank)  # then a stream of its own per rank
+    ddp = DDP(model) if dist.is_initialized() else model
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=0.9)
+    cursor = DataCursor(len(train_split), cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * cursor.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    progress = Progress()
+    injector = FaultInjector(faults, rank, os.path.join(cfg.run_dir, "faults"))
+
+    ckpt = CheckpointManager(
+        cfg.ckpt_dir, model=ddp, optimizer=optimizer, scheduler=scheduler,
+        state={"progress": progress, "data": cursor},
+        save_every_steps=cfg.save_every_steps, save_every_seconds=cfg.save_every_seconds,
+        keep_last=cfg.keep_last, verify=cfg.verify,
+        metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
+        before_commit=injector.before_commit)
+    resumed = ckpt.load()
+    resumed_from = resumed.step if resumed else 0
+    if rank == 0:
+        if resumed:
+            print(f"resumed from step {resumed.step} (committed checkpoint, saved at world size "
+                  f"{resumed.world_size}; now {world}); epoch {cursor.epoch}, position {cursor.position}", flush=True)
+        else:
+            print(f"starting from scratch: {total_steps} steps, world size {world}", flush=True)
+
+    trace = None
+    if cfg.trace_samples:
+        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
+        trace = open(os.path.join(cfg.run_dir, "samples", f"rank{rank}.jsonl"), "a")
+
+    bar = tqdm(total=total_steps, initial=progress.step, disable=rank != 0 or not sys.stderr.isatty(),
+               unit="step", dynamic_ncols=True)
+    window_loss, window_n, window_start = 0.0, 0, time.monotonic()
+    while progress.step < total_steps:
+        epoch = cursor.epoch
+        idx, global_n = cursor.next_batch(rank, world)
+        x, y = train_split.images[idx], train_split.labels[idx]
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = F.cross_entropy(ddp(x), y, reduction="sum")
+        # DDP averages gradients over ranks; scaling by world/global_n makes the result the
+        # mean over the global batch however it was split (a rank may even have 0 samples).
+        (loss_sum * (world / global_n)).backward()
+        optimizer.step()
+        scheduler.step()
+        progress.step += 1
+        progress.samples_seen += global_n
+        if trace is not None:
+            trace.write(json.dumps({"step": progress.step, "epoch": epoch, "gen": env.restart_count,
+                                    "resumed_from": resumed_from, "idx": idx.tolist()}) + "\n")
+            trace.flush()
+        injector.after_step(progress.step)
+
+        window_loss += loss_sum.item()
+        window_n += len(idx)
+        bar.update(1)
+        if progress.step % cfg.log_every == 0 and rank == 0:
+            rate = cfg.log_every / max(time.monotonic() - window_start, 1e-9)
+            loss = window_loss / max(window_n, 1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if bar.disable:
+                print(f"step {progress.step}/{total_steps} epoch {cursor.epoch} loss {loss:.4f} "
+                      f"({rate:.1f} steps/s)", flush=True)
+            window_loss, window_n, window_start = 0.0, 0, time.monotonic()
+        ckpt.maybe_save(progress.step, {"train_loss": round(loss_sum.item() / max(len(idx), 1), 6)})
+    bar.close()
+
+    accuracy = evaluate(model, test_split)
+    if ckpt.last_committed != progress.step:  # the final checkpoint is always committed
+        ckpt.save(progress.step, {"test_accuracy": accuracy})
+    if trace is not None:
+        trace.close()
+    if rank == 0:
+        print(f"finished at step {progress.step}, epoch {cursor.epoch}; samples seen {progress.samples_seen}; "
+              f"final test accuracy {accuracy:.4f}", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"step": progress.step, "accuracy": accuracy, "resumed_from": resumed_from}
