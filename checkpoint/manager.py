@@ -15,9 +15,11 @@ rank then loads that one step (DCP reshards when the world size changed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -130,7 +132,8 @@ class CheckpointManager:
 
         state = self.training.state_dict(self.rank)
         try:
-            dcp.save(state, storage_writer=self._writer(dirname))
+            with _single_process_is_intended():
+                dcp.save(state, storage_writer=self._writer(dirname), no_dist=not _dist.initialized())
         except Exception as e:  # DCP gathers every rank's failure into one exception
             raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}") from e
         written = time.monotonic()
@@ -169,13 +172,13 @@ class CheckpointManager:
     def _writer(self, dirname: str):
         if self.storage.is_local:
             return dcp.FileSystemWriter(self.storage.join(dirname), sync_files=True)
-        from torch.distributed.checkpoint import FsspecWriter
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         return FsspecWriter(self.storage.url_of(dirname), sync_files=False)  # no fsync on object stores
 
     def _reader(self, dirname: str):
         if self.storage.is_local:
             return dcp.FileSystemReader(self.storage.join(dirname))
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         return FsspecReader(self.storage.url_of(dirname))
 
     def _checksum_files(self, dirname: str) -> dict[str, FileRecord]:
@@ -249,7 +252,8 @@ class CheckpointManager:
         saved = {k: getattr(v, "size", None) for k, v in reader.read_metadata().state_dict_metadata.items()}
         check_compatible(state, {k: v for k, v in saved.items() if v is not None}, where)
         try:
-            dcp.load(state, storage_reader=reader)
+            with _single_process_is_intended():
+                dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())
         except Exception as e:
             raise CheckpointError(f"loading checkpoint {where} failed: {_short(e)}") from e
         self.training.apply(state, self.rank)
@@ -258,6 +262,15 @@ class CheckpointManager:
         log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
                  manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
         return manifest
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """Without a process group DCP warns on every call that it assumes one process; we
+    asked for exactly that (``no_dist``), so the warning is noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
 
 
 def _short(e: BaseException) -> str:

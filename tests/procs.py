@@ -1,0 +1,124 @@
+"""Running real training processes from tests: hard timeouts, whole-tree kills, and the oracle.
+
+TorchElastic starts each worker in a session of its own, so killing the launcher's process
+group is not enough: on timeout we kill every descendant found by psutil, then the group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "train.py")
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-n:])
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(cmd: list[str], timeout: float, cwd: str | Path = REPO, env_extra: dict | None = None) -> Result:
+    """Run ``cmd`` in a new session; on timeout kill its whole tree and fail the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n" + "\n".join(out.splitlines()[-60:]))
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    return Result(proc.returncode, out)
+
+
+def train_cmd(*args: str) -> list[str]:
+    """``python train.py ARGS`` (one process, no torchrun)."""
+    return [sys.executable, TRAIN, *args]
+
+
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
+    """Stock torchrun, c10d rendezvous on a free port (``--standalone``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.1", TRAIN, *args]
+
+
+def latest_committed(ckpt_dir: str | Path):
+    from checkpoint import Storage, find_latest
+
+    manifest = find_latest(Storage(ckpt_dir), "hash")
+    assert manifest is not None, f"no committed checkpoint in {ckpt_dir}"
+    return manifest
+
+
+def load_checkpoint(step_dir: str | Path, tmp: Path) -> dict:
+    """A DCP checkpoint directory as one flat-keyed dict, through DCP's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{Path(step_dir).name}-{os.getpid()}-{len(list(tmp.iterdir()))}.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def assert_training_state_equal(a: dict, b: dict) -> None:
+    """Every tensor of model and optimizer state bitwise equal (``torch.equal``)."""
+    keys = [k for k in a if k in ("model", "optim")]
+    assert keys == [k for k in b if k in ("model", "optim")]
+    flat_a, flat_b = _flatten(a["model"], "model."), _flatten(b["model"], "model.")
+    flat_a.update(_flatten(a["optim"], "optim."))
+    flat_b.update(_flatten(b["optim"], "optim."))
+    assert flat_a.keys() == flat_b.keys()
+    tensors = 0
+    for key, value in flat_a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, flat_b[key]), f"{key} differs"
+            tensors += 1
+        else:
+            assert value == flat_b[key], f"{key}: {value!r} != {flat_b[key]!r}"
+    assert tensors > 0
+
+
+def _flatten(obj, prefix: str) -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, list) and any(isinstance(v, (dict, torch.Tensor)) for v in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): obj}

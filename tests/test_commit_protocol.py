@@ -1,0 +1,260 @@
+"""The commit protocol of the checkpoint library, in one process on real files.
+
+Every test damages a checkpoint the way the field does (a save that died before its record,
+a truncated shard, a flipped byte, a garbage record) and asserts which step loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from checkpoint import CheckpointError, CheckpointManager, CheckpointMismatchError, Storage, find_latest
+
+from procs import load_checkpoint
+
+
+class Counter:
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def make_job(root, seed=0, hidden=8, **kwargs):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    counter = Counter()
+    kwargs.setdefault("keep_last", 0)
+    mgr = CheckpointManager(root, model=model, optimizer=opt, scheduler=sched, state={"counter": counter}, **kwargs)
+    return mgr, model, opt, sched, counter
+
+
+def train_step(model, opt, sched, counter):
+    loss = model(torch.randn(3, 4)).square().sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    counter.value += 1
+
+
+def save_steps(tmp_path, steps, **kwargs):
+    mgr, model, opt, sched, counter = make_job(tmp_path, **kwargs)
+    snapshots = {}
+    for step in steps:
+        train_step(model, opt, sched, counter)
+        mgr.save(step, {"loss": 1.0 / step})
+        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    return snapshots
+
+
+def loaded_step(root, **kwargs):
+    mgr, model, *_ = make_job(root, seed=123, **kwargs)
+    manifest = mgr.load()
+    return (manifest.step if manifest else None), model
+
+
+def shard_files(step_dir: Path) -> list[Path]:
+    return sorted(step_dir.glob("*.distcp"))
+
+
+def test_round_trip_restores_everything_bitwise(tmp_path):
+    mgr, model, opt, sched, counter = make_job(tmp_path)
+    for _ in range(4):
+        train_step(model, opt, sched, counter)
+    torch.manual_seed(777)
+    mgr.save(4, {"loss": 0.5})
+    expected_next_random = torch.rand(3)
+
+    mgr2, model2, opt2, sched2, counter2 = make_job(tmp_path, seed=99)
+    manifest = mgr2.load()
+    assert manifest.step == 4 and manifest.metadata["loss"] == 0.5 and manifest.world_size == 1
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert sched2.state_dict() == sched.state_dict()
+    assert counter2.value == 4
+    assert torch.equal(torch.rand(3), expected_next_random), "torch RNG state was not restored"
+
+
+def test_partial_directory_without_record_is_ignored(tmp_path, caplog):
+    snaps = save_steps(tmp_path, [10, 20, 30])
+    (tmp_path / "step-00000030" / "manifest.json").unlink()  # died after shards, before commit
+    (tmp_path / "step-00000040").mkdir()  # died while writing the first shard
+    with caplog.at_level(logging.WARNING):
+        step, model = loaded_step(tmp_path)
+    assert step == 20
+    assert torch.equal(model.state_dict()["0.weight"], snaps[20]["0.weight"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step-00000030/manifest.json" in w and "no commit record" in w for w in warnings)
+    assert any("step-00000040/manifest.json" in w for w in warnings)
+
+
+@pytest.mark.parametrize("verify", ["size", "hash"])
+def test_truncated_shard_falls_back(tmp_path, caplog, verify):
+    save_steps(tmp_path, [10, 20])
+    shard = shard_files(tmp_path / "step-00000020")[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING):
+        step, _ = loaded_step(tmp_path, verify=verify)
+    assert step == 10
+    assert any(str(shard) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_checksum_mismatch_falls_back(tmp_path, caplog):
+    save_steps(tmp_path, [10, 20])
+    shard = shard_files(tmp_path / "step-00000020")[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        step, _ = loaded_step(tmp_path, verify="hash")
+    assert step == 10
+    assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
+    # The cheap check cannot see a same-size corruption; that is what "hash" is for.
+    assert find_latest(Storage(tmp_path), "size").step == 20
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "wrong-version", "missing-file", "deleted"])
+def test_bad_record_falls_back(tmp_path, caplog, damage):
+    save_steps(tmp_path, [10, 20])
+    record = tmp_path / "step-00000020" / "manifest.json"
+    if damage == "garbage":
+        record.write_bytes(b"{not json")
+    elif damage == "empty":
+        record.write_bytes(b"")
+    elif damage == "wrong-version":
+        data = json.loads(record.read_text())
+        data["format_version"] = 99
+        record.write_text(json.dumps(data))
+    elif damage == "missing-file":
+        shard_files(tmp_path / "step-00000020")[0].unlink()
+    else:
+        record.unlink()
+    with caplog.at_level(logging.WARNING):
+        step, _ = loaded_step(tmp_path)
+    assert step == 10
+    assert any("step-00000020" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_nothing_committed_loads_nothing(tmp_path):
+    mgr, model, *_ = make_job(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert mgr.load() is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_committed_step_is_never_overwritten(tmp_path):
+    mgr, model, opt, sched, counter = make_job(tmp_path)
+    train_step(model, opt, sched, counter)
+    first = mgr.save(5)
+    step_dir = tmp_path / "step-00000005"
+    before = {p.name: p.read_bytes() for p in step_dir.iterdir()}
+    train_step(model, opt, sched, counter)  # different weights, same step number
+    assert mgr.save(5) is None
+    assert {p.name: p.read_bytes() for p in step_dir.iterdir()} == before
+    assert find_latest(Storage(tmp_path)).files == first.files
+
+
+def test_stale_uncommitted_save_of_same_step_is_replaced(tmp_path):
+    mgr, model, opt, sched, counter = make_job(tmp_path)
+    stale = tmp_path / "step-00000005"
+    stale.mkdir()
+    (stale / "__7_0.distcp").write_bytes(b"left by a crashed generation")
+    train_step(model, opt, sched, counter)
+    manifest = mgr.save(5)
+    assert not (stale / "__7_0.distcp").exists()
+    assert "__7_0.distcp" not in manifest.files
+
+
+def test_retention_keeps_last_k_and_sweeps_stale(tmp_path):
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2, keep_every=20)
+    (tmp_path / "step-00000003").mkdir()  # stale uncommitted, older than anything committed
+    for step in (10, 20, 30, 40):
+        train_step(model, opt, sched, counter)
+        mgr.save(step)
+    (tmp_path / "step-00000099").mkdir()  # newer than the newest commit: could be in flight
+    train_step(model, opt, sched, counter)
+    mgr.save(50)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
+    assert names == ["step-00000020", "step-00000040", "step-00000050", "step-00000099"]
+    assert find_latest(Storage(tmp_path)).step == 50
+
+
+def test_retention_never_deletes_newest(tmp_path):
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=1)
+    for step in (1, 2, 3):
+        train_step(model, opt, sched, counter)
+        mgr.save(step)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-00000003"]
+
+
+def test_schedule_by_steps_and_seconds(tmp_path):
+    mgr, *_ = make_job(tmp_path, save_every_steps=5)
+    assert [s for s in range(1, 16) if mgr.should_save(s)] == [5, 10, 15]
+    timed, *_ = make_job(tmp_path, save_every_seconds=3600)
+    assert not timed.should_save(1)
+    timed._last_save_time -= 3601  # an hour "passed" without sleeping for it
+    assert timed.should_save(2)
+
+
+def test_memory_url_round_trip():
+    root = f"memory://ckpt-{os.getpid()}"
+    mgr, model, opt, sched, counter = make_job(root)
+    train_step(model, opt, sched, counter)
+    mgr.save(1)
+    train_step(model, opt, sched, counter)
+    mgr.save(2)
+    storage = Storage(root)
+    assert not storage.is_local and find_latest(storage).step == 2
+    step, model2 = loaded_step(root)
+    assert step == 2 and torch.equal(model2.state_dict()["0.weight"], model.state_dict()["0.weight"])
+
+
+def test_other_model_gives_clear_mismatch_error(tmp_path):
+    save_steps(tmp_path, [10])
+    mgr, *_ = make_job(tmp_path, hidden=16)
+    with pytest.raises(CheckpointMismatchError) as info:
+        mgr.load()
+    message = str(info.value)
+    assert "model.0.weight (checkpoint [8, 4], this run [16, 4])" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("root_kind", ["under-a-file", "proc"])
+def test_unwritable_root_fails_at_construction(tmp_path, root_kind):
+    if root_kind == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        root = tmp_path / "file" / "ckpt"
+    else:
+        root = Path("/proc/ckpt-not-allowed")
+    with pytest.raises(CheckpointError, match="is not writable"):
+        make_job(root)
+
+
+@pytest.mark.parametrize("kwargs", [{"keep_last": -1}, {"save_every_steps": -5}, {"verify": "md5"}])
+def test_bad_arguments_are_rejected(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        make_job(tmp_path, **kwargs)
+
+
+def test_plain_dcp_tooling_reads_a_checkpoint(tmp_path):
+    snaps = save_steps(tmp_path, [7])
+    converted = load_checkpoint(tmp_path / "step-00000007", tmp_path)
+    assert torch.equal(converted["model"]["0.weight"], snaps[7]["0.weight"])
+    assert converted["counter"] == {"value": 1}

@@ -1,0 +1,46 @@
+"""Save at 2 workers, resume at 1: the epoch goes on from the same global position, so every
+sample of the epoch is trained on exactly once, summed over both runs and all ranks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from procs import latest_committed, load_checkpoint, run, torchrun_cmd
+
+TRAIN_SAMPLES = 1438  # digits: 1,797 minus the 20% test split
+STEPS_PER_EPOCH = 23  # ceil(1438 / 64)
+
+
+def read_trace(run_dir) -> list[dict]:
+    records = []
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    return records
+
+
+def test_two_workers_then_one_sees_every_sample_once(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = ["--ckpt-dir", str(ckpt), "--trace-samples", "--save-every-steps", "10"]
+    # Stop mid-epoch 1 (step 30 = 7 steps into it), then go on at world size 1 to the end of epoch 2.
+    first = run(torchrun_cmd(2, *common, "--max-steps", "30"), timeout=180)
+    assert first.returncode == 0, first.tail()
+    second = run(torchrun_cmd(1, *common, "--max-steps", str(3 * STEPS_PER_EPOCH)), timeout=180)
+    assert second.returncode == 0, second.tail()
+    assert "resumed from step 30 (committed checkpoint, saved at world size 2; now 1)" in second.output
+
+    records = read_trace(tmp_path / "ckpt")
+    assert {r["resumed_from"] for r in records} == {0, 30}
+    for epoch in range(3):
+        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
+        repeated = [i for i, n in seen.items() if n > 1]
+        assert not repeated, f"epoch {epoch}: samples trained on twice: {repeated[:10]}"
+        assert sorted(seen) == list(range(TRAIN_SAMPLES)), f"epoch {epoch}: {TRAIN_SAMPLES - len(seen)} samples skipped"
+    # The epoch that changed world size really was split across both runs.
+    assert {r["resumed_from"] for r in records if r["epoch"] == 1} == {0, 30}
+
+    final = latest_committed(ckpt)
+    assert final.step == 3 * STEPS_PER_EPOCH and final.world_size == 1
+    state = load_checkpoint(ckpt / f"step-{final.step:08d}", tmp_path)
+    assert state["progress"]["samples_seen"] == 3 * TRAIN_SAMPLES
+    assert (state["data"]["epoch"], state["data"]["position"]) == (3, 0)
