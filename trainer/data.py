@@ -29,6 +29,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 def load_dataset(cfg: TrainConfig) -> tuple[Split, Split]:
     """(train, test) for ``cfg.dataset``."""

@@ -68,16 +68,19 @@ def train(cfg: TrainConfig) -> dict:
         faults = [parse_fault(spec) for spec in cfg.inject]
     except ValueError as e:
         raise ConfigError(f"--inject: {e}") from None
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     env = init_process_group()
     rank, world = env.rank, env.world_size
     _setup_logging(rank)
     torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    train_split, test_split = load_dataset(cfg)
+    train_split, test_split = (s.to(device) for s in load_dataset(cfg))
     _seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = CNN(train_split.images.shape[-1], cfg.width)
+    model = CNN(train_split.images.shape[-1], cfg.width).to(device)
     _seed_everything(cfg.seed * 1000 + rank)  # then a stream of its own per rank
-    ddp = DDP(model) if dist.is_initialized() else model
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
     optimizer = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=0.9)
     cursor = DataCursor(len(train_split), cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * cursor.steps_per_epoch
@@ -112,7 +115,7 @@ def train(cfg: TrainConfig) -> dict:
     while progress.step < total_steps:
         epoch = cursor.epoch
         idx, global_n = cursor.next_batch(rank, world)
-        x, y = train_split.images[idx], train_split.labels[idx]
+        x, y = train_split.images[idx.to(device)], train_split.labels[idx.to(device)]
         optimizer.zero_grad(set_to_none=True)
         loss_sum = F.cross_entropy(ddp(x), y, reduction="sum")
         # DDP averages gradients over ranks; scaling by world/global_n makes the result the
