@@ -234,11 +234,16 @@ class CheckpointManager:
         which case nothing is changed. Every rank gets the same answer.
         """
         started = time.monotonic()
-        found = None
+        found, error = None, None
         if self.rank == 0:
-            manifest = find_latest(self.storage, self.verify)
-            found = manifest.to_json() if manifest else None
-        found = _dist.broadcast(found, self._group)
+            try:
+                manifest = find_latest(self.storage, self.verify)
+                found = manifest.to_json() if manifest else None
+            except OSError as e:  # e.g. the root became unreadable: say so on every rank
+                error = f"cannot search {self.storage.url} for checkpoints: {e}"
+        found, error = _dist.broadcast((found, error), self._group)
+        if error:
+            raise CheckpointError(error)
         if found is None:
             log.info("no committed checkpoint in %s; starting from scratch", self.storage.url)
             return None

@@ -112,6 +112,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=progress.step, disable=rank != 0 or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
     window_loss, window_n, window_start = 0.0, 0, time.monotonic()
+    train_loss = float("nan")
     while progress.step < total_steps:
         epoch = cursor.epoch
         idx, global_n = cursor.next_batch(rank, world)
@@ -142,12 +143,14 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"step {progress.step}/{total_steps} epoch {cursor.epoch} loss {loss:.4f} "
                       f"({rate:.1f} steps/s)", flush=True)
             window_loss, window_n, window_start = 0.0, 0, time.monotonic()
-        ckpt.maybe_save(progress.step, {"train_loss": round(loss_sum.item() / max(len(idx), 1), 6)})
+        train_loss = round(loss_sum.item() / max(len(idx), 1), 6)
+        if progress.step < total_steps:  # the last step gets the final save below
+            ckpt.maybe_save(progress.step, {"train_loss": train_loss})
     bar.close()
 
     accuracy = evaluate(model, test_split)
-    if ckpt.last_committed != progress.step:  # the final checkpoint is always committed
-        ckpt.save(progress.step, {"test_accuracy": accuracy})
+    # The final checkpoint is always committed (a no-op when resuming a finished run).
+    ckpt.save(progress.step, {"test_accuracy": accuracy, "train_loss": train_loss})
     if trace is not None:
         trace.close()
     if rank == 0:
