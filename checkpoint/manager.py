@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import _dist
 from .errors import CheckpointError
@@ -134,8 +135,9 @@ class CheckpointManager:
         try:
             with _single_process_is_intended():
                 dcp.save(state, storage_writer=self._writer(dirname), no_dist=not _dist.initialized())
-        except Exception as e:  # DCP gathers every rank's failure into one exception
-            raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}") from e
+        except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
+            raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
+                                  "the previous committed checkpoint stays") from e
         written = time.monotonic()
 
         files = self._checksum_files(dirname)
@@ -259,7 +261,7 @@ class CheckpointManager:
         try:
             with _single_process_is_intended():
                 dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(f"loading checkpoint {where} failed: {_short(e)}") from e
         self.training.apply(state, self.rank)
         self.last_committed = manifest.step
@@ -279,6 +281,10 @@ def _single_process_is_intended():
 
 
 def _short(e: BaseException) -> str:
-    """First line of an exception, which for DCP's CheckpointException is the useful part."""
+    """One line for an exception. DCP's CheckpointException (a BaseException) carries each
+    failed rank's own exception; the first one is the useful part."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _trace) = next(iter(sorted(e.failures.items(), key=lambda kv: kv[0])))
+        return f"rank {rank}: {_short(inner)}"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"

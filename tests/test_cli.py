@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import signal
+import subprocess
 import struct
 import sys
 
@@ -149,3 +150,34 @@ def test_readme_example_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.tail()
     assert_training_state_equal(load_checkpoint(tmp_path / "runs/my-job/step-00001000", tmp_path),
                                 load_checkpoint(straight / "runs/my-job/step-00001000", tmp_path))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 480 KiB filesystem (tmpfs) that fills up after a few checkpoints."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_gives_clear_error_and_keeps_committed(tiny_disk, tmp_path):
+    ckpt = tiny_disk / "ckpt"
+    result = run(train_cmd("--ckpt-dir", str(ckpt), "--max-steps", "40", "--save-every-steps", "2",
+                           "--keep-last", "0", "--run-dir", str(tmp_path)), timeout=120)
+    assert result.returncode == 2, result.tail()
+    error_lines = [l for l in result.output.splitlines() if l.startswith("train.py: error:")]
+    assert len(error_lines) == 1 and "No space left on device" in error_lines[0], result.tail()
+    assert "the previous committed checkpoint stays" in error_lines[0]
+    assert "Traceback" not in result.output
+    from checkpoint import Storage, verify
+    from checkpoint.manifest import is_committed, list_steps, step_dir_name
+    committed = [s for s in list_steps(Storage(ckpt)) if is_committed(Storage(ckpt), s)]
+    assert committed, "nothing was committed before the disk filled up"
+    for step in committed:  # every commit still verifies byte for byte
+        manifest, reason = verify(Storage(ckpt), step_dir_name(step), "hash")
+        assert manifest is not None, reason
