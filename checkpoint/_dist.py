@@ -52,13 +52,14 @@ def all_gather(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
-def raise_if_any_failed(error: str | None, group: Any = None) -> None:
-    """Raise the same ``CheckpointError`` on every rank when any rank reported an error.
-
-    A rank that fails alone would otherwise leave the others waiting in the next collective.
-    """
+def gather_or_raise(value: Any, error: str | None, group: Any = None) -> list[Any]:
+    """Every rank's ``value``; or, when any rank reported an error, the same
+    ``CheckpointError`` on every rank (a rank failing alone would leave the others waiting
+    in the next collective)."""
     from .errors import CheckpointError
 
-    errors = [e for e in all_gather(error, group) if e]
+    gathered = all_gather((value, error), group)
+    errors = [e for _, e in gathered if e]
     if errors:
         raise CheckpointError(errors[0])
+    return [v for v, _ in gathered]

@@ -2,12 +2,16 @@
 
 Save (every rank calls it at the same step)::
 
-    rank 0: refuse if step already committed; remove a stale uncommitted dir of that step
+    rank 0: skip if step is validly committed; else clear what a failed save of it left
     all:    dcp.save -> shard files + DCP .metadata (fsynced by DCP's FileSystemWriter)
-    all:    crc32 of a share of the files each          } the "barrier": nobody commits
-    all:    gather sizes + checksums and any error       } until every rank reported success
-    rank 0: write manifest.json atomically  <- the commit
-    rank 0: retention; the result is shared so every rank returns or raises the same
+    all:    crc32 of a share of the files each, then the before_commit hook
+    all:    gather sizes + checksums + any error   <- the barrier: nobody commits unless
+                                                       every rank reported success
+    rank 0: write manifest.json atomically          <- the commit
+    rank 0: retention; the outcome is broadcast so every rank returns or raises the same
+
+Every step that only rank 0 does goes through ``_on_rank0``, which shares its result or its
+error with all ranks: a failure on one rank never leaves the others waiting in a collective.
 
 Load: rank 0 finds the newest committed checkpoint that verifies and broadcasts it; every
 rank then loads that one step (DCP reshards when the world size changed).
@@ -27,9 +31,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import _dist
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointMismatchError
 from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecord, Manifest,
-                       find_latest, is_committed, list_steps, step_dir_name)
+                       find_latest, is_committed, list_steps, step_dir_name, verify)
 from .state import TrainingState, check_compatible
 from .storage import Storage
 
@@ -83,15 +87,7 @@ class CheckpointManager:
         self.last_committed: int | None = None
 
         # Fail before any training happens when the root cannot be written.
-        error = None
-        if self.rank == 0:
-            try:
-                self.storage.check_writable()
-            except OSError as e:
-                error = str(e)
-        error = _dist.broadcast(error, self._group)
-        if error:
-            raise CheckpointError(error)
+        self._on_rank0(self.storage.check_writable, "")
 
     # -- schedule --------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -114,19 +110,7 @@ class CheckpointManager:
         dirname = step_dir_name(step)
         path = self.storage.join(dirname)
 
-        error, already = None, False
-        if self.rank == 0:
-            try:
-                already = is_committed(self.storage, step)
-                if not already:
-                    self.storage.remove_tree(path)  # a stale save of this step that never committed
-                    self.storage.makedirs(path)
-            except OSError as e:
-                error = f"cannot prepare {path}: {e}"
-        error, already = _dist.broadcast((error, already), self._group)
-        if error:
-            raise CheckpointError(error)
-        if already:
+        if self._on_rank0(lambda: self._prepare(step), f"cannot prepare {path}"):
             log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
             self._last_save_time = time.monotonic()
             return None
@@ -140,9 +124,21 @@ class CheckpointManager:
                                   "the previous committed checkpoint stays") from e
         written = time.monotonic()
 
-        files = self._checksum_files(dirname)
-        if self.before_commit is not None:
-            self.before_commit(step)
+        # Every rank checksums its share and runs the hook; the gather that follows is the
+        # barrier: rank 0 commits only if every rank got this far without an error.
+        names = self._on_rank0(lambda: self.storage.list_files(dirname), f"cannot list {path}")
+        mine, error = {}, None
+        try:
+            for name in names[self.rank::self.world_size]:
+                file = self.storage.join(dirname, name)
+                mine[name] = FileRecord(self.storage.size(file), self.storage.crc32(file))
+            if self.before_commit is not None:
+                self.before_commit(step)
+        except Exception as e:
+            error = f"rank {self.rank} could not finish checkpoint {path}: {_short(e)}"
+        files: dict[str, FileRecord] = {}
+        for part in _dist.gather_or_raise(mine, error, self._group):
+            files.update(part)
 
         manifest = Manifest(
             step=step, world_size=self.world_size, files=files,
@@ -152,24 +148,35 @@ class CheckpointManager:
             save_seconds=round(time.monotonic() - started, 4),
             metadata={**self.metadata, **dict(metrics or {})},
         )
-        error = None
-        if self.rank == 0:
-            try:
-                self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
-            except OSError as e:
-                error = f"committing checkpoint {path} failed: {e}; the previous committed checkpoint stays"
-            else:
-                self._apply_retention(step)
-        error = _dist.broadcast(error, self._group)
-        if error:
-            raise CheckpointError(error)
 
+        def commit():
+            if DCP_METADATA_NAME not in files:
+                raise CheckpointError(f"DCP wrote no {DCP_METADATA_NAME}")
+            self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
+            self._apply_retention(step)
+
+        self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays")
         self.last_committed = step
         self._last_save_time = time.monotonic()
         total = sum(f.size for f in files.values())
         log.info("committed checkpoint step %d: %.1f KiB in %.3f s (write %.3f s, checksum+commit %.3f s)",
                  step, total / 1024, time.monotonic() - started, written - started, time.monotonic() - written)
         return manifest
+
+    def _prepare(self, step: int) -> bool:
+        """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
+        clear whatever a failed earlier save of this step left and make its directory."""
+        dirname = step_dir_name(step)
+        if is_committed(self.storage, step):
+            _, reason = verify(self.storage, dirname, self.verify)
+            if reason is None:
+                return True
+            # Its record does not validate, so it was never a usable commit: replace it.
+            log.warning("re-saving step %d over a checkpoint that fails verification: %s", step, reason)
+            self.storage.fs.rm(self.storage.join(dirname, MANIFEST_NAME))
+        self.storage.remove_tree(self.storage.join(dirname))
+        self.storage.makedirs(self.storage.join(dirname))
+        return False
 
     def _writer(self, dirname: str):
         if self.storage.is_local:
@@ -183,39 +190,38 @@ class CheckpointManager:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         return FsspecReader(self.storage.url_of(dirname))
 
-    def _checksum_files(self, dirname: str) -> dict[str, FileRecord]:
-        """Size and crc32 of every file of the save; each rank hashes its share."""
-        names = None
+    def _on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn`` on rank 0 alone; every rank returns its result or raises the same
+        ``CheckpointError``, so no rank is left waiting in a collective."""
+        result, error = None, None
         if self.rank == 0:
-            base = self.storage.join(dirname)
-            names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.storage.fs.ls(base, detail=False))
-        names = _dist.broadcast(names, self._group)
-        mine, error, name = {}, None, ""
-        try:
-            for name in names[self.rank::self.world_size]:
-                path = self.storage.join(dirname, name)
-                mine[name] = FileRecord(self.storage.size(path), self.storage.crc32(path))
-        except OSError as e:
-            error = f"rank {self.rank} cannot read back {dirname}/{name}: {e}"
-        _dist.raise_if_any_failed(error, self._group)
-        files: dict[str, FileRecord] = {}
-        for part in _dist.all_gather(mine, self._group):
-            files.update(part)
-        if DCP_METADATA_NAME not in files:
-            raise CheckpointError(f"{self.storage.join(dirname)}: DCP wrote no {DCP_METADATA_NAME}")
-        return files
+            try:
+                result = fn()
+            except Exception as e:  # any backend's error type: fsspec, S3, OSError...
+                detail = str(e) if isinstance(e, CheckpointError) else _short(e)
+                error = f"{what}: {detail}" if what else detail
+        result, error = _dist.broadcast((result, error), self._group)
+        if error:
+            raise CheckpointError(error)
+        return result
 
     def _apply_retention(self, newest: int) -> None:
         """Rank 0, right after committing ``newest``: drop old committed checkpoints beyond
-        ``keep_last`` and stale uncommitted directories older than ``newest``."""
-        steps = list_steps(self.storage)
-        committed = [s for s in steps if is_committed(self.storage, s)]
+        ``keep_last`` and stale uncommitted directories older than ``newest``. A failure here
+        is logged, never raised: the commit already happened."""
+        try:
+            steps = list_steps(self.storage)
+            # Only records that validate (cheap size check) count as commits to keep.
+            committed = [s for s in steps if verify(self.storage, step_dir_name(s), "size")[0] is not None]
+        except Exception as e:
+            log.warning("retention skipped: cannot list %s: %s", self.storage.url, _short(e))
+            return
         keep = {newest}
         keep.update(committed if self.keep_last == 0 else committed[-self.keep_last:])
         if self.keep_every:
             keep.update(s for s in committed if s % self.keep_every == 0)
         for s in steps:
-            # Uncommitted and newer than ``newest`` could be a save in flight: leave it.
+            # Newer than ``newest`` could be a save in flight, or a commit we fell back from: leave it.
             if s in keep or s > newest:
                 continue
             path = self.storage.join(step_dir_name(s))
@@ -225,8 +231,8 @@ class CheckpointManager:
                     self.storage.fs.rm(record)  # uncommit first: a half-deleted dir is never loaded
                 self.storage.remove_tree(path)
                 log.info("retention removed %s", path)
-            except OSError as e:
-                log.warning("retention could not remove %s: %s", path, e)
+            except Exception as e:
+                log.warning("retention could not remove %s: %s", path, _short(e))
 
     # -- load ------------------------------------------------------------------------------
     def load(self) -> Manifest | None:
@@ -236,16 +242,12 @@ class CheckpointManager:
         which case nothing is changed. Every rank gets the same answer.
         """
         started = time.monotonic()
-        found, error = None, None
-        if self.rank == 0:
-            try:
-                manifest = find_latest(self.storage, self.verify)
-                found = manifest.to_json() if manifest else None
-            except OSError as e:  # e.g. the root became unreadable: say so on every rank
-                error = f"cannot search {self.storage.url} for checkpoints: {e}"
-        found, error = _dist.broadcast((found, error), self._group)
-        if error:
-            raise CheckpointError(error)
+
+        def discover():
+            manifest = find_latest(self.storage, self.verify)
+            return manifest.to_json() if manifest else None
+
+        found = self._on_rank0(discover, f"cannot search {self.storage.url} for checkpoints")
         if found is None:
             log.info("no committed checkpoint in %s; starting from scratch", self.storage.url)
             return None
@@ -256,8 +258,17 @@ class CheckpointManager:
         # Ranks beyond the saved world size have no RNG state of their own to restore.
         state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
         reader = self._reader(dirname)
-        saved = {k: getattr(v, "size", None) for k, v in reader.read_metadata().state_dict_metadata.items()}
-        check_compatible(state, {k: v for k, v in saved.items() if v is not None}, where)
+        error = None
+        try:
+            saved = {k: v.size for k, v in reader.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+            check_compatible(state, saved, where)
+        except CheckpointMismatchError as e:
+            error = str(e)
+        except Exception as e:
+            error = f"cannot read {where}/{DCP_METADATA_NAME}: {_short(e)}"
+        errors = [e for e in _dist.all_gather(error, self._group) if e]
+        if errors:  # the same error on every rank, before any rank enters DCP's collectives
+            raise CheckpointMismatchError(errors[0]) if "different model" in errors[0] else CheckpointError(errors[0])
         try:
             with _single_process_is_intended():
                 dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())

@@ -15,6 +15,8 @@ import zlib
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import CheckpointError
+
 _CHUNK = 8 << 20  # bytes read per call while checksumming
 
 
@@ -69,8 +71,14 @@ class Storage:
         return f"{crc:08x}"
 
     # -- changes -------------------------------------------------------------------------
+    def list_files(self, dirname: str) -> list[str]:
+        """Names of the files in ``dirname`` under the root, sorted."""
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.join(dirname), detail=False))
+
     def makedirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
+        if self.is_local:  # make the new directory's entry durable, not only its contents
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     def remove_tree(self, path: str) -> None:
         if self.fs.exists(path):
@@ -96,15 +104,15 @@ class Storage:
         fsync_dir(directory)
 
     def check_writable(self) -> None:
-        """Raise ``OSError`` naming the root unless we can create, write and delete in it."""
+        """Raise ``CheckpointError`` naming the root unless we can create, write and delete in it."""
         probe = self.join(f".write-probe-{uuid.uuid4().hex}")
         try:
             self.makedirs(self.root)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm(probe)
         except Exception as e:  # every backend raises its own type; name the root in one line
-            raise OSError(f"checkpoint directory {self.url!r} is not writable ({e}); "
-                          "choose a directory this job can write to") from e
+            raise CheckpointError(f"checkpoint directory {self.url!r} is not writable ({e}); "
+                                  "choose a directory this job can write to") from e
 
 
 def fsync_dir(directory: str) -> None:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from procs import REPO, assert_training_state_equal, latest_committed, load_checkpoint, run, train_cmd
+from procs import REPO, assert_training_state_equal, latest_committed, load_checkpoint, run, torchrun_cmd, train_cmd
 from trainer.config import TrainConfig
 
 QUICK = ["--max-steps", "6", "--save-every-steps", "3", "--log-every", "3"]
@@ -167,13 +167,14 @@ def tiny_disk(tmp_path):
 
 def test_full_disk_gives_clear_error_and_keeps_committed(tiny_disk, tmp_path):
     ckpt = tiny_disk / "ckpt"
-    result = run(train_cmd("--ckpt-dir", str(ckpt), "--max-steps", "40", "--save-every-steps", "2",
-                           "--keep-last", "0", "--run-dir", str(tmp_path)), timeout=120)
-    assert result.returncode == 2, result.tail()
+    result = run(torchrun_cmd(2, "--ckpt-dir", str(ckpt), "--max-steps", "40", "--save-every-steps", "2",
+                              "--keep-last", "0", "--run-dir", str(tmp_path)), timeout=180)
+    assert result.returncode != 0, result.tail()
+    # Both ranks stop with the same one-line error: neither is left waiting for the other.
     error_lines = [l for l in result.output.splitlines() if l.startswith("train.py: error:")]
-    assert len(error_lines) == 1 and "No space left on device" in error_lines[0], result.tail()
+    assert len(error_lines) == 2 and error_lines[0] == error_lines[1], result.tail()
+    assert "No space left on device" in error_lines[0], result.tail()
     assert "the previous committed checkpoint stays" in error_lines[0]
-    assert "Traceback" not in result.output
     from checkpoint import Storage, verify
     from checkpoint.manifest import is_committed, list_steps, step_dir_name
     committed = [s for s in list_steps(Storage(ckpt)) if is_committed(Storage(ckpt), s)]
@@ -181,3 +182,12 @@ def test_full_disk_gives_clear_error_and_keeps_committed(tiny_disk, tmp_path):
     for step in committed:  # every commit still verifies byte for byte
         manifest, reason = verify(Storage(ckpt), step_dir_name(step), "hash")
         assert manifest is not None, reason
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path):
+    ckpt = str(tmp_path / "c")
+    assert run(train_cmd("--ckpt-dir", ckpt, *QUICK), timeout=120).returncode == 0
+    result = run(train_cmd("--ckpt-dir", ckpt, "--max-steps", "12"), timeout=120)
+    assert result.returncode == 2
+    assert "the checkpoint belongs to a run of 6 steps at --lr 0.05, this run is 12 steps" in result.output
+    assert "Traceback" not in result.output

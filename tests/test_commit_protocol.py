@@ -71,6 +71,12 @@ def shard_files(step_dir: Path) -> list[Path]:
     return sorted(step_dir.glob("*.distcp"))
 
 
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_round_trip_restores_everything_bitwise(tmp_path):
     mgr, model, opt, sched, counter = make_job(tmp_path)
     for _ in range(4):
@@ -119,9 +125,7 @@ def test_truncated_shard_falls_back(tmp_path, caplog, verify):
 def test_checksum_mismatch_falls_back(tmp_path, caplog):
     save_steps(tmp_path, [10, 20])
     shard = shard_files(tmp_path / "step-00000020")[0]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
-    shard.write_bytes(bytes(data))
+    flip_a_byte(shard)  # same size, one flipped byte
     with caplog.at_level(logging.WARNING):
         step, _ = loaded_step(tmp_path, verify="hash")
     assert step == 10
@@ -197,11 +201,29 @@ def test_retention_keeps_last_k_and_sweeps_stale(tmp_path):
 
 
 def test_retention_never_deletes_newest(tmp_path):
-    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=1)
-    for step in (1, 2, 3):
-        train_step(model, opt, sched, counter)
-        mgr.save(step)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-00000003"]
+    save_steps(tmp_path, [10, 20, 30])
+    for step in (20, 30):  # same-size corruption: their records still pass the size check
+        flip_a_byte(shard_files(tmp_path / f"step-{step:08d}")[0])
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2)
+    assert mgr.load().step == 10
+    train_step(model, opt, sched, counter)
+    mgr.save(15)
+    # keep_last=2 alone would keep 20 and 30; the newest commit (15) must survive regardless.
+    assert (tmp_path / "step-00000015" / "manifest.json").exists()
+    assert find_latest(Storage(tmp_path), "hash").step == 15
+
+
+def test_resaving_a_step_whose_commit_fails_verification(tmp_path, caplog):
+    save_steps(tmp_path, [10, 20])
+    flip_a_byte(shard_files(tmp_path / "step-00000020")[0])
+    mgr, model, opt, sched, counter = make_job(tmp_path)
+    assert mgr.load().step == 10
+    train_step(model, opt, sched, counter)
+    with caplog.at_level(logging.WARNING):
+        manifest = mgr.save(20)
+    assert manifest is not None, "a corrupt commit must not block saving the step again"
+    assert any("re-saving step 20" in r.getMessage() for r in caplog.records)
+    assert find_latest(Storage(tmp_path), "hash").step == 20
 
 
 def test_schedule_by_steps_and_seconds(tmp_path):

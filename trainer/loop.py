@@ -28,16 +28,25 @@ log = logging.getLogger("trainer")
 
 
 class Progress:
-    """Optimizer steps and samples trained on so far (global, summed over ranks)."""
+    """Optimizer steps and samples trained on so far (global, summed over ranks), and the
+    schedule they belong to: resuming with another run length or LR would silently keep
+    the checkpoint's LR schedule, so that is refused instead."""
 
-    def __init__(self):
+    def __init__(self, total_steps: int, lr: float):
         self.step = 0
         self.samples_seen = 0
+        self.total_steps = total_steps
+        self.lr = lr
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen}
+        return {"step": self.step, "samples_seen": self.samples_seen, "total_steps": self.total_steps, "lr": self.lr}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["total_steps"] != self.total_steps or state["lr"] != self.lr:
+            raise ConfigError(
+                f"the checkpoint belongs to a run of {state['total_steps']} steps at --lr {state['lr']}, this run "
+                f"is {self.total_steps} steps at --lr {self.lr}; resume with the same --epochs/--max-steps/--lr "
+                "or start a fresh --ckpt-dir")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
 
 
@@ -85,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
     cursor = DataCursor(len(train_split), cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * cursor.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    progress = Progress()
+    progress = Progress(total_steps, cfg.lr)
     injector = FaultInjector(faults, rank, os.path.join(cfg.run_dir, "faults"))
 
     ckpt = CheckpointManager(
