@@ -125,7 +125,8 @@ def train(cfg: TrainConfig) -> dict:
     while progress.step < total_steps:
         epoch = cursor.epoch
         idx, global_n = cursor.next_batch(rank, world)
-        x, y = train_split.images[idx.to(device)], train_split.labels[idx.to(device)]
+        rows = idx.to(device)
+        x, y = train_split.images[rows], train_split.labels[rows]
         optimizer.zero_grad(set_to_none=True)
         loss_sum = F.cross_entropy(ddp(x), y, reduction="sum")
         # DDP averages gradients over ranks; scaling by world/global_n makes the result the
@@ -141,7 +142,8 @@ def train(cfg: TrainConfig) -> dict:
             trace.flush()
         injector.after_step(progress.step)
 
-        window_loss += loss_sum.item()
+        local_loss = loss_sum.item()
+        window_loss += local_loss
         window_n += len(idx)
         bar.update(1)
         if progress.step % cfg.log_every == 0 and rank == 0:
@@ -152,7 +154,7 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"step {progress.step}/{total_steps} epoch {cursor.epoch} loss {loss:.4f} "
                       f"({rate:.1f} steps/s)", flush=True)
             window_loss, window_n, window_start = 0.0, 0, time.monotonic()
-        train_loss = round(loss_sum.item() / max(len(idx), 1), 6)
+        train_loss = round(local_loss / max(len(idx), 1), 6)  # rank 0's share of the batch
         if progress.step < total_steps:  # the last step gets the final save below
             ckpt.maybe_save(progress.step, {"train_loss": train_loss})
     bar.close()
