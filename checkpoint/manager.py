@@ -58,13 +58,15 @@ class CheckpointManager:
         metadata: user data written into every commit record (config, run name, ...).
         before_commit: called on every rank with the step after the shards are written and
             before the record is; a hook for fault injection and tests.
+        before_load: called on every rank with the chosen step before its data is read.
     """
 
     def __init__(self, root: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
                  state: Mapping[str, Any] | None = None, save_every_steps: int = 0,
                  save_every_seconds: float = 0.0, keep_last: int = 3, keep_every: int = 0,
                  verify: str = "hash", metadata: Mapping[str, Any] | None = None,
-                 before_commit: Callable[[int], None] | None = None):
+                 before_commit: Callable[[int], None] | None = None,
+                 before_load: Callable[[int], None] | None = None):
         for name, value in (("save_every_steps", save_every_steps), ("save_every_seconds", save_every_seconds),
                             ("keep_last", keep_last), ("keep_every", keep_every)):
             if value < 0:
@@ -80,6 +82,7 @@ class CheckpointManager:
         self.verify = verify
         self.metadata = dict(metadata or {})
         self.before_commit = before_commit
+        self.before_load = before_load
         self.rank = _dist.rank()
         self.world_size = _dist.world_size()
         self._group = _dist.control_group()
@@ -269,6 +272,8 @@ class CheckpointManager:
         errors = [e for e in _dist.all_gather(error, self._group) if e]
         if errors:  # the same error on every rank, before any rank enters DCP's collectives
             raise CheckpointMismatchError(errors[0]) if "different model" in errors[0] else CheckpointError(errors[0])
+        if self.before_load is not None:
+            self.before_load(manifest.step)
         try:
             with _single_process_is_intended():
                 dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())

@@ -3,7 +3,12 @@
 Kinds:
     kill                 SIGKILL this worker right after it finishes step N
     kill-before-commit   SIGKILL after the shards of step N are written, before the commit record
+    kill-load            SIGKILL while loading the checkpoint of step N
+    hang                 SIGSTOP this worker after step N (it stays alive, silent: a hang)
     raise                raise RuntimeError after step N
+
+Faults come from ``--inject`` flags or from ``FTLAUNCH_INJECT`` (specs separated by commas),
+which ``ftlaunch --inject`` sets for its workers.
 
 Each fault fires once per run: before firing, the worker creates a marker file in the run's
 fault directory with O_EXCL, so the restarted generation sees it and does not fire again.
@@ -15,7 +20,8 @@ import os
 import signal
 from dataclasses import dataclass
 
-KINDS = ("kill", "kill-before-commit", "raise")
+KINDS = ("kill", "kill-before-commit", "kill-load", "hang", "raise")
+INJECT_ENV = "FTLAUNCH_INJECT"
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ def parse_fault(spec: str) -> Fault:
     return Fault(kind, values["rank"], values["step"])
 
 
+def faults_from_env(env=os.environ) -> list[Fault]:
+    return [parse_fault(spec) for spec in env.get(INJECT_ENV, "").split(",") if spec.strip()]
+
+
 class FaultInjector:
     def __init__(self, faults: list[Fault], rank: int, marker_dir: str):
         self.faults = [f for f in faults if f.rank == rank]
@@ -52,7 +62,12 @@ class FaultInjector:
 
     def after_step(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.kind in ("kill", "raise"):
+            if fault.step == step and fault.kind in ("kill", "hang", "raise"):
+                self._fire(fault)
+
+    def before_load(self, step: int) -> None:
+        for fault in self.faults:
+            if fault.step == step and fault.kind == "kill-load":
                 self._fire(fault)
 
     def before_commit(self, step: int) -> None:
@@ -71,4 +86,4 @@ class FaultInjector:
         print(f"[fault] rank {fault.rank}: injecting {fault.kind} at step {fault.step}", flush=True)
         if fault.kind == "raise":
             raise RuntimeError(f"injected fault at step {fault.step}")
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL)

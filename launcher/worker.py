@@ -1,5 +1,6 @@
 """Worker side of the worker <-> agent contract: what a training process reads from its
-environment and how it joins the process group.
+environment, how it joins the process group, how it reports progress (``Reporter``) and
+how the ranks agree to stop on preemption (``StopRequest``).
 
 TorchElastic sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``,
 ``TORCHELASTIC_RESTART_COUNT``, ``TORCHELASTIC_RUN_ID`` and ``TORCHELASTIC_USE_AGENT_STORE``.
@@ -8,12 +9,18 @@ Without them (``python train.py``) the worker is a world of one and no process g
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from . import contract
 
 
 @dataclass(frozen=True)
@@ -67,3 +74,90 @@ def init_process_group(backend: str | None = None, timeout_s: float = 300.0) -> 
     else:
         dist.init_process_group(backend, timeout=timeout)
     return env
+
+
+class Reporter:
+    """This worker's side of the agent's watchdog: heartbeats (step + phase) and events.
+
+    Under ftlaunch (``FTLAUNCH_RUN_DIR`` set) every worker rewrites its heartbeat file after
+    every step and on every phase change; the agent calls a rank hung when it makes no
+    progress for longer than its phase allows. Beats come from the training loop itself,
+    never from a background thread, so a rank stuck in a collective or stopped by SIGSTOP
+    goes quiet. Outside ftlaunch this does nothing.
+    """
+
+    def __init__(self, env: WorkerEnv):
+        self.env = env
+        self.run_dir = os.environ.get(contract.RUN_DIR_ENV) or None
+        self.phase_name = "starting"
+        self.step = -1
+        self.committed: int | None = None
+        self._writer = contract.BeatWriter(self.run_dir, env.rank) if self.run_dir else None
+        self._write()
+
+    def beat(self, step: int, committed: int | None = None) -> None:
+        """Call after every training step (a 512-byte pwrite)."""
+        self.step, self.phase_name = step, "training"
+        if committed is not None:
+            self.committed = committed
+        self._write()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Mark a long non-training phase (loading, saving, stopping): the agent gives those
+        its longer I/O timeout instead of the step timeout."""
+        previous, self.phase_name = self.phase_name, name
+        self._write()
+        try:
+            yield
+        finally:
+            self.phase_name = previous
+            self._write()
+
+    def event(self, name: str, **fields) -> None:
+        """Append a job-level event; rank 0 speaks for the job so each event appears once."""
+        if self.run_dir and self.env.rank == 0:
+            contract.append_event(self.run_dir, name, rank=0, generation=self.env.restart_count, **fields)
+
+    def _write(self) -> None:
+        if self._writer is not None:
+            self._writer.write(contract.Beat(
+                rank=self.env.rank, pid=os.getpid(), generation=self.env.restart_count, step=self.step,
+                phase=self.phase_name, time=time.time(), committed=self.committed))
+
+
+class StopRequest:
+    """Preemption: stop at a step every rank agrees on.
+
+    A stop is requested by SIGTERM/SIGINT to this worker or by the agent's stop file. Each
+    rank checks its own flag after every step and the ranks combine them with one tiny
+    all_reduce (MAX), so all of them stop after the same step even when only one rank, or
+    only one node, was told.
+    """
+
+    def __init__(self, env: WorkerEnv):
+        self.run_dir = os.environ.get(contract.RUN_DIR_ENV) or None
+        self.requested_by: str | None = None
+        self._group = None
+        if dist.is_initialized() and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # a CPU flag needs no device copy
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.requested_by = signal.Signals(signum).name
+        # A second signal gets the default behaviour: an impatient Ctrl-C still ends us.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self) -> bool:
+        """True on every rank, after the same step, once any rank was asked to stop."""
+        if self.requested_by is None and self.run_dir and os.path.exists(contract.stop_path(self.run_dir)):
+            self.requested_by = "ftlaunch"
+        flag = torch.tensor([1 if self.requested_by else 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item() and self.requested_by is None:
+            self.requested_by = "another rank"
+        return bool(flag.item())

@@ -75,6 +75,56 @@ def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
             f"--max-restarts={max_restarts}", "--monitor-interval=0.1", TRAIN, *args]
 
 
+def ftlaunch_cmd(nproc: int, *launch_args: str, script: str = TRAIN, script_args: tuple = ()) -> list[str]:
+    """``ftlaunch`` with its defaults, as a user would run it."""
+    return [sys.executable, "-m", "launcher.cli", f"--nproc-per-node={nproc}", *launch_args, script, *script_args]
+
+
+def start(cmd: list[str], log_path: Path, cwd: str | Path = REPO) -> subprocess.Popen:
+    """Start ``cmd`` in a new session with its output in ``log_path`` (for tests that act on
+    a running job); pair with ``finish``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> Result:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        raise AssertionError(f"timed out after {timeout}s\n" + "\n".join(log_path.read_text().splitlines()[-60:]))
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    return Result(proc.returncode, log_path.read_text())
+
+
+def wait_for_event(run_dir: Path, name: str, timeout: float, proc: subprocess.Popen | None = None) -> dict:
+    """Block until ``events.jsonl`` in ``run_dir`` has an event ``name`` (or fail)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    path = Path(run_dir) / "events.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                event = json.loads(line)
+                if event["event"] == name:
+                    return event
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before event {name!r}")
+        time.sleep(0.05)  # sleep-ok: polling a file with a deadline, not synchronizing processes
+    raise AssertionError(f"no {name!r} event in {path} within {timeout}s")
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
+
+
 def latest_committed(ckpt_dir: str | Path):
     from checkpoint import Storage, find_latest
 

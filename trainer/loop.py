@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointManager
-from launcher.faults import FaultInjector, parse_fault
-from launcher.worker import init_process_group
+from launcher.faults import FaultInjector, faults_from_env, parse_fault
+from launcher.worker import Reporter, StopRequest, init_process_group
 
 from .config import ConfigError, TrainConfig
 from .data import DataCursor, Split, load_dataset
@@ -72,14 +72,25 @@ def evaluate(model: torch.nn.Module, split: Split, batch: int = 1024) -> float:
     return correct / len(split)
 
 
+def save(ckpt: CheckpointManager, reporter: Reporter, step: int, metrics: dict) -> None:
+    """Save and commit ``step``, with the events ftlaunch's run log shows."""
+    reporter.event("save_begin", step=step)
+    manifest = ckpt.save(step, metrics)
+    if manifest is not None:
+        reporter.event("save_commit", step=step, seconds=manifest.save_seconds,
+                       bytes=sum(f.size for f in manifest.files.values()))
+
+
 def train(cfg: TrainConfig) -> dict:
     try:
-        faults = [parse_fault(spec) for spec in cfg.inject]
+        faults = [parse_fault(spec) for spec in cfg.inject] + faults_from_env()
     except ValueError as e:
         raise ConfigError(f"--inject: {e}") from None
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     env = init_process_group()
     rank, world = env.rank, env.world_size
+    reporter = Reporter(env)  # heartbeats + events for ftlaunch's watchdog (no-op without it)
+    stop = StopRequest(env)  # SIGTERM / ftlaunch's stop file -> all ranks stop after one step
     _setup_logging(rank)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -103,9 +114,13 @@ def train(cfg: TrainConfig) -> dict:
         save_every_steps=cfg.save_every_steps, save_every_seconds=cfg.save_every_seconds,
         keep_last=cfg.keep_last, verify=cfg.verify,
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
-        before_commit=injector.before_commit)
-    resumed = ckpt.load()
+        before_commit=injector.before_commit, before_load=injector.before_load)
+    load_started = time.monotonic()
+    with reporter.phase("loading"):
+        resumed = ckpt.load()
     resumed_from = resumed.step if resumed else 0
+    reporter.event("resumed" if resumed else "fresh_start", step=resumed_from, world_size=world,
+                   load_seconds=round(time.monotonic() - load_started, 4))
     if rank == 0:
         if resumed:
             print(f"resumed from step {resumed.step} (committed checkpoint, saved at world size "
@@ -155,16 +170,30 @@ def train(cfg: TrainConfig) -> dict:
                       f"({rate:.1f} steps/s)", flush=True)
             window_loss, window_n, window_start = 0.0, 0, time.monotonic()
         train_loss = round(local_loss / max(len(idx), 1), 6)  # rank 0's share of the batch
-        if progress.step < total_steps:  # the last step gets the final save below
-            ckpt.maybe_save(progress.step, {"train_loss": train_loss})
+        reporter.beat(progress.step, ckpt.last_committed)
+        if progress.step == resumed_from + 1:
+            reporter.event("first_step", step=progress.step)
+        if stop.agreed():  # preemption: every rank stops after this same step, saved
+            with reporter.phase("stopping"):
+                save(ckpt, reporter, progress.step, {"train_loss": train_loss})
+            reporter.event("preempted", step=progress.step, signal=stop.requested_by)
+            if rank == 0:
+                print(f"stopping at step {progress.step} on request ({stop.requested_by}); "
+                      f"checkpoint committed, resume with the same command", flush=True)
+            break
+        if progress.step < total_steps and ckpt.should_save(progress.step):  # the last step: below
+            with reporter.phase("saving"):
+                save(ckpt, reporter, progress.step, {"train_loss": train_loss})
     bar.close()
 
     accuracy = evaluate(model, test_split)
-    # The final checkpoint is always committed (a no-op when resuming a finished run).
-    ckpt.save(progress.step, {"test_accuracy": accuracy, "train_loss": train_loss})
+    if progress.step == total_steps:  # the final checkpoint is always committed
+        with reporter.phase("saving"):
+            save(ckpt, reporter, progress.step, {"test_accuracy": accuracy, "train_loss": train_loss})
+        reporter.event("finished", step=progress.step, test_accuracy=accuracy)
     if trace is not None:
         trace.close()
-    if rank == 0:
+    if rank == 0 and progress.step == total_steps:
         print(f"finished at step {progress.step}, epoch {cursor.epoch}; samples seen {progress.samples_seen}; "
               f"final test accuracy {accuracy:.4f}", flush=True)
     if dist.is_initialized():

@@ -1,0 +1,211 @@
+"""FaultTolerantAgent: TorchElastic's LocalElasticAgent plus what a long job needs.
+
+TorchElastic's agent (``SimpleElasticAgent._invoke_run``) already has the state machine:
+every ``monitor_interval`` it asks ``_monitor_workers`` for the group's state and restarts
+the group on FAILED or UNHEALTHY while restarts remain. This subclass only adds to the
+hooks of that loop:
+
+- ``_monitor_workers`` also reads the workers' heartbeats (``launcher.contract``) and calls
+  the group UNHEALTHY when a rank makes no progress for longer than its phase allows
+  (starting, training, loading/saving); the hung workers are SIGKILLed so the restart does
+  not wait on them.
+- ``_restart_workers`` waits an exponential backoff when restarts stop making progress, and
+  refuses to restart after ``crash_loop_limit`` restarts that did not advance the newest
+  committed checkpoint.
+- ``_stop_workers`` SIGKILLs a failed group at once: its survivors cannot commit anything
+  without the dead rank, so TorchElastic's SIGTERM-and-wait-30-s only delays recovery.
+- ``request_stop`` (preemption) writes the stop file the workers poll, so they agree on a
+  step, commit it and exit 0; past ``grace_period`` the agent kills them.
+- Every transition is appended to ``events.jsonl`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+from . import contract
+
+log = logging.getLogger("ftlaunch")
+
+
+@dataclass
+class Policy:
+    """Watchdog and restart policy (seconds; 0 disables a timeout)."""
+
+    hang_timeout: float = 120.0  # training: no new step for this long = hung
+    startup_timeout: float = 300.0  # a generation that never reports (or never reaches step 1)
+    io_timeout: float = 600.0  # loading, saving or stopping for this long = hung
+    crash_loop_limit: int = 3  # restarts in a row without a new committed checkpoint
+    backoff: float = 1.0  # first wait after a restart that made no progress; doubles, <= 60 s
+    grace_period: float = 30.0  # after a stop request, workers must be done within this
+
+    def limit_for(self, phase: str) -> float:
+        if phase == "training":
+            return self.hang_timeout
+        if phase == "starting":
+            return self.startup_timeout
+        return self.io_timeout
+
+    def backoff_for(self, streak: int) -> float:
+        """Wait before a restart; ``streak`` = failures in a row without progress."""
+        return 0.0 if streak == 0 else min(60.0, self.backoff * 2 ** (streak - 1))
+
+
+class FaultTolerantAgent(LocalElasticAgent):
+    def __init__(self, spec, logs_specs, *, run_dir: str, policy: Policy, **kwargs):
+        super().__init__(spec, logs_specs, **kwargs)
+        self.run_dir = run_dir
+        self.policy = policy
+        self._generation_started = time.time()
+        self._known_committed: int | None = None  # newest committed step any beat reported
+        self._committed_at_last_failure: int | None = None
+        self._streak = 0  # failures in a row that did not advance the committed step
+        self._last_failed = False
+        self.stop_requested_at: float | None = None
+        self.stop_reason: str | None = None  # why the agent gave up restarting, if it did
+        self.attempt = 0  # 0 for the first generation, +1 per restart
+        self._beat_cache: dict[int, contract.Beat] = {}
+        if os.path.exists(contract.stop_path(run_dir)):
+            os.unlink(contract.stop_path(run_dir))  # left by an earlier, preempted launch
+
+    # -- helpers ------------------------------------------------------------------------
+    def event(self, name: str, **fields) -> None:
+        contract.append_event(self.run_dir, name, agent=True, attempt=self.attempt, **fields)
+
+    def _beats(self, worker_group: WorkerGroup) -> dict[int, contract.Beat]:
+        """This generation's beats by global rank (a beat from an earlier process is ignored)."""
+        beats = {}
+        for worker in worker_group.workers:
+            beat = contract.Beat.read(contract.heartbeat_path(self.run_dir, worker.global_rank))
+            if beat is None or beat.pid != worker.id:
+                beat = self._beat_cache.get(worker.global_rank)  # torn read or none yet
+            if beat is not None and beat.pid == worker.id:
+                beats[worker.global_rank] = self._beat_cache[worker.global_rank] = beat
+                if beat.committed is not None:
+                    self._known_committed = max(beat.committed, self._known_committed or beat.committed)
+        return beats
+
+    def _kill_workers(self) -> None:
+        for pid in (self._pcontext.pids().values() if self._pcontext else []):
+            try:
+                os.kill(pid, signal.SIGKILL)  # also ends a SIGSTOPped process
+            except ProcessLookupError:
+                pass
+
+    def _give_up(self, reason: str) -> None:
+        """No more restarts: TorchElastic's loop then stops the group and returns FAILED."""
+        self.stop_reason = reason
+        self._remaining_restarts = 0
+
+    # -- TorchElastic hooks -------------------------------------------------------------
+    def _rendezvous(self, worker_group: WorkerGroup) -> None:
+        started = time.monotonic()
+        super()._rendezvous(worker_group)
+        self.event("rendezvous", seconds=round(time.monotonic() - started, 4),
+                   world_size=worker_group.workers[0].world_size if worker_group.workers else 0,
+                   group_rank=worker_group.group_rank, group_world_size=worker_group.group_world_size)
+
+    def _start_workers(self, worker_group: WorkerGroup):
+        shutil.rmtree(contract.heartbeat_dir(self.run_dir), ignore_errors=True)
+        os.makedirs(contract.heartbeat_dir(self.run_dir), exist_ok=True)
+        pids = super()._start_workers(worker_group)
+        self._generation_started = time.time()
+        self.event("workers_started", pids={str(k): v for k, v in pids.items()})
+        return pids
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        # A failed group has nothing left to save: kill it now instead of SIGTERM + 30 s.
+        self._shutdown(death_sig=signal.SIGKILL, timeout=5)
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        delay = self.policy.backoff_for(self._streak) if self._last_failed else 0.0
+        self._stop_workers(worker_group)
+        worker_group.state = WorkerState.STOPPED
+        self.attempt += 1
+        self.event("restart", backoff_seconds=delay, reason="failure" if self._last_failed else "membership change")
+        if delay:
+            log.warning("restart %d made no progress before; backing off %.1f s", self.attempt, delay)
+            time.sleep(delay)  # the backoff itself, not synchronization
+        self._last_failed = False
+        self._initialize_workers(worker_group)
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        beats = self._beats(worker_group)
+        if result.state == WorkerState.FAILED:
+            # Root cause first: TorchElastic SIGTERMs the other workers once one has failed.
+            def order(item):
+                failure = item[1]
+                return (failure.exitcode == -signal.SIGTERM, failure.timestamp, item[0])
+
+            for rank, failure in sorted(result.failures.items(), key=order):
+                beat = beats.get(rank)
+                self.event("worker_failed", rank=rank, exitcode=failure.exitcode,
+                           signal=failure.signal_name() if failure.exitcode < 0 else None,
+                           last_step=beat.step if beat else None, phase=beat.phase if beat else "starting")
+            self._on_failure(beats)
+        elif result.state == WorkerState.HEALTHY:
+            if self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > self.policy.grace_period:
+                self._kill_workers()
+                self.event("grace_expired", grace_period=self.policy.grace_period)
+                self._give_up(f"workers did not stop within the {self.policy.grace_period:g} s grace period")
+                return RunResult(state=WorkerState.FAILED)
+            hung = self._find_hung(worker_group, beats)
+            if hung:
+                self._kill_workers()
+                for rank, phase, step, silent in hung:
+                    self.event("hang_detected", rank=rank, phase=phase, step=step, silent_seconds=round(silent, 2))
+                rank, phase, step, silent = hung[0]
+                log.error("rank %d made no progress for %.1f s (phase %s, step %d); ranks %s hung; restarting",
+                          rank, silent, phase, step, [h[0] for h in hung])
+                self._on_failure(beats)
+                return RunResult(state=WorkerState.UNHEALTHY)
+        elif result.state == WorkerState.SUCCEEDED:
+            self.event("workers_succeeded", known_committed=self._known_committed)
+        return result
+
+    def _find_hung(self, worker_group: WorkerGroup, beats: dict[int, contract.Beat]) -> list[tuple]:
+        """(rank, phase, step, seconds silent) of every rank past its phase's limit, the one
+        that went quiet first first (a stopped rank leaves its peers blocked in a collective,
+        and they go quiet after it)."""
+        now = time.time()
+        hung = []
+        for worker in worker_group.workers:
+            beat = beats.get(worker.global_rank)
+            phase, since, step = (beat.phase, beat.time, beat.step) if beat else ("starting", self._generation_started, -1)
+            limit = self.policy.limit_for(phase)
+            if limit and now - since > limit:
+                hung.append((worker.global_rank, phase, step, now - since))
+        return sorted(hung, key=lambda h: -h[3])
+
+    def _on_failure(self, beats: dict[int, contract.Beat]) -> None:
+        self._last_failed = True
+        progressed = self._known_committed is not None and (
+            self._committed_at_last_failure is None or self._known_committed > self._committed_at_last_failure)
+        self._committed_at_last_failure = self._known_committed
+        self._streak = 0 if progressed else self._streak + 1
+        if self.stop_requested_at is not None:
+            self._give_up("a worker failed while the job was stopping")
+        elif self._streak > self.policy.crash_loop_limit:
+            self.event("crash_loop", restarts_without_progress=self._streak - 1, last_committed=self._known_committed)
+            self._give_up(f"{self._streak - 1} restarts in a row did not advance the committed checkpoint "
+                          f"(last committed step: {self._known_committed})")
+
+    # -- preemption ---------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Ask the workers to stop at an agreed step, commit it and exit 0."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+            with open(contract.stop_path(self.run_dir), "w") as f:
+                f.write(reason + "\n")
+            self.event("stop_requested", reason=reason, grace_period=self.policy.grace_period)
+            log.warning("%s: asking workers to stop at the next step and commit it (grace period %g s)",
+                        reason, self.policy.grace_period)

@@ -1,0 +1,176 @@
+"""``ftlaunch``: torchrun's command line and TorchElastic's agent, with defaults that recover.
+
+    ftlaunch --nproc-per-node=2 train.py --ckpt-dir runs/demo
+
+Every torchrun flag keeps its meaning (the parser is torchrun's own). What differs:
+
+- c10d rendezvous, and a private one on a free local port when the job fits on one node
+  (torchrun's ``--standalone``); restarts enabled (``--max-restarts 10``).
+- Each generation of workers gets a fresh store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``):
+  with the agent's store shared, torch 2.14 lets a restarted group read the keys of the
+  group that died (see README), which makes restarts fail or hang.
+- The agent is ``FaultTolerantAgent``: hang detection, backoff, crash-loop limit,
+  preemption with a grace period, an events file and a summary (``--run-dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.launcher.api import _get_addr_and_port
+from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
+
+from . import contract
+from .agent import FaultTolerantAgent, Policy
+from .faults import INJECT_ENV, parse_fault
+from .summary import format_summary, summarize
+
+log = logging.getLogger("ftlaunch")
+
+
+def build_parser():
+    parser = get_args_parser()
+    parser.prog = "ftlaunch"
+    parser.description = ("Fault-tolerant torchrun: TorchElastic's agent with hang detection, restarts that "
+                          "recover, crash-loop limits and graceful preemption. Every torchrun flag works.")
+    parser.set_defaults(rdzv_backend="c10d", max_restarts=10)
+
+    def error(message):  # one line, no usage dump
+        parser.exit(2, f"ftlaunch: error: {message} (see --help)\n")
+
+    parser.error = error
+    ours = parser.add_argument_group("ftlaunch")
+    ours.add_argument("--run-dir", default="", help="run directory: events.jsonl, heartbeats, per-attempt logs "
+                      "(default: runs/ftlaunch/<time>-<pid>)")
+    ours.add_argument("--hang-timeout", type=float, default=120.0,
+                      help="seconds a training rank may go without finishing a step before the group is restarted (0: off)")
+    ours.add_argument("--startup-timeout", type=float, default=300.0,
+                      help="seconds a new generation may take to start reporting progress (0: off)")
+    ours.add_argument("--io-timeout", type=float, default=600.0,
+                      help="seconds a rank may spend loading, saving or stopping before it counts as hung (0: off)")
+    ours.add_argument("--crash-loop-limit", type=int, default=3,
+                      help="stop after this many restarts in a row that did not advance the committed checkpoint")
+    ours.add_argument("--restart-backoff", type=float, default=1.0,
+                      help="first wait before a restart after one that made no progress; doubles each time, at most 60 s")
+    ours.add_argument("--grace-period", type=float, default=30.0,
+                      help="on SIGTERM/SIGINT: seconds the workers get to agree on a step, commit it and exit")
+    ours.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                      help="fault for the workers, repeatable: kill|kill-before-commit|kill-load|hang|raise:rank=R:step=N")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("hang_timeout", "startup_timeout", "io_timeout", "restart_backoff", "grace_period"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.crash_loop_limit < 0 or args.max_restarts < 0:
+        parser.error("--crash-loop-limit and --max-restarts must be >= 0")
+    for spec in args.inject:
+        try:
+            parse_fault(spec)
+        except ValueError as e:
+            parser.error(f"--inject: {e}")
+    try:
+        _, max_nodes = parse_min_max_nnodes(args.nnodes)
+    except (ValueError, RuntimeError):
+        parser.error(f"--nnodes {args.nnodes!r} must be N or MIN:MAX")
+    if args.standalone or (max_nodes == 1 and not args.rdzv_endpoint and args.rdzv_backend != "static"):
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    elif not args.rdzv_endpoint and args.rdzv_backend != "static":
+        parser.error(f"--nnodes {args.nnodes} spans several nodes: give --rdzv-endpoint HOST:PORT (and --rdzv-id)")
+    if args.rdzv_backend == "static":
+        log.warning("static rendezvous cannot replace a failed node or re-form after a restart; prefer c10d")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[ftlaunch] %(message)s")
+    args = parse_args(argv)
+    run_dir = os.path.abspath(args.run_dir or os.path.join("runs", "ftlaunch", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+    os.makedirs(run_dir, exist_ok=True)
+    os.environ[contract.RUN_DIR_ENV] = run_dir
+    if args.inject:
+        os.environ[INJECT_ENV] = ",".join(args.inject)
+    nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # a fresh store per generation
+    if args.log_dir is None:
+        args.log_dir = os.path.join(run_dir, "logs")
+        if args.tee == "0" and args.redirects == "0":
+            args.tee = "3"  # per-attempt, per-rank files and the console
+    # SIGTERM/SIGINT are ours (graceful stop); TorchElastic keeps SIGHUP/SIGQUIT.
+    args.signals_to_handle = "SIGHUP,SIGQUIT"
+
+    config, entrypoint, cmd_args = config_from_args(args)
+    policy = Policy(hang_timeout=args.hang_timeout, startup_timeout=args.startup_timeout, io_timeout=args.io_timeout,
+                    crash_loop_limit=args.crash_loop_limit, backoff=args.restart_backoff,
+                    grace_period=args.grace_period)
+    agent = launch_agent(config, entrypoint, cmd_args, run_dir, policy)
+    return run(agent, run_dir)
+
+
+def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy) -> FaultTolerantAgent:
+    """The WorkerSpec and agent that ``torch.distributed.launcher.api.launch_agent`` builds,
+    with our agent class in place of LocalElasticAgent."""
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
+    params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
+                                  run_id=config.run_id, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
+                                  local_addr=config.local_addr, **config.rdzv_configs)
+    master_addr, master_port = _get_addr_and_port(params)
+    spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
+                      args=tuple(cmd_args), rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
+                      max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
+                      master_addr=master_addr, master_port=master_port, local_addr=config.local_addr)
+    contract.append_event(run_dir, "launch", agent=True, attempt=0, entrypoint=" ".join([str(entrypoint), *cmd_args]),
+                          nproc_per_node=config.nproc_per_node, nnodes=f"{config.min_nodes}:{config.max_nodes}",
+                          max_restarts=config.max_restarts, rdzv_backend=config.rdzv_backend)
+    return FaultTolerantAgent(spec, config.logs_specs, run_dir=run_dir, policy=policy,
+                              start_method=config.start_method,
+                              log_line_prefix_template=config.log_line_prefix_template)
+
+
+def run(agent: FaultTolerantAgent, run_dir: str) -> int:
+    def on_signal(signum, _frame):
+        name = signal.Signals(signum).name
+        if agent.stop_requested_at is None:
+            agent.request_stop(f"received {name}")
+        elif signum == signal.SIGINT:  # Ctrl-C twice: stop waiting for the workers
+            raise SignalException(f"second {name}: stopping now", sigval=signal.Signals(signum))
+        else:  # schedulers may repeat SIGTERM; the grace period already bounds the stop
+            log.info("%s again; still stopping (grace period %g s)", name, agent.policy.grace_period)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    exit_code, result = 1, "failed"
+    try:
+        outcome = agent.run()
+        if not outcome.is_failed():
+            exit_code, result = 0, "succeeded"
+        elif agent.stop_reason:
+            result = f"failed: {agent.stop_reason}"
+    except SignalException as e:
+        exit_code, result = 128 + e.sigval, f"killed by a second {e.sigval.name}"
+    finally:
+        agent._worker_group.spec.rdzv_handler.shutdown()
+    summary = summarize(contract.read_events(run_dir))
+    if exit_code == 0 and summary["ended_by"] == "preempted":
+        result = f"stopped on request at step {summary['end_step']}, committed; relaunch to resume"
+    contract.append_event(run_dir, "result", agent=True, attempt=agent.attempt, exit_code=exit_code,
+                          result=result, summary={k: v for k, v in summary.items() if k != "failures"})
+    print(format_summary(summary, result, run_dir), flush=True)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The one-screen summary of a run, computed from its events file alone."""
+
+from __future__ import annotations
+
+
+def _failure_kind(event: dict) -> str:
+    if event["event"] == "hang_detected":
+        return f"hang ({event['phase']})"
+    if event.get("signal"):
+        return f"signal {event['signal']}"
+    return f"exit code {event['exitcode']}"
+
+
+def summarize(events: list[dict]) -> dict:
+    """Attempts, failures by kind, and per failure the steps and seconds it cost: steps from
+    the newest step any worker reported to the step the next generation resumed from, and
+    seconds from the failure to the first step of the next generation."""
+    events = sorted(events, key=lambda e: e["time"])
+    failures = []  # one per failed generation: its first failure event (root cause first)
+    seen_attempts = set()
+    for e in events:
+        if e["event"] in ("worker_failed", "hang_detected") and e["attempt"] not in seen_attempts:
+            seen_attempts.add(e["attempt"])
+            same = [x for x in events if x["event"] == e["event"] and x["attempt"] == e["attempt"]]
+            last_step = max((x.get("last_step") if x["event"] == "worker_failed" else x.get("step")) or 0 for x in same)
+            failures.append({"time": e["time"], "kind": _failure_kind(e), "rank": e["rank"], "last_step": last_step})
+    for f in failures:
+        resumed = next((e for e in events if e["time"] > f["time"] and e["event"] in ("resumed", "fresh_start")), None)
+        first = next((e for e in events if e["time"] > f["time"] and e["event"] == "first_step"), None)
+        f["resumed_step"] = resumed["step"] if resumed else None
+        f["steps_lost"] = max(0, f["last_step"] - resumed["step"]) if resumed else None
+        f["seconds_lost"] = round(first["time"] - f["time"], 2) if first else None
+    commits = [e["step"] for e in events if e["event"] == "save_commit"]
+    by_kind: dict[str, int] = {}
+    for f in failures:
+        by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + 1
+    end = next((e for e in reversed(events) if e["event"] in ("finished", "preempted")), None)
+    return {
+        "attempts": sum(e["event"] == "workers_started" for e in events),
+        "failures": failures,
+        "failures_by_kind": by_kind,
+        "steps_lost": sum(f["steps_lost"] or 0 for f in failures),
+        "seconds_lost": round(sum(f["seconds_lost"] or 0 for f in failures), 2),
+        "last_committed": max(commits) if commits else None,
+        "ended_by": end["event"] if end else None,
+        "end_step": end["step"] if end else None,
+    }
+
+
+def format_summary(summary: dict, result: str, run_dir: str) -> str:
+    lines = [f"== ftlaunch summary (run dir {run_dir}) ==", f"result: {result}"]
+    restarts = max(summary["attempts"] - 1, 0)
+    lines.append(f"attempts: {summary['attempts']} ({restarts} restart{'s' * (restarts != 1)})")
+    if summary["failures"]:
+        kinds = ", ".join(f"{n} x {k}" for k, n in summary["failures_by_kind"].items())
+        lines.append(f"failures: {kinds}")
+        for f in summary["failures"]:
+            lines.append(f"  rank {f['rank']} {f['kind']} at step {f['last_step']}: resumed from step "
+                         f"{f['resumed_step']}, {f['steps_lost']} steps and {f['seconds_lost']} s lost")
+        lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
+                     "(failure -> first step of the next generation)")
+    else:
+        lines.append("failures: none")
+    lines.append(f"last committed step: {summary['last_committed']}")
+    return "\n".join(lines)
