@@ -19,14 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Two DDP workers under stock torchrun on the digits set; worker 1 is SIGKILLed once at step
-# 77; torchrun restarts the group, which resumes from the newest committed checkpoint.
+# Two DDP workers under ftlaunch on the digits set. Worker 1 is SIGKILLed at step 77 and
+# worker 0 freezes (SIGSTOP) at step 160; ftlaunch restarts the group after each, and the
+# job resumes from the newest committed checkpoint. Ends with ftlaunch's run summary.
 demo: $(STAMP)
 	rm -rf runs/demo && mkdir -p runs
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=2 --max-restarts=1 --monitor-interval=0.1 \
-	    train.py --ckpt-dir runs/demo --epochs 10 --inject kill:rank=1:step=77 2>&1 | tee runs/demo.log
-	@echo; echo "== demo summary (full log: runs/demo.log) =="
-	@grep -E "injecting|exitcode: -9|resumed from step|final test accuracy" runs/demo.log
+	$(VENV)/bin/ftlaunch --nproc-per-node=2 --run-dir runs/demo/run --hang-timeout 5 \
+	    --inject kill:rank=1:step=77 --inject hang:rank=0:step=160 \
+	    train.py --ckpt-dir runs/demo/ckpt --epochs 10 2>&1 | tee runs/demo.log
+	@echo; echo "== what happened (full log: runs/demo.log, events: runs/demo/run/events.jsonl) =="
+	@grep -E "injecting|made no progress|exitcode: -9|resumed from step|final test accuracy" runs/demo.log
 
 test: $(STAMP)
 	$(PY) -m pytest -v tests

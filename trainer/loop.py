@@ -90,6 +90,7 @@ def train(cfg: TrainConfig) -> dict:
     env = init_process_group()
     rank, world = env.rank, env.world_size
     reporter = Reporter(env)  # heartbeats + events for ftlaunch's watchdog (no-op without it)
+    reporter.event("worker_ready", world_size=world)  # process started, imports done, group formed
     stop = StopRequest(env)  # SIGTERM / ftlaunch's stop file -> all ranks stop after one step
     _setup_logging(rank)
     torch.use_deterministic_algorithms(True)
