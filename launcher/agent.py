@@ -28,6 +28,8 @@ import signal
 import time
 from dataclasses import dataclass
 
+import psutil
+
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
@@ -179,6 +181,8 @@ class FaultTolerantAgent(LocalElasticAgent):
         now = time.time()
         hung = []
         for worker in worker_group.workers:
+            if not _running(worker.id):
+                continue  # finished already (its peers may still be working)
             beat = beats.get(worker.global_rank)
             phase, since, step = (beat.phase, beat.time, beat.step) if beat else ("starting", self._generation_started, -1)
             limit = self.policy.limit_for(phase)
@@ -209,3 +213,10 @@ class FaultTolerantAgent(LocalElasticAgent):
             self.event("stop_requested", reason=reason, grace_period=self.policy.grace_period)
             log.warning("%s: asking workers to stop at the next step and commit it (grace period %g s)",
                         reason, self.policy.grace_period)
+
+
+def _running(pid: int | None) -> bool:
+    try:
+        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -75,6 +75,17 @@ def test_sigstopped_worker_is_detected_within_hang_timeout(tmp_path):
     assert 4 <= hang["silent_seconds"] <= 4 + 10, hang
 
 
+def test_generation_that_never_starts_is_a_hang(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--startup-timeout", "3",
+                              script=str(REPO / "tests/scripts/hangs_at_start.py")), timeout=120)
+    assert result.returncode == 0, result.tail()
+    hang = events_of(run_dir, "hang_detected")[0]
+    assert (hang["rank"], hang["phase"], hang["attempt"]) == (1, "starting", 0)
+    assert 3 <= hang["silent_seconds"] <= 3 + 10
+    assert "generation 1 rank 1 done" in result.output
+
+
 def test_crash_loop_stops_with_a_summary(tmp_path):
     run_dir = tmp_path / "run"
     result = run(ftlaunch_cmd(1, "--run-dir", str(run_dir), "--crash-loop-limit", "2", "--max-restarts", "10",
