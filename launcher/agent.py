@@ -143,10 +143,14 @@ class FaultTolerantAgent(LocalElasticAgent):
         result = super()._monitor_workers(worker_group)
         beats = self._beats(worker_group)
         if result.state == WorkerState.FAILED:
-            # Root cause first: TorchElastic SIGTERMs the other workers once one has failed.
+            # Root cause first. TorchElastic SIGTERMs the others once one has failed, and a
+            # rank whose peer died exits with an error a moment later, after one more step:
+            # so SIGTERM last, other signals first, then the rank that got least far.
             def order(item):
-                failure = item[1]
-                return (failure.exitcode == -signal.SIGTERM, failure.timestamp, item[0])
+                rank, failure = item
+                beat = beats.get(rank)
+                return (failure.exitcode == -signal.SIGTERM, failure.exitcode > 0,
+                        beat.step if beat else -1, failure.timestamp, rank)
 
             for rank, failure in sorted(result.failures.items(), key=order):
                 beat = beats.get(rank)

@@ -11,14 +11,19 @@ Every torchrun flag keeps its meaning (the parser is torchrun's own). What diffe
   group that died (see README), which makes restarts fail or hang.
 - The agent is ``FaultTolerantAgent``: hang detection, backoff, crash-loop limit,
   preemption with a grace period, an events file and a summary (``--run-dir``).
+- Python workers are forked from a server that imported torch already (``launcher.prewarm``),
+  so a restart does not pay for ``import torch`` again (``--no-prewarm`` turns it off).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -29,7 +34,7 @@ from torch.distributed.elastic.agent.server.api import WorkerSpec
 from torch.distributed.launcher.api import _get_addr_and_port
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
-from . import contract
+from . import contract, prewarm
 from .agent import FaultTolerantAgent, Policy
 from .faults import INJECT_ENV, parse_fault
 from .summary import format_summary, summarize
@@ -63,6 +68,11 @@ def build_parser():
                       help="first wait before a restart after one that made no progress; doubles each time, at most 60 s")
     ours.add_argument("--grace-period", type=float, default=30.0,
                       help="on SIGTERM/SIGINT: seconds the workers get to agree on a step, commit it and exit")
+    ours.add_argument("--no-prewarm", action="store_true",
+                      help="start every worker as a fresh interpreter instead of forking it from a server that "
+                           "has imported torch already (restarts then pay for `import torch` again)")
+    ours.add_argument("--prewarm-import", action="append", default=[], metavar="MODULE",
+                      help="also import MODULE in the fork server (repeatable), e.g. transformers")
     ours.add_argument("--inject", action="append", default=[], metavar="SPEC",
                       help="fault for the workers, repeatable: kill|kill-before-commit|kill-load|hang|raise:rank=R:step=N")
     return parser
@@ -113,11 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     args.signals_to_handle = "SIGHUP,SIGQUIT"
 
     config, entrypoint, cmd_args = config_from_args(args)
+    fork_server = None
+    if not args.no_prewarm and entrypoint == sys.executable:
+        fork_server, cmd_args = start_fork_server(run_dir, args.prewarm_import, cmd_args)
     policy = Policy(hang_timeout=args.hang_timeout, startup_timeout=args.startup_timeout, io_timeout=args.io_timeout,
                     crash_loop_limit=args.crash_loop_limit, backoff=args.restart_backoff,
                     grace_period=args.grace_period)
     agent = launch_agent(config, entrypoint, cmd_args, run_dir, policy)
-    return run(agent, run_dir)
+    try:
+        return run(agent, run_dir)
+    finally:
+        if fork_server is not None:
+            fork_server.kill()
+            fork_server.wait()
+            shutil.rmtree(os.path.dirname(fork_server.args[-1]), ignore_errors=True)
+
+
+def start_fork_server(run_dir: str, extra_modules: list[str], cmd_args: list[str]):
+    """Start the pre-warm fork server; returns it and the worker command that goes through it."""
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="ftl-"), "fork.sock")  # short: AF_UNIX paths <= 107 bytes
+    modules = ",".join([*prewarm.WARM_MODULES, *extra_modules])
+    log_file = open(os.path.join(run_dir, "fork-server.log"), "ab")
+    server = subprocess.Popen([sys.executable, "-u", "-m", "launcher.prewarm", "serve", "--modules", modules,
+                               "--socket", socket_path], stdout=log_file, stderr=subprocess.STDOUT)
+    return server, ["-m", "launcher.prewarm", "run", "--socket", socket_path, *cmd_args]
 
 
 def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy) -> FaultTolerantAgent:

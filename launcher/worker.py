@@ -93,6 +93,8 @@ class Reporter:
         self.step = -1
         self.committed: int | None = None
         self._writer = contract.BeatWriter(self.run_dir, env.rank) if self.run_dir else None
+        # The agent knows a pre-warmed worker by its client's pid (see launcher.prewarm).
+        self._pid = int(os.environ.get(contract.WORKER_ID_ENV, os.getpid()))
         self._write()
 
     def beat(self, step: int, committed: int | None = None) -> None:
@@ -122,7 +124,7 @@ class Reporter:
     def _write(self) -> None:
         if self._writer is not None:
             self._writer.write(contract.Beat(
-                rank=self.env.rank, pid=os.getpid(), generation=self.env.restart_count, step=self.step,
+                rank=self.env.rank, pid=self._pid, generation=self.env.restart_count, step=self.step,
                 phase=self.phase_name, time=time.time(), committed=self.committed))
 
 

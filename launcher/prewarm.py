@@ -1,0 +1,187 @@
+"""Pre-warmed workers: restart a worker without paying for ``import torch`` again.
+
+On this machine a restarted worker spends about 2 s before it runs a line of the training
+script, nearly all of it importing torch and torch.distributed.checkpoint. ftlaunch starts
+one fork server per node at launch, which imports those once. TorchElastic's entrypoint
+becomes a thin client (this module, which imports no torch) that hands the server its argv,
+environment, working directory and stdin/stdout/stderr (file descriptors passed over a Unix
+socket); the server forks a worker that runs the script exactly as ``python -u script`` would.
+
+    fork server (imported torch)          TorchElastic's worker process = the client
+      `- supervisor (one per worker) <-- unix socket --> forwards signals, waits for the status
+           `- worker: runpy of the script  (its exit status becomes the client's)
+
+The supervisor kills the worker when the client dies (TorchElastic SIGKILLs the client), and
+forwards any other signal. The client exits with the worker's status, re-raising a fatal
+signal on itself so TorchElastic sees the same ``exitcode: -9`` a plain worker would give.
+
+Forking a process that imported torch is safe while it has started no threads of its own and
+never touched a GPU; the server does neither. Each worker re-seeds Python's and NumPy's global
+RNGs from the OS, as a fresh interpreter would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import json
+import os
+import runpy
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from .contract import WORKER_ID_ENV
+
+WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.nn.parallel", "numpy")
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+# -- server ---------------------------------------------------------------------------------
+def serve(socket_path: str, modules: list[str]) -> None:
+    _die_with_parent()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(socket_path)
+    server.listen(256)  # clients may connect (and wait) while the imports below run
+    for name in modules:
+        importlib.import_module(name)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    while True:
+        conn, _ = server.accept()
+        if os.fork() == 0:
+            server.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                _supervise(conn)
+            finally:
+                os._exit(0)
+        conn.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this server when ftlaunch dies, however it dies."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _supervise(conn: socket.socket) -> None:
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    request = json.loads(message)
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _become_worker(request, fds)  # never returns
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    pidfd = os.pidfd_open(pid)
+    while True:
+        ready, _, _ = select.select([pidfd, conn], [], [])
+        if pidfd in ready:
+            _, status = os.waitpid(pid, 0)
+            conn.sendall(json.dumps({"status": status}).encode() + b"\n")
+            return
+        data = conn.recv(64)
+        if not data:  # the client is gone (TorchElastic killed it): so goes its worker
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        for signum in data:
+            os.kill(pid, signum)
+
+
+def _become_worker(request: dict, fds: list[int]) -> None:
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for sig in FORWARDED + (signal.SIGCHLD,):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.setsid()
+    import random
+
+    random.seed()  # a fresh interpreter draws new seeds from the OS; so do we
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    code = 0
+    try:
+        args = request["argv"]
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            sys.path.insert(0, request["cwd"])
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(args)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# -- client ---------------------------------------------------------------------------------
+def client(socket_path: str, argv: list[str], connect_timeout: float = 120.0) -> int:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            conn.connect(socket_path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                print(f"ftlaunch: no fork server at {socket_path}", file=sys.stderr)
+                return 1
+            time.sleep(0.02)  # the server binds its socket within moments of ftlaunch starting
+    env = dict(os.environ, **{WORKER_ID_ENV: str(os.getpid())})
+    request = {"argv": [a for a in argv if a != "-u"], "env": env, "cwd": os.getcwd()}
+    socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, _frame: conn.sendall(bytes([signum])))
+    replies = conn.makefile("rb")
+    for line in replies:
+        reply = json.loads(line)
+        if "status" in reply:
+            status = reply["status"]
+            if os.WIFSIGNALED(status):  # die the same way, so TorchElastic reports the signal
+                sig = os.WTERMSIG(status)
+                if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be caught anyway
+                    signal.signal(sig, signal.SIG_DFL)
+                os.kill(os.getpid(), sig)
+            return os.waitstatus_to_exitcode(status)
+    return 1  # the supervisor vanished without a status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``serve --socket PATH --modules a,b`` or ``run --socket PATH <python args...>`` (the
+    python args, such as ``-u train.py --lr 1``, are passed through untouched)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 3 and argv[0] == "run" and argv[1] == "--socket":
+        return client(argv[2], argv[3:])
+    parser = argparse.ArgumentParser(prog="python -m launcher.prewarm serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--modules", default=",".join(WARM_MODULES))
+    args = parser.parse_args(argv)
+    serve(args.socket, [m for m in args.modules.split(",") if m])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
