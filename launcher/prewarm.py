@@ -37,7 +37,8 @@ import traceback
 
 from .contract import WORKER_ID_ENV
 
-WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.nn.parallel", "numpy")
+WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict",
+                "torch.nn.parallel", "torch.optim", "torch._dynamo", "numpy")  # torch._dynamo: the first optimizer imports it (0.6 s)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 

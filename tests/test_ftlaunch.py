@@ -65,8 +65,10 @@ def test_fault_is_recovered_bit_exactly(reference, tmp_path, faults, failed_rank
 
 
 def test_sigstopped_worker_is_detected_within_hang_timeout(tmp_path):
+    """Also the one test of plain (not pre-warmed) workers under ftlaunch."""
     run_dir = tmp_path / "run"
     result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--hang-timeout", "4", "--inject", "hang:rank=1:step=15",
+                              "--no-prewarm",
                               script_args=("--ckpt-dir", str(tmp_path / "ckpt"), "--max-steps", "30")), timeout=TIMEOUT)
     assert result.returncode == 0, result.tail()
     hang = events_of(run_dir, "hang_detected")[0]
