@@ -131,18 +131,27 @@ class Reporter:
 class StopRequest:
     """Preemption: stop at a step every rank agrees on.
 
-    A stop is requested by SIGTERM/SIGINT to this worker or by the agent's stop file. Each
-    rank checks its own flag after every step and the ranks combine them with one tiny
-    all_reduce (MAX), so all of them stop after the same step even when only one rank, or
-    only one node, was told.
+    A stop is requested by SIGTERM/SIGINT to this worker or by the agent's stop file. The
+    ranks combine their flags with a small all_reduce (MAX), so all of them stop after the
+    same step even when only one rank, or one node, was told. To cost nothing measurable
+    (a per-step all_reduce made the digits CNN 20-35% slower on 2 cores here), the
+    all_reduce is asynchronous, read at the next check, and checks are spaced about
+    ``check_seconds`` apart: each check also carries every rank's proposal for the number
+    of steps to the next check, and the MAX of those is what all ranks use, so they stay in
+    step. A stop therefore lands within about two check intervals of the request.
     """
 
-    def __init__(self, env: WorkerEnv):
+    def __init__(self, env: WorkerEnv, check_seconds: float = 0.1):
         self.run_dir = os.environ.get(contract.RUN_DIR_ENV) or None
         self.requested_by: str | None = None
+        self.check_seconds = check_seconds
         self._group = None
+        self._pending = None  # (work, tensor[flag, steps to next check]) in flight
+        self._calls = 0
+        self._next_check = 1
+        self._last_check = (0, time.monotonic())
         if dist.is_initialized() and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")  # a CPU flag needs no device copy
+            self._group = dist.new_group(backend="gloo")  # a CPU tensor needs no device copy
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
@@ -154,12 +163,35 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self) -> bool:
-        """True on every rank, after the same step, once any rank was asked to stop."""
+        """Call after every step on every rank; True on all ranks after the same step once
+        any rank was asked to stop."""
         if self.requested_by is None and self.run_dir and os.path.exists(contract.stop_path(self.run_dir)):
             self.requested_by = "ftlaunch"
-        flag = torch.tensor([1 if self.requested_by else 0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.requested_by is None:
-            self.requested_by = "another rank"
-        return bool(flag.item())
+        if not dist.is_initialized():
+            return self.requested_by is not None
+        self._calls += 1
+        if self._calls < self._next_check:
+            return False
+        steps_to_next = 1
+        if self._pending is not None:
+            work, result = self._pending
+            work.wait()
+            self._pending = None
+            if result[0].item():
+                self.requested_by = self.requested_by or "another rank"
+                return True
+            steps_to_next = int(result[1].item())
+        calls, since = self._last_check
+        per_step = (time.monotonic() - since) / max(self._calls - calls, 1)
+        proposal = max(1, min(1000, int(self.check_seconds / max(per_step, 1e-6))))
+        self._last_check = (self._calls, time.monotonic())
+        flag = torch.tensor([1 if self.requested_by else 0, proposal])
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        self._next_check = self._calls + steps_to_next
+        return False
+
+    def close(self) -> None:
+        """Finish the all_reduce still in flight (every rank issued it), before the group goes."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None

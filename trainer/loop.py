@@ -187,6 +187,7 @@ def train(cfg: TrainConfig) -> dict:
                 save(ckpt, reporter, progress.step, {"train_loss": train_loss})
     bar.close()
 
+    stop.close()
     accuracy = evaluate(model, test_split)
     if progress.step == total_steps:  # the final checkpoint is always committed
         with reporter.phase("saving"):
