@@ -1,5 +1,7 @@
-"""Launcher side of the project. For now the worker side that training scripts import:
-``launcher.worker`` (joining the process group safely across restarts) and
-``launcher.faults`` (fault injection). The TorchElastic agent CLI (``ftlaunch``) comes with
-its own issue. Never imports the trainer, so any torchrun-compatible script can use it.
+"""Launcher side of the project: ``ftlaunch`` (``cli``) and its TorchElastic agent (``agent``),
+the worker <-> agent contract (``contract``), the worker side that training scripts import
+(``worker``: process-group init, heartbeats, stop agreement), fault injection (``faults``),
+pre-warmed workers (``prewarm``) and the run summary (``summary``).
+
+Never imports the trainer, so any torchrun-compatible script can run under ftlaunch.
 """

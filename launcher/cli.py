@@ -63,7 +63,8 @@ def build_parser():
     ours.add_argument("--io-timeout", type=float, default=600.0,
                       help="seconds a rank may spend loading, saving or stopping before it counts as hung (0: off)")
     ours.add_argument("--crash-loop-limit", type=int, default=3,
-                      help="stop after this many restarts in a row that did not advance the committed checkpoint")
+                      help="stop after this many restarts in a row that did not advance the committed checkpoint "
+                           "(as reported in heartbeats; a script without launcher.worker.Reporter never advances)")
     ours.add_argument("--restart-backoff", type=float, default=1.0,
                       help="first wait before a restart after one that made no progress; doubles each time, at most 60 s")
     ours.add_argument("--grace-period", type=float, default=30.0,
