@@ -44,7 +44,7 @@ class Policy:
 
     hang_timeout: float = 120.0  # training: no new step for this long = hung
     startup_timeout: float = 300.0  # a generation that never reports (or never reaches step 1)
-    io_timeout: float = 600.0  # loading, saving or stopping for this long = hung
+    io_timeout: float = 600.0  # loading, saving, stopping or finishing for this long = hung
     crash_loop_limit: int = 3  # restarts in a row without a new committed checkpoint
     backoff: float = 1.0  # first wait after a restart that made no progress; doubles, <= 60 s
     grace_period: float = 30.0  # after a stop request, workers must be done within this

@@ -61,7 +61,7 @@ def build_parser():
     ours.add_argument("--startup-timeout", type=float, default=300.0,
                       help="seconds a new generation may take to start reporting progress (0: off)")
     ours.add_argument("--io-timeout", type=float, default=600.0,
-                      help="seconds a rank may spend loading, saving or stopping before it counts as hung (0: off)")
+                      help="seconds a rank may spend loading, saving, stopping or finishing (eval, final save, exit) before it counts as hung (0: off)")
     ours.add_argument("--crash-loop-limit", type=int, default=3,
                       help="stop after this many restarts in a row that did not advance the committed checkpoint "
                            "(as reported in heartbeats; a script without launcher.worker.Reporter never advances)")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 RUN_DIR_ENV = "FTLAUNCH_RUN_DIR"
 WORKER_ID_ENV = "FTLAUNCH_WORKER_ID"  # set by the pre-warm client: the pid TorchElastic knows
 
-PHASES = ("starting", "loading", "training", "saving", "stopping")
+PHASES = ("starting", "loading", "training", "saving", "stopping", "finishing")
 
 
 def events_path(run_dir: str) -> str:

@@ -116,6 +116,12 @@ class Reporter:
             self.phase_name = previous
             self._write()
 
+    def finish(self) -> None:
+        """Training is over: evaluation, the final save and teardown follow, each of which
+        may take longer than a step; the agent gives this phase its I/O timeout."""
+        self.phase_name = "finishing"
+        self._write()
+
     def event(self, name: str, **fields) -> None:
         """Append a job-level event; rank 0 speaks for the job so each event appears once."""
         if self.run_dir and self.env.rank == 0:

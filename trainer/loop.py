@@ -188,6 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
 
     stop.close()
+    reporter.finish()
     accuracy = evaluate(model, test_split)
     if progress.step == total_steps:  # the final checkpoint is always committed
         with reporter.phase("saving"):
