@@ -79,6 +79,20 @@ def build_parser():
     return parser
 
 
+# Several nodes on c10d: every agent is a client of a store that no node hosts (`ftlaunch
+# rendezvous`), so losing any node, the first one included, does not stop the job; a dead
+# node is declared dead after 3 missed 1-s keep-alives (stock: 3 x 5 s), and a round closes
+# 2 s after enough nodes joined (stock: 30 s), so survivors go on within seconds.
+MULTI_NODE_RDZV_DEFAULTS = {"is_host": "false", "keep_alive_interval": "1", "keep_alive_max_attempt": "3",
+                            "last_call_timeout": "2"}
+
+
+def with_defaults(rdzv_conf: str, defaults: dict[str, str]) -> str:
+    """``--rdzv-conf`` with ``defaults`` added for the keys the user did not set."""
+    given = {item.split("=", 1)[0].strip() for item in rdzv_conf.split(",") if "=" in item}
+    return ",".join(filter(None, [rdzv_conf, *(f"{k}={v}" for k, v in defaults.items() if k not in given)]))
+
+
 def parse_args(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,12 +114,19 @@ def parse_args(argv: list[str] | None = None):
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     elif not args.rdzv_endpoint and args.rdzv_backend != "static":
         parser.error(f"--nnodes {args.nnodes} spans several nodes: give --rdzv-endpoint HOST:PORT (and --rdzv-id)")
+    elif args.rdzv_backend == "c10d":
+        args.rdzv_conf = with_defaults(args.rdzv_conf, MULTI_NODE_RDZV_DEFAULTS)
     if args.rdzv_backend == "static":
         log.warning("static rendezvous cannot replace a failed node or re-form after a restart; prefer c10d")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rendezvous"]:
+        from . import rendezvous
+
+        return rendezvous.main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="[ftlaunch] %(message)s")
     args = parse_args(argv)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", "ftlaunch", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))

@@ -137,7 +137,7 @@ def _become_worker(request: dict, fds: list[int]) -> None:
 
 
 # -- client ---------------------------------------------------------------------------------
-def client(socket_path: str, argv: list[str], connect_timeout: float = 120.0) -> int:
+def client(socket_path: str, argv: list[str], connect_timeout: float = 10.0) -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deadline = time.monotonic() + connect_timeout
     while True:
@@ -146,9 +146,12 @@ def client(socket_path: str, argv: list[str], connect_timeout: float = 120.0) ->
             break
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
-                print(f"ftlaunch: no fork server at {socket_path}", file=sys.stderr)
-                return 1
-            time.sleep(0.02)  # the server binds its socket within moments of ftlaunch starting
+                # The server binds its socket within moments of ftlaunch starting: it is gone
+                # (killed?). Run as a plain interpreter instead: slower to start, same result.
+                print(f"ftlaunch: no fork server at {socket_path}; starting a plain interpreter",
+                      file=sys.stderr, flush=True)
+                os.execv(sys.executable, [sys.executable, *argv])
+            time.sleep(0.02)
     env = dict(os.environ, **{WORKER_ID_ENV: str(os.getpid())})
     request = {"argv": [a for a in argv if a != "-u"], "env": env, "cwd": os.getcwd()}
     socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])

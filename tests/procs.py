@@ -125,6 +125,24 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
 
 
+def effective_steps(records: list[dict]) -> list[dict]:
+    """Sample-trace records of the steps that count: a step run by a generation that then died
+    before committing it is run again by the next one (which resumed from an earlier step);
+    keep the copy of the latest generation that started before the step."""
+    starts = sorted({r["resumed_from"] for r in records})
+    owner = {step: max(s for s in starts if s < step) for step in {r["step"] for r in records}}
+    return [r for r in records if r["resumed_from"] == owner[r["step"]]]
+
+
+def read_trace(run_dir: Path) -> list[dict]:
+    import json
+
+    records = []
+    for path in sorted((Path(run_dir) / "samples").glob("rank*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    return records
+
+
 def latest_committed(ckpt_dir: str | Path):
     from checkpoint import Storage, find_latest
 

@@ -57,3 +57,10 @@ def test_killing_the_client_kills_its_worker(fork_server, tmp_path):
     finally:
         kill_tree(proc.pid)
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+
+def test_without_a_fork_server_the_client_runs_a_plain_interpreter(tmp_path):
+    result = run([sys.executable, "-m", "launcher.prewarm", "run", "--socket", str(tmp_path / "none.sock"),
+                  "-u", PROBE, "3"], timeout=120, cwd=tmp_path, env_extra={"PROBE": "plain"})
+    assert result.returncode == 3, result.output
+    assert "no fork server" in result.output and "probe=plain main=__main__" in result.output
