@@ -100,23 +100,37 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> Result:
     return Result(proc.returncode, log_path.read_text())
 
 
-def wait_for_event(run_dir: Path, name: str, timeout: float, proc: subprocess.Popen | None = None) -> dict:
-    """Block until ``events.jsonl`` in ``run_dir`` has an event ``name`` (or fail)."""
+def wait_for_event(run_dirs, name: str, timeout: float, procs=()) -> dict:
+    """Block until an ``events.jsonl`` in ``run_dirs`` (one dir or several) has an event
+    ``name``; fail on timeout or when one of ``procs`` exits first."""
     import json
     import time
 
+    dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
+    procs = [procs] if isinstance(procs, subprocess.Popen) else list(procs)
     deadline = time.monotonic() + timeout
-    path = Path(run_dir) / "events.jsonl"
     while time.monotonic() < deadline:
-        if path.exists():
-            for line in path.read_text().splitlines():
-                event = json.loads(line)
-                if event["event"] == name:
-                    return event
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before event {name!r}")
+        for path in (d / "events.jsonl" for d in dirs):
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    event = json.loads(line)
+                    if event["event"] == name:
+                        return event
+        exited = [p for p in procs if p.poll() is not None]
+        if exited:
+            raise AssertionError(f"process exited ({exited[0].returncode}) before event {name!r}")
         time.sleep(0.05)  # sleep-ok: polling a file with a deadline, not synchronizing processes
-    raise AssertionError(f"no {name!r} event in {path} within {timeout}s")
+    raise AssertionError(f"no {name!r} event in {dirs} within {timeout}s")
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        assert proc.poll() is None, f"process exited ({proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.05)  # sleep-ok: polling a file with a deadline
 
 
 def read_events(run_dir: Path) -> list[dict]:

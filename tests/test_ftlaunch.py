@@ -122,7 +122,7 @@ def test_sigterm_commits_the_last_step_and_resumes_bit_exactly(tmp_path):
     ckpt, run_dir, log = tmp_path / "ckpt", tmp_path / "run1", tmp_path / "run1.log"
     proc = start(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--grace-period", "20",
                               script_args=("--ckpt-dir", str(ckpt), *args)), log)
-    wait_for_event(run_dir, "first_step", timeout=120, proc=proc)
+    wait_for_event(run_dir, "first_step", timeout=120, procs=proc)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     first = finish(proc, log, timeout=60)

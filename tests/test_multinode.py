@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from procs import (REPO, effective_steps, finish, kill_tree, latest_committed, read_events, read_trace, start,
-                   wait_for_event)
+                   wait_for_event, wait_for_file)
 
 TRAIN_SAMPLES, STEPS_PER_EPOCH, EPOCHS = 1438, 23, 6
 
@@ -27,15 +27,6 @@ def rendezvous(tmp_path):
         kill_tree(server.pid)
 
 
-def wait_for_file(path, proc, timeout=60):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)  # sleep-ok: polling a file with a deadline
-
-
 def node_cmd(endpoint, tmp_path, i):
     return [sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1",
             "--rdzv-endpoint", endpoint, "--rdzv-id", "multinode-test", "--run-dir", str(tmp_path / f"node{i}"),
@@ -50,7 +41,7 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
     try:
         # Kill the whole node (its agent, fork server and workers) after the first commit.
         run_dirs = [tmp_path / f"node{i}" for i in range(3)]
-        commit = wait_any(run_dirs, "save_commit", nodes)
+        commit = wait_for_event(run_dirs, "save_commit", timeout=180, procs=nodes.values())
         assert commit["step"] == 10
         kill_tree(nodes[victim].pid)
         results = {i: finish(p, tmp_path / f"node{i}.log", timeout=240) for i, p in nodes.items() if i != victim}
@@ -72,21 +63,3 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
         assert sorted(seen) == list(range(TRAIN_SAMPLES)), f"epoch {epoch}: samples skipped"
     final = latest_committed(tmp_path / "ckpt")
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
-
-
-def wait_any(run_dirs, name, procs, timeout=180):
-    import json
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for d in run_dirs:
-            path = d / "events.jsonl"
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    event = json.loads(line)
-                    if event["event"] == name:
-                        return event
-        assert all(p.poll() is None for p in procs.values()), "a node exited early"
-        time.sleep(0.05)  # sleep-ok: polling files with a deadline
-    raise AssertionError(f"no {name!r} event within {timeout}s")

@@ -3,29 +3,12 @@ sample of the epoch is trained on exactly once, summed over both runs and all ra
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-from procs import latest_committed, load_checkpoint, run, torchrun_cmd
+from procs import effective_steps, latest_committed, load_checkpoint, read_trace, run, torchrun_cmd
 
 TRAIN_SAMPLES = 1438  # digits: 1,797 minus the 20% test split
 STEPS_PER_EPOCH = 23  # ceil(1438 / 64)
-
-
-def read_trace(run_dir) -> list[dict]:
-    records = []
-    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
-        records += [json.loads(line) for line in path.read_text().splitlines()]
-    return records
-
-
-def effective(records: list[dict]) -> list[dict]:
-    """The steps that count: a step run by a launch that later died uncommitted is run again
-    by the next launch (which resumed from an earlier step); keep the last launch's copy."""
-    starts = sorted({r["resumed_from"] for r in records})
-    def owner(step):  # the latest launch that started before this step
-        return max(s for s in starts if s < step)
-    return [r for r in records if r["resumed_from"] == owner(r["step"])]
 
 
 def test_two_workers_then_one_sees_every_sample_once(tmp_path):
@@ -42,7 +25,7 @@ def test_two_workers_then_one_sees_every_sample_once(tmp_path):
 
     all_records = read_trace(tmp_path / "ckpt")
     assert max(r["step"] for r in all_records if r["resumed_from"] == 0) == 33  # 31..33 were lost
-    records = effective(all_records)
+    records = effective_steps(all_records)
     for epoch in range(3):
         seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
         repeated = [i for i, n in seen.items() if n > 1]
