@@ -36,7 +36,7 @@ from torch.distributed.run import config_from_args, get_args_parser, parse_min_m
 
 from . import contract, prewarm
 from .agent import FaultTolerantAgent, Policy
-from .faults import INJECT_ENV, parse_fault
+from .faults import AGENT_PID_ENV, INJECT_ENV, parse_fault
 from .summary import format_summary, summarize
 
 log = logging.getLogger("ftlaunch")
@@ -75,7 +75,8 @@ def build_parser():
     ours.add_argument("--prewarm-import", action="append", default=[], metavar="MODULE",
                       help="also import MODULE in the fork server (repeatable), e.g. transformers")
     ours.add_argument("--inject", action="append", default=[], metavar="SPEC",
-                      help="fault for the workers, repeatable: kill|kill-before-commit|kill-load|hang|raise:rank=R:step=N")
+                      help="fault for the workers, repeatable: "
+                           "kill|kill-before-commit|kill-node-before-commit|kill-load|hang|raise:rank=R:step=N")
     return parser
 
 
@@ -127,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import rendezvous
 
         return rendezvous.main(argv[1:])
+    if argv[:1] == ["cluster"]:
+        from . import cluster
+
+        return cluster.main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="[ftlaunch] %(message)s")
     args = parse_args(argv)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", "ftlaunch", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[contract.RUN_DIR_ENV] = run_dir
     if args.inject:
         os.environ[INJECT_ENV] = ",".join(args.inject)
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
     nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # a fresh store per generation

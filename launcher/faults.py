@@ -4,6 +4,8 @@ Kinds:
     kill                 SIGKILL this worker right after it finishes step N
     kill-before-commit   SIGKILL after the shards of step N are written, before the commit record
     kill-load            SIGKILL while loading the checkpoint of step N
+    kill-node-before-commit  SIGKILL this worker's whole node (its ftlaunch agent and every
+                         process under it) after the shards of step N are written
     hang                 SIGSTOP this worker after step N (it stays alive, silent: a hang)
     raise                raise RuntimeError after step N
 
@@ -20,8 +22,9 @@ import os
 import signal
 from dataclasses import dataclass
 
-KINDS = ("kill", "kill-before-commit", "kill-load", "hang", "raise")
+KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-load", "hang", "raise")
 INJECT_ENV = "FTLAUNCH_INJECT"
+AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: the process a node kill starts from
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class FaultInjector:
 
     def before_commit(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.kind == "kill-before-commit":
+            if fault.step == step and fault.kind in ("kill-before-commit", "kill-node-before-commit"):
                 self._fire(fault)
 
     def _fire(self, fault: Fault) -> None:
@@ -86,4 +89,24 @@ class FaultInjector:
         print(f"[fault] rank {fault.rank}: injecting {fault.kind} at step {fault.step}", flush=True)
         if fault.kind == "raise":
             raise RuntimeError(f"injected fault at step {fault.step}")
+        if fault.kind == "kill-node-before-commit":
+            _kill_node()
         os.kill(os.getpid(), signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL)
+
+
+def _kill_node() -> None:
+    """SIGKILL the ftlaunch agent and every process under it (TorchElastic puts workers in
+    sessions of their own, so a process-group kill would miss them), this worker last."""
+    import psutil
+
+    agent_pid = os.environ.get(AGENT_PID_ENV)
+    if not agent_pid:
+        raise RuntimeError("kill-node-before-commit needs ftlaunch (FTLAUNCH_AGENT_PID is not set)")
+    agent = psutil.Process(int(agent_pid))
+    me = os.getpid()
+    for proc in [agent, *agent.children(recursive=True)]:
+        if proc.pid != me:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -141,11 +141,11 @@ def read_events(run_dir: Path) -> list[dict]:
 
 def effective_steps(records: list[dict]) -> list[dict]:
     """Sample-trace records of the steps that count: a step run by a generation that then died
-    before committing it is run again by the next one (which resumed from an earlier step);
-    keep the copy of the latest generation that started before the step."""
-    starts = sorted({r["resumed_from"] for r in records})
-    owner = {step: max(s for s in starts if s < step) for step in {r["step"] for r in records}}
-    return [r for r in records if r["resumed_from"] == owner[r["step"]]]
+    before committing it is run again by a later one; keep the latest generation's copy."""
+    latest: dict[int, float] = {}
+    for r in records:
+        latest[r["step"]] = max(latest.get(r["step"], 0.0), r["launch"])
+    return [r for r in records if r["launch"] == latest[r["step"]]]
 
 
 def read_trace(run_dir: Path) -> list[dict]:

@@ -4,6 +4,7 @@ world size; no sample of an epoch is skipped or seen twice."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections import Counter
 
@@ -27,8 +28,8 @@ def rendezvous(tmp_path):
         kill_tree(server.pid)
 
 
-def node_cmd(endpoint, tmp_path, i):
-    return [sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1",
+def node_cmd(endpoint, tmp_path, i, *launch_args):
+    return [sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1", *launch_args,
             "--rdzv-endpoint", endpoint, "--rdzv-id", "multinode-test", "--run-dir", str(tmp_path / f"node{i}"),
             str(REPO / "train.py"), "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", str(EPOCHS),
             "--save-every-steps", "10", "--keep-last", "0", "--trace-samples", "--run-dir", str(tmp_path / "shared"),
@@ -63,3 +64,82 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
         assert sorted(seen) == list(range(TRAIN_SAMPLES)), f"epoch {epoch}: samples skipped"
     final = latest_committed(tmp_path / "ckpt")
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
+
+
+def test_cluster_command_kill_and_restart_a_node(tmp_path):
+    """`ftlaunch cluster`: 3 nodes up; node 1 killed -> 2 nodes go on; node 1 started again ->
+    the group grows back to 3; the run completes with every sample of every epoch once."""
+    cluster_dir = tmp_path / "cluster"
+    ckpt, shared = tmp_path / "ckpt", tmp_path / "shared"
+    epochs = 100  # long enough to still run when the replacement node has joined
+    up = start([sys.executable, "-m", "launcher.cli", "cluster", "up", "--dir", str(cluster_dir), "--nodes", "3", "--",
+                "--nproc-per-node", "1", str(REPO / "train.py"), "--ckpt-dir", str(ckpt), "--epochs", str(epochs),
+                "--save-every-steps", "10", "--keep-last", "0", "--trace-samples", "--run-dir", str(shared),
+                "--log-every", "50"], tmp_path / "up.log")
+    control = [sys.executable, "-m", "launcher.cli", "cluster"]
+    node_dirs = [cluster_dir / f"node{i}" for i in range(3)]
+    try:
+        wait_for_event(node_dirs, "save_commit", timeout=180, procs=up)
+        assert run_ok(control + ["kill", "--dir", str(cluster_dir), "--node", "1"])
+        wait_for(lambda: world_sizes(node_dirs)[-1:] == [2], up)
+        assert run_ok(control + ["start", "--dir", str(cluster_dir), "--node", "1"])
+        wait_for(lambda: world_sizes(node_dirs)[-1:] == [3], up)
+        result = finish(up, tmp_path / "up.log", timeout=240)
+    finally:
+        kill_tree(up.pid)
+    assert result.returncode == 0, result.tail()
+    sizes = world_sizes(node_dirs)
+    assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, sizes
+    records = effective_steps(read_trace(shared))
+    for epoch in range(epochs):
+        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
+        assert all(n == 1 for n in seen.values()) and sorted(seen) == list(range(TRAIN_SAMPLES)), epoch
+    final = latest_committed(ckpt)
+    assert final.step == epochs * STEPS_PER_EPOCH and final.world_size == 3
+
+
+def run_ok(cmd) -> bool:
+    from procs import run
+
+    result = run(cmd, timeout=60)
+    assert result.returncode == 0, result.output
+    return True
+
+
+def world_sizes(node_dirs) -> list[int]:
+    """World size of each rendezvous, in time order, from every node's events."""
+    events = [e for d in node_dirs if (d / "events.jsonl").exists() for e in read_events(d)]
+    return [e["world_size"] for e in sorted(events, key=lambda e: e["time"]) if e["event"] == "rendezvous"]
+
+
+def wait_for(condition, proc, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the cluster exited early"
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)  # sleep-ok: polling event files with a deadline
+
+
+def test_node_killed_during_a_save_never_leaves_a_loaded_partial(rendezvous, tmp_path):
+    """Rank 1's whole node dies after the shards of step 20 are written, before the commit:
+    the survivors resume from step 10, never from the partial step 20."""
+    inject = ("--inject", "kill-node-before-commit:rank=1:step=20")
+    nodes = {i: start(node_cmd(rendezvous, tmp_path, i, *inject), tmp_path / f"node{i}.log") for i in range(3)}
+    try:
+        results = {}
+        for i, proc in nodes.items():
+            results[i] = finish(proc, tmp_path / f"node{i}.log", timeout=240)
+    finally:
+        for p in nodes.values():
+            kill_tree(p.pid)
+    killed = [i for i, r in results.items() if r.returncode == -signal.SIGKILL]  # its agent was SIGKILLed
+    assert len(killed) == 1, {i: (r.returncode, r.tail(5)) for i, r in results.items()}
+    assert (tmp_path / "shared" / "faults" / "kill-node-before-commit.rank1.step20.fired").exists()
+    survivors = [r for i, r in results.items() if i != killed[0]]
+    assert all(r.returncode == 0 for r in survivors), [r.tail() for r in survivors]
+    output = "\n".join(r.output for r in survivors)
+    assert "resumed from step 10 (committed checkpoint, saved at world size 3; now 2)" in output
+    assert "skipping checkpoint" in output and "step-00000020/manifest.json: no commit record" in output
+    assert latest_committed(tmp_path / "ckpt").world_size == 2

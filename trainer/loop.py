@@ -133,6 +133,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.trace_samples:
         os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
         trace = open(os.path.join(cfg.run_dir, "samples", f"rank{rank}.jsonl"), "a")
+        # One token per generation (rank 0's clock, shared): a later generation that redoes
+        # steps lost to a failure has a larger token, whatever its restart count says.
+        launch = [time.time()]
+        if dist.is_initialized():
+            dist.broadcast_object_list(launch, src=0)
 
     bar = tqdm(total=total_steps, initial=progress.step, disable=rank != 0 or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
@@ -153,7 +158,7 @@ def train(cfg: TrainConfig) -> dict:
         progress.step += 1
         progress.samples_seen += global_n
         if trace is not None:
-            trace.write(json.dumps({"step": progress.step, "epoch": epoch, "gen": env.restart_count,
+            trace.write(json.dumps({"step": progress.step, "epoch": epoch, "launch": launch[0],
                                     "resumed_from": resumed_from, "idx": idx.tolist()}) + "\n")
             trace.flush()
         injector.after_step(progress.step)
