@@ -30,6 +30,7 @@ import uuid
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.elastic.agent.server.api import WorkerSpec
 from torch.distributed.launcher.api import _get_addr_and_port
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
@@ -150,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM/SIGINT are ours (graceful stop); TorchElastic keeps SIGHUP/SIGQUIT.
     args.signals_to_handle = "SIGHUP,SIGQUIT"
 
-    config, entrypoint, cmd_args = config_from_args(args)
+    try:
+        config, entrypoint, cmd_args = config_from_args(args)
+        parse_rendezvous_endpoint(config.rdzv_endpoint, default_port=29400)
+    except ValueError as e:  # torchrun's own checks (endpoint, nproc, ...) raise ValueError
+        print(f"ftlaunch: error: {e} (see --help)", file=sys.stderr)
+        return 2
     fork_server = None
     if not args.no_prewarm and entrypoint == sys.executable:
         fork_server, cmd_args = start_fork_server(run_dir, args.prewarm_import, cmd_args)

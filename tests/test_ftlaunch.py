@@ -152,6 +152,7 @@ def test_sigterm_commits_the_last_step_and_resumes_bit_exactly(tmp_path):
     (["--inject", "boom:rank=0:step=1"], "unknown kind 'boom'"),
     (["--nnodes", "2:4"], "spans several nodes: give --rdzv-endpoint"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--nnodes", "2:3", "--rdzv-endpoint", "localhost:"], "must be an integer between 0 and 65536"),
 ])
 def test_bad_flags_get_one_line(tmp_path, args, message):
     result = run([sys.executable, "-m", "launcher.cli", *args, "train.py"], timeout=60)

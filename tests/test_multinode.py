@@ -143,3 +143,69 @@ def test_node_killed_during_a_save_never_leaves_a_loaded_partial(rendezvous, tmp
     assert "resumed from step 10 (committed checkpoint, saved at world size 3; now 2)" in output
     assert "skipping checkpoint" in output and "step-00000020/manifest.json: no commit record" in output
     assert latest_committed(tmp_path / "ckpt").world_size == 2
+
+
+@pytest.fixture
+def netns_node(tmp_path):
+    """A network namespace joined to this one by a veth pair: a "node" whose link we can cut.
+    Needs root and iproute2; skipped with the reason elsewhere."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (`ip netns`) to make a node with its own network")
+    tag = f"{os.getpid() % 10000}"
+    ns, host_if, ns_if = f"ftl-ns{tag}", f"ftlh{tag}", f"ftlp{tag}"
+    host_ip, ns_ip = "10.213.0.1", "10.213.0.2"
+    steps = [["ip", "netns", "add", ns], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", ns], ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot build a network namespace here: {' '.join(step)}: {done.stderr.strip()}")
+        yield {"ns": ns, "host_if": host_if, "ns_if": ns_if, "host_ip": host_ip, "ns_ip": ns_ip}
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
+
+
+def test_node_whose_link_is_cut_is_detected_and_the_group_recovers(netns_node, tmp_path):
+    import subprocess
+
+    net = netns_node
+    port_file = tmp_path / "port"
+    store = start([sys.executable, "-m", "launcher.cli", "rendezvous", "--host", net["host_ip"], "--port", "0",
+                   "--port-file", str(port_file)], tmp_path / "rendezvous.log")
+    nodes = {}
+    try:
+        wait_for_file(port_file, store)
+        endpoint = f"{net['host_ip']}:{port_file.read_text()}"
+
+        def cmd(i, addr, ifname, prefix=()):
+            base = node_cmd(endpoint, tmp_path, i, "--local-addr", addr, "--hang-timeout", "5")
+            base[base.index("--epochs") + 1] = "100"  # still running after the cut and the recovery
+            return [*prefix, "env", f"GLOO_SOCKET_IFNAME={ifname}", *base]
+
+        nodes = {i: start(cmd(i, net["host_ip"], net["host_if"]), tmp_path / f"node{i}.log") for i in (0, 1)}
+        nodes[2] = start(cmd(2, net["ns_ip"], net["ns_if"], ("ip", "netns", "exec", net["ns"])), tmp_path / "node2.log")
+        run_dirs = [tmp_path / f"node{i}" for i in range(3)]
+        wait_for_event(run_dirs, "save_commit", timeout=180, procs=nodes.values())
+        subprocess.run(["ip", "link", "set", net["host_if"], "down"], check=True)  # the cable is cut
+        results = {i: finish(nodes[i], tmp_path / f"node{i}.log", timeout=300) for i in (0, 1)}
+    finally:
+        for p in [*nodes.values(), store]:
+            kill_tree(p.pid)
+    for result in results.values():
+        assert result.returncode == 0, result.tail()
+    events = [e for i in (0, 1) for e in read_events(tmp_path / f"node{i}")]
+    hangs = [e for e in events if e["event"] == "hang_detected"]
+    assert hangs and all(h["phase"] == "training" for h in hangs)  # silence, not an error, gave it away
+    sizes = [e["world_size"] for e in sorted(events, key=lambda e: e["time"]) if e["event"] == "rendezvous"]
+    assert sizes[0] == 3 and sizes[-1] == 2, sizes
+    assert latest_committed(tmp_path / "ckpt").world_size == 2
