@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from procs import (REPO, effective_steps, finish, kill_tree, latest_committed, read_events, read_trace, start,
-                   wait_for_event, wait_for_file)
+from procs import (REPO, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
+                   start, wait_for_event, wait_for_file)
 
 TRAIN_SAMPLES, STEPS_PER_EPOCH, EPOCHS = 1438, 23, 6
 
@@ -64,6 +64,8 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
         assert sorted(seen) == list(range(TRAIN_SAMPLES)), f"epoch {epoch}: samples skipped"
     final = latest_committed(tmp_path / "ckpt")
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
+    state = load_checkpoint(tmp_path / "ckpt" / f"step-{final.step:08d}", tmp_path)  # it loads
+    assert state["progress"]["samples_seen"] == EPOCHS * TRAIN_SAMPLES
 
 
 def test_cluster_command_kill_and_restart_a_node(tmp_path):
