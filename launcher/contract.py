@@ -6,7 +6,6 @@ agent exports ``FTLAUNCH_RUN_DIR``, a directory on the node's local disk holding
     events.jsonl             one JSON object per line, appended by the agent and by rank 0
     heartbeat/rank<R>.json   each worker's latest progress, rewritten in place every step
     stop                     exists once the agent asks the workers to stop (preemption)
-    faults/                  fired-fault markers (fault injection fires once per run)
     logs/                    TorchElastic's per-attempt, per-rank stdout/stderr
 
 A script run by plain torchrun has no ``FTLAUNCH_RUN_DIR``: the worker side then does nothing.
@@ -39,10 +38,6 @@ def heartbeat_path(run_dir: str, rank: int) -> str:
 
 def stop_path(run_dir: str) -> str:
     return os.path.join(run_dir, "stop")
-
-
-def faults_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "faults")
 
 
 @dataclass

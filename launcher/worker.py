@@ -108,6 +108,8 @@ class Reporter:
     def phase(self, name: str):
         """Mark a long non-training phase (loading, saving, stopping): the agent gives those
         its longer I/O timeout instead of the step timeout."""
+        if name not in contract.PHASES:
+            raise ValueError(f"unknown phase {name!r}; the agent knows {contract.PHASES}")
         previous, self.phase_name = self.phase_name, name
         self._write()
         try:
