@@ -34,6 +34,15 @@ def control_group() -> Any:
     return dist.new_group(backend="gloo")
 
 
+def private_group() -> Any:
+    """A new gloo group for one user's collectives alone: a background thread's collectives
+    on it never interleave with the caller's on the default group. None without a group.
+    Every rank must call this at the same point (creating a group is itself a collective)."""
+    if not initialized():
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def broadcast(obj: Any, group: Any = None) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not initialized():

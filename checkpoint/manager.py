@@ -13,6 +13,14 @@ Save (every rank calls it at the same step)::
 Every step that only rank 0 does goes through ``_on_rank0``, which shares its result or its
 error with all ranks: a failure on one rank never leaves the others waiting in a collective.
 
+Async saves (``async_mode="thread"``) split ``save`` in two. The blocking part (the caller's
+thread) prepares the directory and copies the state into reused staging buffers; a background
+thread then runs everything from ``dcp.save`` to the commit above, unchanged, on a process
+group of its own (so its collectives never interleave with training's). At most one save is
+in flight: the next one waits for it (``if_busy="wait"``) or is skipped (``"skip"``; rank 0
+decides, so every rank skips the same step). A background failure never commits; it is
+raised by the next ``poll``/``maybe_save``/``save``/``wait`` call.
+
 Load: rank 0 finds the newest committed checkpoint that verifies and broadcasts it; every
 rank then loads that one step (DCP reshards when the world size changed).
 """
@@ -24,6 +32,7 @@ import logging
 import os
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 import torch
@@ -34,8 +43,13 @@ from . import _dist
 from .errors import CheckpointError, CheckpointMismatchError
 from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecord, Manifest,
                        find_latest, is_committed, list_steps, step_dir_name, verify)
+from .staging import Stager
 from .state import TrainingState, check_compatible
 from .storage import Storage
+from .writer import checksumming_writer, torch_crc32_off
+
+ASYNC_MODES = ("off", "thread")
+IF_BUSY = ("wait", "skip")
 
 log = logging.getLogger("checkpoint")
 
@@ -59,6 +73,14 @@ class CheckpointManager:
         before_commit: called on every rank with the step after the shards are written and
             before the record is; a hook for fault injection and tests.
         before_load: called on every rank with the chosen step before its data is read.
+        on_commit: called on every rank with the record once a save is committed (in the
+            background thread for async saves).
+        async_mode: ``"off"``: ``save`` returns once the checkpoint is committed.
+            ``"thread"``: ``save`` returns once the state is staged; a background thread
+            writes and commits it.
+        if_busy: async only: when a save is due while the previous one is still being
+            written, ``"wait"`` for it (back-pressure) or ``"skip"`` this save (logged).
+        io_threads: files each rank writes in parallel (DCP's ``thread_count``).
     """
 
     def __init__(self, root: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
@@ -66,13 +88,21 @@ class CheckpointManager:
                  save_every_seconds: float = 0.0, keep_last: int = 3, keep_every: int = 0,
                  verify: str = "hash", metadata: Mapping[str, Any] | None = None,
                  before_commit: Callable[[int], None] | None = None,
-                 before_load: Callable[[int], None] | None = None):
+                 before_load: Callable[[int], None] | None = None,
+                 on_commit: Callable[[Manifest], None] | None = None,
+                 async_mode: str = "off", if_busy: str = "wait", io_threads: int = 1):
         for name, value in (("save_every_steps", save_every_steps), ("save_every_seconds", save_every_seconds),
                             ("keep_last", keep_last), ("keep_every", keep_every)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        if async_mode not in ASYNC_MODES:
+            raise ValueError(f"async_mode must be one of {ASYNC_MODES}, got {async_mode!r}")
+        if if_busy not in IF_BUSY:
+            raise ValueError(f"if_busy must be one of {IF_BUSY}, got {if_busy!r}")
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         self.storage = Storage(root)
         self.training = TrainingState(model, optimizer, scheduler, state)
         self.save_every_steps = int(save_every_steps)
@@ -83,11 +113,23 @@ class CheckpointManager:
         self.metadata = dict(metadata or {})
         self.before_commit = before_commit
         self.before_load = before_load
+        self.on_commit = on_commit
+        self.async_mode = async_mode
+        self.if_busy = if_busy
+        self.io_threads = int(io_threads)
         self.rank = _dist.rank()
         self.world_size = _dist.world_size()
         self._group = _dist.control_group()
         self._last_save_time = time.monotonic()
         self.last_committed: int | None = None
+        self.last_stall_seconds = 0.0  # how long the last save() blocked its caller
+        self.last_background_cpu_seconds = 0.0
+        if async_mode == "thread":
+            self._stager = Stager()
+            self._background_group = _dist.private_group()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save")
+        self._inflight: Future | None = None
+        self._inflight_step = -1
 
         # Fail before any training happens when the root cannot be written.
         self._on_rank0(self.storage.check_writable, "")
@@ -103,44 +145,119 @@ class CheckpointManager:
         return due
 
     def maybe_save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
+        """Call every step: raises a failed background save's error, and saves when due."""
+        self.poll()
         return self.save(step, metrics) if self.should_save(step) else None
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
-        """Save and commit ``step`` on every rank. Returns the record, or None if the step
-        was already committed (a committed checkpoint is never written again)."""
-        started = time.monotonic()
-        dirname = step_dir_name(step)
-        path = self.storage.join(dirname)
+        """Save ``step`` on every rank (all ranks call it at the same step).
 
+        Sync: returns the committed record, or None if the step was already committed (a
+        committed checkpoint is never written again). Async: returns None once the state is
+        staged; ``on_commit``/``wait()`` see the record.
+        """
+        started = time.monotonic()
+        if self.async_mode != "off":
+            # Rank 0 decides for all (asked at every save: whether a rank's poll() already
+            # collected a finished save differs between ranks).
+            if self.if_busy == "skip" and self._on_rank0(lambda: self.in_flight, ""):
+                log.warning("skipping the save of step %d: step %d is still being written (if_busy='skip')",
+                            step, self._inflight_step)
+                return None
+            self.wait()  # back-pressure; raises the previous save's error
+        path = self.storage.join(step_dir_name(step))
         if self._on_rank0(lambda: self._prepare(step), f"cannot prepare {path}"):
             log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
             self._last_save_time = time.monotonic()
             return None
 
         state = self.training.state_dict(self.rank)
+        if self.async_mode == "off":
+            manifest = self._write_and_commit(step, state, metrics, started, self._group)
+            self._last_save_time = time.monotonic()
+            self.last_stall_seconds = time.monotonic() - started
+            return manifest
+        staged = self._stager.stage(state)
+        self._inflight = self._executor.submit(self._background_save, step, staged, metrics, started)
+        self._inflight_step = step
+        self._last_save_time = time.monotonic()
+        self.last_stall_seconds = time.monotonic() - started
+        log.info("step %d staged in %.3f s (%.1f MiB); writing it in the background",
+                 step, self.last_stall_seconds, self._stager.nbytes / 2**20)
+        return None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a background save is still being written or committed."""
+        return self._inflight is not None and not self._inflight.done()
+
+    def poll(self) -> Manifest | None:
+        """Non-blocking: the record of a background save that finished since the last call, or
+        None; raises ``CheckpointError`` if it failed. Ranks may learn of a finished save one
+        step apart (no collective here)."""
+        if self._inflight is None or not self._inflight.done():
+            return None
+        return self.wait()
+
+    def wait(self) -> Manifest | None:
+        """Block until the save in flight (if any) is committed; return its record, or raise
+        ``CheckpointError`` if it failed (nothing was committed)."""
+        inflight, self._inflight = self._inflight, None
+        return inflight.result() if inflight is not None else None
+
+    def close(self) -> None:
+        """Wait for the save in flight and stop the background thread."""
         try:
-            with _single_process_is_intended():
-                dcp.save(state, storage_writer=self._writer(dirname), no_dist=not _dist.initialized())
+            self.wait()
+        finally:
+            if self.async_mode != "off":
+                self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+    def _background_save(self, step: int, staged: dict, metrics, started: float) -> Manifest:
+        cpu = time.thread_time()
+        try:
+            return self._write_and_commit(step, staged, metrics, started, self._background_group)
+        except BaseException as e:
+            # Also logged here: a process that exits without wait() still says what happened.
+            log.error("background save of step %d failed: %s", step, e)
+            raise
+        finally:
+            # CPU the writer thread took from this process (what training competes with when
+            # no core is spare); the benchmark reports it.
+            self.last_background_cpu_seconds = time.thread_time() - cpu
+
+    def _write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> Manifest:
+        """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``."""
+        dirname = step_dir_name(step)
+        path = self.storage.join(dirname)
+        writer, written_files = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
+                                                    io_threads=self.io_threads)
+        try:
+            with _single_process_is_intended(), torch_crc32_off():
+                dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
                                   "the previous committed checkpoint stays") from e
         written = time.monotonic()
 
-        # Every rank checksums its share and runs the hook; the gather that follows is the
-        # barrier: rank 0 commits only if every rank got this far without an error.
-        names = self._on_rank0(lambda: self.storage.list_files(dirname), f"cannot list {path}")
-        mine, error = {}, None
+        # Each rank reports the files it wrote (checksummed while writing) and runs the hook;
+        # the gather is the barrier: rank 0 commits only if every rank got this far.
+        error = None
         try:
-            for name in names[self.rank::self.world_size]:
-                file = self.storage.join(dirname, name)
-                mine[name] = FileRecord(self.storage.size(file), self.storage.crc32(file))
             if self.before_commit is not None:
                 self.before_commit(step)
         except Exception as e:
             error = f"rank {self.rank} could not finish checkpoint {path}: {_short(e)}"
         files: dict[str, FileRecord] = {}
-        for part in _dist.gather_or_raise(mine, error, self._group):
+        for part in _dist.gather_or_raise(dict(written_files), error, group):
             files.update(part)
 
         manifest = Manifest(
@@ -158,12 +275,14 @@ class CheckpointManager:
             self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
             self._apply_retention(step)
 
-        self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays")
+        self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays",
+                       group)
         self.last_committed = step
-        self._last_save_time = time.monotonic()
         total = sum(f.size for f in files.values())
-        log.info("committed checkpoint step %d: %.1f KiB in %.3f s (write %.3f s, checksum+commit %.3f s)",
-                 step, total / 1024, time.monotonic() - started, written - started, time.monotonic() - written)
+        log.info("committed checkpoint step %d: %.1f MiB in %.3f s (write %.3f s, commit %.3f s)",
+                 step, total / 2**20, time.monotonic() - started, written - started, time.monotonic() - written)
+        if self.on_commit is not None:
+            self.on_commit(manifest)
         return manifest
 
     def _prepare(self, step: int) -> bool:
@@ -181,19 +300,13 @@ class CheckpointManager:
         self.storage.makedirs(self.storage.join(dirname))
         return False
 
-    def _writer(self, dirname: str):
-        if self.storage.is_local:
-            return dcp.FileSystemWriter(self.storage.join(dirname), sync_files=True)
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        return FsspecWriter(self.storage.url_of(dirname), sync_files=False)  # no fsync on object stores
-
     def _reader(self, dirname: str):
         if self.storage.is_local:
             return dcp.FileSystemReader(self.storage.join(dirname))
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         return FsspecReader(self.storage.url_of(dirname))
 
-    def _on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
+    def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         """Run ``fn`` on rank 0 alone; every rank returns its result or raises the same
         ``CheckpointError``, so no rank is left waiting in a collective."""
         result, error = None, None
@@ -203,7 +316,7 @@ class CheckpointManager:
             except Exception as e:  # any backend's error type: fsspec, S3, OSError...
                 detail = str(e) if isinstance(e, CheckpointError) else _short(e)
                 error = f"{what}: {detail}" if what else detail
-        result, error = _dist.broadcast((result, error), self._group)
+        result, error = _dist.broadcast((result, error), self._group if group is None else group)
         if error:
             raise CheckpointError(error)
         return result
@@ -244,6 +357,7 @@ class CheckpointManager:
         Returns its record (``.step``, ``.metadata``...), or None when there is none, in
         which case nothing is changed. Every rank gets the same answer.
         """
+        self.wait()  # a save in flight must not race the search
         started = time.monotonic()
 
         def discover():

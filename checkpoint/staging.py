@@ -1,0 +1,73 @@
+"""A copy of the training state that a background thread can write while training goes on.
+
+The blocking part of an async save is ``Stager.stage``: one memcpy of every tensor into
+host buffers that were allocated at the first save and are reused by every later one (page
+-locked on CUDA so the device->host copy runs at full PCIe speed; plain memory on CPU).
+Allocating per save would make every save pay page faults on fresh memory and let the
+allocator's high-water mark grow; reusing keeps the extra host memory at one copy of the
+state.
+
+Non-tensor leaves (step counters, RNG states, numpy arrays) are small and deep-copied.
+DCP's own ``_copy_state_dict`` is not used because it refuses the tuples and numpy arrays
+that RNG states are made of.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+
+class Stager:
+    """Reusable staging buffers, one per tensor path in the state dict."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._used: set[tuple] = set()
+        self._device_copies = False
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the staging buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    @torch.no_grad()
+    def stage(self, state: Any) -> Any:
+        """A copy of ``state`` (nested dicts/lists) whose tensors live in the reused buffers.
+        Returns once every tensor is copied, so the live state may change right after."""
+        self._used = set()
+        self._device_copies = False
+        staged = self._copy(state, ())
+        for path in set(self._buffers) - self._used:  # the state lost a tensor: free its buffer
+            del self._buffers[path]
+        if self._device_copies:
+            torch.cuda.synchronize()  # the non-blocking device->host copies must have landed
+        return staged
+
+    def _copy(self, obj: Any, path: tuple) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+                raise TypeError(f"async checkpointing stages plain tensors; {'.'.join(map(str, path))} "
+                                f"is a {type(obj).__name__}: use async_mode='off'")
+            return self._copy_tensor(obj, path)
+        if isinstance(obj, dict):
+            return {key: self._copy(value, path + (key,)) for key, value in obj.items()}
+        if isinstance(obj, list):
+            return [self._copy(value, path + (i,)) for i, value in enumerate(obj)]
+        return copy.deepcopy(obj)
+
+    def _copy_tensor(self, tensor: torch.Tensor, path: tuple) -> torch.Tensor:
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = tensor.is_cuda
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buffer
+        self._used.add(path)
+        if tensor.is_cuda:
+            self._device_copies = True
+            buffer.copy_(tensor.detach(), non_blocking=True)
+        else:
+            buffer.copy_(tensor.detach())
+        return buffer

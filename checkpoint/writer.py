@@ -1,0 +1,141 @@
+"""DCP storage writers that checksum every byte as it is written.
+
+The commit record lists each file's size and crc32. Reading the files back after DCP wrote
+them costs a second pass over every byte (and, on a cold page cache, a second trip to the
+disk); here the crc32 is folded into the write itself: each stream DCP opens is wrapped, and
+the wrapper updates the file's crc32 on every ``write`` (zlib releases the GIL on large
+buffers, so writer threads still run in parallel).
+
+DCP's FileSystemWriter already does the rest of a fast durable write: one file per writer
+thread (``io_threads`` files per rank, written in parallel), large sequential writes of whole
+tensors, and one fsync per file.
+
+DCP stores each tensor with ``torch.save``, which computes a crc32 of its own for the zip
+entry; nothing checks it on load (``torch.load`` does not), and it costs as much as our crc32
+(measured: a 384 MiB save 1.66 s with it, 0.52 s without). ``torch_crc32_off`` switches it
+off while our writers run; our crc32 of the whole file covers the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import zlib
+from typing import Any, Iterator
+
+import torch.distributed.checkpoint as dcp
+import torch.utils.serialization.config as serialization_config
+
+from .manifest import FileRecord
+
+
+class _ChecksumStream:
+    """A write-only stream that forwards to ``raw`` and keeps a running crc32 and size."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        written = self.raw.write(view)
+        self.size += len(view)
+        return len(view) if written is None else written
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def writable(self) -> bool:
+        return True
+
+
+class _ChecksummingFileSystem:
+    """Wraps a DCP ``FileSystemBase``: every stream opened for writing is checksummed, and
+    the result is kept under the file's final name (DCP writes ``.metadata.tmp`` and
+    renames it)."""
+
+    def __init__(self, fs: Any):
+        self._fs = fs
+        self._lock = threading.Lock()
+        self.files: dict[str, FileRecord] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with self._fs.create_stream(path, mode) as stream:
+                yield stream
+            return
+        with self._fs.create_stream(path, mode) as raw:
+            stream = _ChecksumStream(raw)
+            yield stream
+        with self._lock:
+            self.files[_basename(path)] = FileRecord(stream.size, f"{stream.crc & 0xffffffff:08x}")
+
+    def rename(self, path, new_path) -> None:
+        self._fs.rename(path, new_path)
+        with self._lock:
+            record = self.files.pop(_basename(path), None)
+            if record is not None:
+                self.files[_basename(new_path)] = record
+
+
+def _basename(path) -> str:
+    return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+_crc32_lock = threading.Lock()
+_crc32_off_count = 0
+_crc32_saved = True
+
+
+@contextlib.contextmanager
+def torch_crc32_off() -> Iterator[None]:
+    """Skip torch.save's own zip crc32 while DCP writes through us. It is a process-wide
+    setting, so nested and concurrent users are counted and the first value is restored by
+    the last one out."""
+    global _crc32_off_count, _crc32_saved
+    with _crc32_lock:
+        if _crc32_off_count == 0:
+            _crc32_saved = serialization_config.save.compute_crc32
+            serialization_config.save.compute_crc32 = False
+        _crc32_off_count += 1
+    try:
+        yield
+    finally:
+        with _crc32_lock:
+            _crc32_off_count -= 1
+            if _crc32_off_count == 0:
+                serialization_config.save.compute_crc32 = _crc32_saved
+
+
+def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any, dict[str, FileRecord]]:
+    """A DCP storage writer for the checkpoint directory ``url`` and the dict that will hold
+    ``{file name: FileRecord}`` for every file it wrote once ``dcp.save`` returns."""
+    if local:
+        writer = dcp.FileSystemWriter(url, sync_files=True, thread_count=io_threads)
+    else:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        # Object stores have no fsync; a finished PUT is durable.
+        writer = FsspecWriter(url, sync_files=False, thread_count=io_threads)
+    fs = _ChecksummingFileSystem(writer.fs)
+    writer.fs = fs
+    return writer, fs.files
