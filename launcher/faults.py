@@ -3,6 +3,9 @@
 Kinds:
     kill                 SIGKILL this worker right after it finishes step N
     kill-before-commit   SIGKILL after the shards of step N are written, before the commit record
+    kill-while-writing   SIGKILL the moment an async save of step N has handed its write to the
+                         background thread (the fault's marker is written before the save, so
+                         nothing delays the kill): the save is in flight, never committed
     kill-load            SIGKILL while loading the checkpoint of step N
     kill-node-before-commit  SIGKILL this worker's whole node (its ftlaunch agent and every
                          process under it) after the shards of step N are written
@@ -21,8 +24,10 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from typing import Callable
 
-KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-load", "hang", "raise")
+KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
+         "raise")
 INJECT_ENV = "FTLAUNCH_INJECT"
 AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: the process a node kill starts from
 
@@ -78,15 +83,28 @@ class FaultInjector:
             if fault.step == step and fault.kind in ("kill-before-commit", "kill-node-before-commit"):
                 self._fire(fault)
 
-    def _fire(self, fault: Fault) -> None:
+    def before_save(self, step: int) -> Callable[[], None]:
+        """Call before saving ``step``; call what it returns right after ``save`` returns."""
+        for fault in self.faults:
+            if fault.step == step and fault.kind == "kill-while-writing" and self._claim(fault):
+                return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return lambda: None
+
+    def _claim(self, fault: Fault) -> bool:
+        """Create the fault's marker; False if an earlier generation of this run fired it."""
         os.makedirs(self.marker_dir, exist_ok=True)
         try:
             fd = os.open(os.path.join(self.marker_dir, fault.marker_name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            return  # fired in an earlier generation of this run
+            return False
         os.fsync(fd)
         os.close(fd)
         print(f"[fault] rank {fault.rank}: injecting {fault.kind} at step {fault.step}", flush=True)
+        return True
+
+    def _fire(self, fault: Fault) -> None:
+        if not self._claim(fault):
+            return
         if fault.kind == "raise":
             raise RuntimeError(f"injected fault at step {fault.step}")
         if fault.kind == "kill-node-before-commit":

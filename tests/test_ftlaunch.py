@@ -14,7 +14,10 @@ import pytest
 from procs import (REPO, assert_training_state_equal, finish, ftlaunch_cmd, latest_committed, load_checkpoint,
                    read_events, run, start, wait_for_event)
 
-TRAIN_ARGS = ("--max-steps", "50", "--save-every-steps", "10", "--keep-last", "0", "--log-every", "10")
+# Synchronous saves: these tests assert which step each restart resumes from (an async save
+# may still be in flight when a worker dies a few steps later; see tests/test_async_save.py).
+TRAIN_ARGS = ("--max-steps", "50", "--save-every-steps", "10", "--keep-last", "0", "--log-every", "10",
+              "--async-save", "off")
 TIMEOUT = 240
 
 

@@ -40,9 +40,17 @@ class TrainConfig:
         "help": "also commit a checkpoint when T seconds passed since the last (rank 0's clock; 0: off)"})
     keep_last: int = field(default=3, metadata={"help": "committed checkpoints to keep (0: keep all)"})
     verify: str = field(default="hash", metadata={"help": "how a checkpoint is checked before loading: size or hash (crc32)"})
+    async_save: str = field(default="thread", metadata={
+        "help": "off: training waits for each save to commit; thread: training waits only while the state "
+                "is copied, a background thread writes and commits it"})
+    if_busy: str = field(default="wait", metadata={
+        "help": "when a save is due while the previous one is still being written: wait for it, or skip "
+                "this save (logged)"})
+    io_threads: int = field(default=1, metadata={"help": "files each rank writes in parallel per checkpoint"})
     log_every: int = field(default=20, metadata={"help": "print a progress line every N steps"})
     inject: list[str] = field(default_factory=list, metadata={
-        "help": "fault to inject, repeatable: kill|kill-before-commit|raise:rank=R:step=N (fires once per run)"})
+        "help": "fault to inject, repeatable: KIND:rank=R:step=N, KIND one of kill, kill-before-commit, "
+                "kill-while-writing, kill-load, hang, raise (fires once per run; see launcher/faults.py)"})
     run_dir: str = field(default="", metadata={
         "help": "folder for run-local files (fault markers, sample traces); default: --ckpt-dir when it is local"})
     trace_samples: bool = field(default=False, metadata={
@@ -52,7 +60,8 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "width": self.width,
-                    "log_every": self.log_every, "synthetic_size": self.synthetic_size}
+                    "log_every": self.log_every, "synthetic_size": self.synthetic_size,
+                    "io_threads": self.io_threads}
         non_negative = {"max_steps": self.max_steps, "save_every_steps": self.save_every_steps,
                         "save_every_seconds": self.save_every_seconds, "keep_last": self.keep_last}
         for name, value in positive.items():
@@ -67,6 +76,10 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.verify not in ("size", "hash"):
             raise ConfigError(f"--verify must be size or hash, got {self.verify!r}")
+        if self.async_save not in ("off", "thread"):
+            raise ConfigError(f"--async-save must be off or thread, got {self.async_save!r}")
+        if self.if_busy not in ("wait", "skip"):
+            raise ConfigError(f"--if-busy must be wait or skip, got {self.if_busy!r}")
         if not self.ckpt_dir:
             raise ConfigError("--ckpt-dir is empty; give a directory or an fsspec URL")
         if not self.run_dir:

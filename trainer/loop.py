@@ -72,13 +72,34 @@ def evaluate(model: torch.nn.Module, split: Split, batch: int = 1024) -> float:
     return correct / len(split)
 
 
-def save(ckpt: CheckpointManager, reporter: Reporter, step: int, metrics: dict) -> None:
-    """Save and commit ``step``, with the events ftlaunch's run log shows."""
+def save(ckpt: CheckpointManager, reporter: Reporter, step: int, metrics: dict, io_phase: str = "saving",
+         wait: bool = False) -> None:
+    """Save ``step`` (committed in the background when async; ``wait`` for the commit), with
+    the events ftlaunch's run log shows.
+
+    The phase tells ftlaunch's watchdog which time limit applies: waiting on checkpoint I/O is
+    ``io_phase`` (its --io-timeout); preparing and staging an async save is quick and stays
+    under the training limit, so a peer lost during it is caught as fast as during a step."""
     reporter.event("save_begin", step=step)
-    manifest = ckpt.save(step, metrics)
-    if manifest is not None:
-        reporter.event("save_commit", step=step, seconds=manifest.save_seconds,
+    if ckpt.async_mode == "off":
+        with reporter.phase(io_phase):
+            ckpt.save(step, metrics)
+    else:
+        if ckpt.if_busy == "wait":
+            with reporter.phase(io_phase):
+                ckpt.wait()  # back-pressure: the previous save is still being written
+        ckpt.save(step, metrics)
+        reporter.event("save_staged", step=step, stall_seconds=round(ckpt.last_stall_seconds, 4))
+    if wait:
+        with reporter.phase(io_phase):
+            ckpt.wait()
+
+
+def commit_event(reporter: Reporter):
+    def on_commit(manifest) -> None:  # in the background thread for async saves
+        reporter.event("save_commit", step=manifest.step, seconds=manifest.save_seconds,
                        bytes=sum(f.size for f in manifest.files.values()))
+    return on_commit
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -115,7 +136,9 @@ def train(cfg: TrainConfig) -> dict:
         save_every_steps=cfg.save_every_steps, save_every_seconds=cfg.save_every_seconds,
         keep_last=cfg.keep_last, verify=cfg.verify,
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
-        before_commit=injector.before_commit, before_load=injector.before_load)
+        before_commit=injector.before_commit, before_load=injector.before_load,
+        on_commit=commit_event(reporter), async_mode=cfg.async_save, if_busy=cfg.if_busy,
+        io_threads=cfg.io_threads)
     load_started = time.monotonic()
     with reporter.phase("loading"):
         resumed = ckpt.load()
@@ -176,29 +199,30 @@ def train(cfg: TrainConfig) -> dict:
                       f"({rate:.1f} steps/s)", flush=True)
             window_loss, window_n, window_start = 0.0, 0, time.monotonic()
         train_loss = round(local_loss / max(len(idx), 1), 6)  # rank 0's share of the batch
+        ckpt.poll()  # a background save that failed raises here, one step after
         reporter.beat(progress.step, ckpt.last_committed)
         if progress.step == resumed_from + 1:
             reporter.event("first_step", step=progress.step)
         if stop.agreed():  # preemption: every rank stops after this same step, saved
-            with reporter.phase("stopping"):
-                save(ckpt, reporter, progress.step, {"train_loss": train_loss})
+            save(ckpt, reporter, progress.step, {"train_loss": train_loss}, io_phase="stopping", wait=True)
             reporter.event("preempted", step=progress.step, signal=stop.requested_by)
             if rank == 0:
                 print(f"stopping at step {progress.step} on request ({stop.requested_by}); "
                       f"checkpoint committed, resume with the same command", flush=True)
             break
         if progress.step < total_steps and ckpt.should_save(progress.step):  # the last step: below
-            with reporter.phase("saving"):
-                save(ckpt, reporter, progress.step, {"train_loss": train_loss})
+            kill_now = injector.before_save(progress.step)
+            save(ckpt, reporter, progress.step, {"train_loss": train_loss})
+            kill_now()
     bar.close()
 
     stop.close()
     reporter.finish()
     accuracy = evaluate(model, test_split)
     if progress.step == total_steps:  # the final checkpoint is always committed
-        with reporter.phase("saving"):
-            save(ckpt, reporter, progress.step, {"test_accuracy": accuracy, "train_loss": train_loss})
+        save(ckpt, reporter, progress.step, {"test_accuracy": accuracy, "train_loss": train_loss}, wait=True)
         reporter.event("finished", step=progress.step, test_accuracy=accuracy)
+    ckpt.close()  # a save still in flight (a stop before the last step) is committed before exit
     if trace is not None:
         trace.close()
     if rank == 0 and progress.step == total_steps:

@@ -1,0 +1,177 @@
+"""Async saves: a save in flight is never committed by a crash, a failed background write is
+reported and commits nothing, host memory stays bounded, and a busy writer waits or skips."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import subprocess
+import threading
+
+import psutil
+import pytest
+import torch
+
+from checkpoint import CheckpointError, CheckpointManager, Storage, find_latest
+from conftest import REFERENCE_ARGS, REFERENCE_TIMEOUT
+from procs import assert_training_state_equal, latest_committed, load_checkpoint, run, torchrun_cmd
+
+
+def test_sigkill_while_background_write_in_flight(reference, tmp_path):
+    """Rank 1 dies the moment step 30 is staged: 30 is never committed, 20 loads, and the
+    finished run is bitwise equal to the uninterrupted one."""
+    _, expected = reference
+    ckpt = tmp_path / "ckpt"
+    result = run(torchrun_cmd(2, "--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--async-save", "thread",
+                              "--inject", "kill-while-writing:rank=1:step=30", max_restarts=1),
+                 timeout=REFERENCE_TIMEOUT)
+    assert result.returncode == 0, result.tail()
+    assert "[fault] rank 1: injecting kill-while-writing at step 30" in result.output, result.tail()
+    assert "step 30 staged" in result.output, result.tail()
+    assert result.output.count("exitcode: -9") == 1, result.tail()
+    assert re.findall(r"resumed from step (\d+)", result.output) == ["20"], result.tail()
+    generation0 = result.output.split("exitcode: -9")[0]
+    assert "committed checkpoint step 20" in generation0 and "committed checkpoint step 30" not in generation0
+    manifest = latest_committed(ckpt)
+    assert manifest.step == 50 and manifest.restart_generation == 1
+    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
+
+
+# -- in-process: the library on its own ----------------------------------------------------
+
+def _model(width: int = 64, layers: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+
+def _train_step(model, opt, step: int) -> None:
+    x = torch.randn(8, model[0].in_features, generator=torch.Generator().manual_seed(step))
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+@pytest.fixture
+def can_go_read_only(tmp_path):
+    """A directory and a function that makes it read-only for real: a tmpfs remounted
+    read-only (as root, chmod would not stop writes), or chmod as an ordinary user."""
+    root = tmp_path / "ro"
+    root.mkdir()
+    if os.geteuid() != 0:
+        yield root, lambda: [os.chmod(p, 0o555) for p, _, _ in os.walk(root)], \
+            lambda: [os.chmod(p, 0o755) for p, _, _ in os.walk(root)]
+        return
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    def remount(mode: str):
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(root)], check=True, capture_output=True)
+
+    yield root, lambda: remount("ro"), lambda: remount("rw")
+    subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_background_write_failure_is_reported_and_commits_nothing(can_go_read_only):
+    root, make_read_only, make_writable = can_go_read_only
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin = copy.deepcopy(model)  # trained identically, never checkpointed
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+
+    def before_commit(step: int) -> None:  # runs in the background thread, shards written
+        if step == 4:
+            make_read_only()
+
+    ckpt = CheckpointManager(root, model=model, optimizer=opt, async_mode="thread", save_every_steps=2,
+                             keep_last=0, before_commit=before_commit)
+    failure = None
+    for step in range(1, 11):
+        _train_step(model, opt, step)
+        _train_step(twin, twin_opt, step)
+        try:
+            ckpt.maybe_save(step)
+        except CheckpointError as e:
+            failure = (step, str(e))
+            assert find_latest(Storage(root), "hash").step == 2  # the previous commit stays
+            assert not (root / "step-00000004" / "manifest.json").exists()
+            make_writable()
+    ckpt.close()
+
+    assert failure is not None, "the failed background save was never reported"
+    step, message = failure
+    assert step in (5, 6), failure  # the first poll (step 5) or, at the latest, the next save
+    assert "step-00000004" in message and ("Read-only file system" in message or "Permission denied" in message)
+    assert "previous committed checkpoint stays" in message
+    assert "\n" not in message
+    # Training went on untouched: the live model equals the never-checkpointed twin bitwise,
+    # and the checkpoints after the failure commit and load normally.
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert find_latest(Storage(root), "hash").step == 10
+    fresh = _model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert CheckpointManager(root, model=fresh, optimizer=fresh_opt).load().step == 10
+    for a, b in zip(fresh.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
+    model = _model(width=1024, layers=8)  # 8.4 M params: ~100 MB with AdamW's two moments
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    _train_step(model, opt, 0)
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread", keep_last=2, verify="size")
+    proc = psutil.Process()
+    for step in (1, 2):  # warm-up: staging buffers, DCP's first-use allocations
+        ckpt.save(step)
+        _train_step(model, opt, step)
+        ckpt.wait()
+    warm = proc.memory_info().rss
+    peak = warm
+    for step in range(3, 23):
+        ckpt.save(step)
+        _train_step(model, opt, step)  # training goes on while the write is in flight
+        peak = max(peak, proc.memory_info().rss)
+        ckpt.wait()
+        peak = max(peak, proc.memory_info().rss)
+    end = proc.memory_info().rss
+    ckpt.close()
+    assert ckpt._stager.nbytes <= 1.01 * state_bytes  # one copy of the state, reused
+    assert end - warm < 0.1 * state_bytes, f"grew {(end - warm) / 1e6:.1f} MB over 20 saves"
+    assert peak - warm < 0.5 * state_bytes, f"peak {(peak - warm) / 1e6:.1f} MB above the warm level"
+    assert find_latest(Storage(tmp_path), "hash").step == 22
+
+
+@pytest.mark.parametrize("if_busy", ["wait", "skip"])
+def test_a_save_due_while_one_is_in_flight_waits_or_skips(tmp_path, caplog, if_busy):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    release = threading.Event()
+
+    def before_commit(step: int) -> None:
+        if step == 1:
+            assert release.wait(60), "the test never released step 1"
+
+    ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread", if_busy=if_busy,
+                             before_commit=before_commit)
+    ckpt.save(1)  # held in the background until released
+    assert ckpt.poll() is None  # still in flight: nothing to report, nothing raised
+    if if_busy == "wait":
+        threading.Timer(0.2, release.set).start()
+        ckpt.save(2)  # blocks until step 1 is committed, then stages step 2
+        assert ckpt.last_committed in (1, 2)
+        assert ckpt.wait().step == 2
+    else:
+        with caplog.at_level(logging.WARNING, logger="checkpoint"):
+            assert ckpt.save(2) is None
+        assert "skipping the save of step 2: step 1 is still being written" in caplog.text
+        release.set()
+        assert ckpt.wait().step == 1
+        assert not (tmp_path / "step-00000002").exists()
+    ckpt.close()
+    committed = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("step-*") if (p / "manifest.json").exists())
+    assert committed == ([1, 2] if if_busy == "wait" else [1])
