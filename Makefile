@@ -1,5 +1,6 @@
-# `make demo` and `make test` do all set-up themselves: they create .venv if it is missing and
-# install the project with its test extra. Nothing else needs to be installed by hand.
+# `make demo`, `make test` and `make bench` do all set-up themselves: they create .venv if it is
+# missing and install the project with its test and bench extras. Nothing else needs to be
+# installed by hand.
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -9,14 +10,14 @@ STAMP  := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 # Two DDP workers under ftlaunch on the digits set. Worker 1 is SIGKILLed at step 77 and
@@ -32,6 +33,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -v tests
+
+# Checkpoint stall / durability / load / training overhead: torch.save, DCP sync, DCP
+# async_save, ours sync, ours async, with the machine's bandwidths, in one run (a few minutes).
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--state-mb 100".
+bench: $(STAMP)
+	$(PY) bench/checkpoint_bench.py --out runs/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,12 +3,13 @@
 Save (every rank calls it at the same step)::
 
     rank 0: skip if step is validly committed; else clear what a failed save of it left
-    all:    dcp.save -> shard files + DCP .metadata (fsynced by DCP's FileSystemWriter)
-    all:    crc32 of a share of the files each, then the before_commit hook
+    all:    dcp.save -> shard files + DCP .metadata (crc32 computed while writing, fsynced)
+    all:    the before_commit hook
     all:    gather sizes + checksums + any error   <- the barrier: nobody commits unless
                                                        every rank reported success
-    rank 0: write manifest.json atomically          <- the commit
-    rank 0: retention; the outcome is broadcast so every rank returns or raises the same
+    rank 0: write manifest.json atomically          <- the commit; the outcome is broadcast
+                                                       so every rank returns or raises the same
+    rank 0: retention (logs its failures, never raises)
 
 Every step that only rank 0 does goes through ``_on_rank0``, which shares its result or its
 error with all ranks: a failure on one rank never leaves the others waiting in a collective.
@@ -27,7 +28,6 @@ rank then loads that one step (DCP reshards when the world size changed).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -46,7 +46,7 @@ from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecor
 from .staging import Stager
 from .state import TrainingState, check_compatible
 from .storage import Storage
-from .writer import checksumming_writer, torch_crc32_off
+from .writer import checksumming_writer
 
 ASYNC_MODES = ("off", "thread")
 IF_BUSY = ("wait", "skip")
@@ -78,8 +78,9 @@ class CheckpointManager:
         async_mode: ``"off"``: ``save`` returns once the checkpoint is committed.
             ``"thread"``: ``save`` returns once the state is staged; a background thread
             writes and commits it.
-        if_busy: async only: when a save is due while the previous one is still being
-            written, ``"wait"`` for it (back-pressure) or ``"skip"`` this save (logged).
+        if_busy: async only: when a scheduled save (``maybe_save``) is due while the previous
+            one is still being written, ``"wait"`` for it (back-pressure) or ``"skip"`` this
+            save (logged; rank 0 decides for all).
         io_threads: files each rank writes in parallel (DCP's ``thread_count``).
     """
 
@@ -127,9 +128,14 @@ class CheckpointManager:
         if async_mode == "thread":
             self._stager = Stager()
             self._background_group = _dist.private_group()
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save")
+            # The CUDA device is per thread: without this, DCP's copies in the writer thread
+            # would create a context on GPU 0 for every local rank.
+            device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save",
+                                                initializer=_start_writer_thread, initargs=(device,))
         self._inflight: Future | None = None
         self._inflight_step = -1
+        self.last_staged_step: int | None = None  # the newest step an async save() staged
 
         # Fail before any training happens when the root cannot be written.
         self._on_rank0(self.storage.check_writable, "")
@@ -147,21 +153,24 @@ class CheckpointManager:
     def maybe_save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
         """Call every step: raises a failed background save's error, and saves when due."""
         self.poll()
-        return self.save(step, metrics) if self.should_save(step) else None
+        return self.save(step, metrics, skip_if_busy=self.if_busy == "skip") if self.should_save(step) else None
 
     # -- save ------------------------------------------------------------------------------
-    def save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
+    def save(self, step: int, metrics: Mapping[str, Any] | None = None, *,
+             skip_if_busy: bool = False) -> Manifest | None:
         """Save ``step`` on every rank (all ranks call it at the same step).
 
         Sync: returns the committed record, or None if the step was already committed (a
         committed checkpoint is never written again). Async: returns None once the state is
-        staged; ``on_commit``/``wait()`` see the record.
+        staged; ``on_commit``/``wait()`` see the record. An async save waits for the one in
+        flight, unless ``skip_if_busy`` (what ``maybe_save`` passes for ``if_busy="skip"``):
+        then it is skipped while one is in flight. An explicit final save is never skipped.
         """
         started = time.monotonic()
         if self.async_mode != "off":
             # Rank 0 decides for all (asked at every save: whether a rank's poll() already
             # collected a finished save differs between ranks).
-            if self.if_busy == "skip" and self._on_rank0(lambda: self.in_flight, ""):
+            if skip_if_busy and self._on_rank0(lambda: self.in_flight, ""):
                 log.warning("skipping the save of step %d: step %d is still being written (if_busy='skip')",
                             step, self._inflight_step)
                 return None
@@ -180,7 +189,7 @@ class CheckpointManager:
             return manifest
         staged = self._stager.stage(state)
         self._inflight = self._executor.submit(self._background_save, step, staged, metrics, started)
-        self._inflight_step = step
+        self._inflight_step = self.last_staged_step = step
         self._last_save_time = time.monotonic()
         self.last_stall_seconds = time.monotonic() - started
         log.info("step %d staged in %.3f s (%.1f MiB); writing it in the background",
@@ -203,8 +212,14 @@ class CheckpointManager:
     def wait(self) -> Manifest | None:
         """Block until the save in flight (if any) is committed; return its record, or raise
         ``CheckpointError`` if it failed (nothing was committed)."""
-        inflight, self._inflight = self._inflight, None
-        return inflight.result() if inflight is not None else None
+        inflight = self._inflight
+        if inflight is None:
+            return None
+        try:
+            return inflight.result()
+        finally:
+            if inflight.done():  # not when interrupted (a signal): the write goes on, still tracked
+                self._inflight = None
 
     def close(self) -> None:
         """Wait for the save in flight and stop the background thread."""
@@ -238,11 +253,10 @@ class CheckpointManager:
         """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``."""
         dirname = step_dir_name(step)
         path = self.storage.join(dirname)
-        writer, written_files = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                    io_threads=self.io_threads)
         try:
-            with _single_process_is_intended(), torch_crc32_off():
-                dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
+            writer, written_files = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
+                                                        io_threads=self.io_threads)
+            dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
                                   "the previous committed checkpoint stays") from e
@@ -273,7 +287,6 @@ class CheckpointManager:
             if DCP_METADATA_NAME not in files:
                 raise CheckpointError(f"DCP wrote no {DCP_METADATA_NAME}")
             self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
-            self._apply_retention(step)
 
         self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays",
                        group)
@@ -282,7 +295,12 @@ class CheckpointManager:
         log.info("committed checkpoint step %d: %.1f MiB in %.3f s (write %.3f s, commit %.3f s)",
                  step, total / 2**20, time.monotonic() - started, written - started, time.monotonic() - written)
         if self.on_commit is not None:
-            self.on_commit(manifest)
+            try:  # the commit happened; a failing callback on one rank must not say otherwise
+                self.on_commit(manifest)
+            except Exception as e:
+                log.warning("on_commit callback failed for step %d: %s", step, _short(e))
+        if self.rank == 0:
+            self._apply_retention(step)  # after the commit, and never raises: no collective needed
         return manifest
 
     def _prepare(self, step: int) -> bool:
@@ -389,8 +407,7 @@ class CheckpointManager:
         if self.before_load is not None:
             self.before_load(manifest.step)
         try:
-            with _single_process_is_intended():
-                dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())
+            dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"loading checkpoint {where} failed: {_short(e)}") from e
         self.training.apply(state, self.rank)
@@ -401,13 +418,15 @@ class CheckpointManager:
         return manifest
 
 
-@contextlib.contextmanager
-def _single_process_is_intended():
-    """Without a process group DCP warns on every call that it assumes one process; we
-    asked for exactly that (``no_dist``), so the warning is noise here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-        yield
+def _start_writer_thread(device: int | None) -> None:
+    if device is not None:
+        torch.cuda.set_device(device)
+
+
+# Without a process group DCP warns on every call that it assumes one process; we ask for
+# exactly that (``no_dist``), so the warning is noise. A filter for that one message (a
+# ``catch_warnings`` block would not be thread-safe in the writer thread).
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
 
 
 def _short(e: BaseException) -> str:

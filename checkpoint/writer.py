@@ -11,14 +11,19 @@ thread (``io_threads`` files per rank, written in parallel), large sequential wr
 tensors, and one fsync per file.
 
 DCP stores each tensor with ``torch.save``, which computes a crc32 of its own for the zip
-entry; nothing checks it on load (``torch.load`` does not), and it costs as much as our crc32
-(measured: a 384 MiB save 1.66 s with it, 0.52 s without). ``torch_crc32_off`` switches it
-off while our writers run; our crc32 of the whole file covers the same bytes.
+entry; nothing checks it on load (``torch.load`` does not), and it costs more than our crc32
+(measured: a 384 MiB save 1.66 s with it, 0.52 s without). Our streams switch it off while
+they are open; our crc32 of the whole file covers the same bytes. In torch 2.14 the setting
+is a context variable, so only the writer thread holding the stream is affected, never the
+user's own ``torch.save`` calls in other threads. Where a torch release keeps it
+process-wide, it is switched only with one writer thread (two threads saving and restoring
+one global could leave it off for good).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import zlib
@@ -65,14 +70,23 @@ class _ChecksumStream:
         return True
 
 
+def _crc32_setting_is_per_thread() -> bool:
+    entry = getattr(serialization_config, "_config", {}).get("save.compute_crc32")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+
+
+_PER_THREAD = _crc32_setting_is_per_thread()
+
+
 class _ChecksummingFileSystem:
     """Wraps a DCP ``FileSystemBase``: every stream opened for writing is checksummed, and
     the result is kept under the file's final name (DCP writes ``.metadata.tmp`` and
     renames it)."""
 
-    def __init__(self, fs: Any):
+    def __init__(self, fs: Any, io_threads: int):
         self._fs = fs
         self._lock = threading.Lock()
+        self._skip_torch_crc32 = _PER_THREAD or io_threads == 1
         self.files: dict[str, FileRecord] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -84,9 +98,16 @@ class _ChecksummingFileSystem:
             with self._fs.create_stream(path, mode) as stream:
                 yield stream
             return
-        with self._fs.create_stream(path, mode) as raw:
-            stream = _ChecksumStream(raw)
-            yield stream
+        torch_crc32 = serialization_config.save.compute_crc32
+        if self._skip_torch_crc32:
+            serialization_config.save.compute_crc32 = False
+        try:
+            with self._fs.create_stream(path, mode) as raw:
+                stream = _ChecksumStream(raw)
+                yield stream
+        finally:
+            if self._skip_torch_crc32:
+                serialization_config.save.compute_crc32 = torch_crc32
         with self._lock:
             self.files[_basename(path)] = FileRecord(stream.size, f"{stream.crc & 0xffffffff:08x}")
 
@@ -102,31 +123,6 @@ def _basename(path) -> str:
     return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
-_crc32_lock = threading.Lock()
-_crc32_off_count = 0
-_crc32_saved = True
-
-
-@contextlib.contextmanager
-def torch_crc32_off() -> Iterator[None]:
-    """Skip torch.save's own zip crc32 while DCP writes through us. It is a process-wide
-    setting, so nested and concurrent users are counted and the first value is restored by
-    the last one out."""
-    global _crc32_off_count, _crc32_saved
-    with _crc32_lock:
-        if _crc32_off_count == 0:
-            _crc32_saved = serialization_config.save.compute_crc32
-            serialization_config.save.compute_crc32 = False
-        _crc32_off_count += 1
-    try:
-        yield
-    finally:
-        with _crc32_lock:
-            _crc32_off_count -= 1
-            if _crc32_off_count == 0:
-                serialization_config.save.compute_crc32 = _crc32_saved
-
-
 def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any, dict[str, FileRecord]]:
     """A DCP storage writer for the checkpoint directory ``url`` and the dict that will hold
     ``{file name: FileRecord}`` for every file it wrote once ``dcp.save`` returns."""
@@ -136,6 +132,6 @@ def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any,
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         # Object stores have no fsync; a finished PUT is durable.
         writer = FsspecWriter(url, sync_files=False, thread_count=io_threads)
-    fs = _ChecksummingFileSystem(writer.fs)
+    fs = _ChecksummingFileSystem(writer.fs, io_threads)
     writer.fs = fs
     return writer, fs.files

@@ -157,21 +157,69 @@ def test_a_save_due_while_one_is_in_flight_waits_or_skips(tmp_path, caplog, if_b
             assert release.wait(60), "the test never released step 1"
 
     ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread", if_busy=if_busy,
-                             before_commit=before_commit)
-    ckpt.save(1)  # held in the background until released
+                             save_every_steps=1, before_commit=before_commit)
+    ckpt.maybe_save(1)  # held in the background until released
     assert ckpt.poll() is None  # still in flight: nothing to report, nothing raised
     if if_busy == "wait":
         threading.Timer(0.2, release.set).start()
-        ckpt.save(2)  # blocks until step 1 is committed, then stages step 2
+        ckpt.maybe_save(2)  # blocks until step 1 is committed, then stages step 2
         assert ckpt.last_committed in (1, 2)
         assert ckpt.wait().step == 2
     else:
         with caplog.at_level(logging.WARNING, logger="checkpoint"):
-            assert ckpt.save(2) is None
+            assert ckpt.maybe_save(2) is None
         assert "skipping the save of step 2: step 1 is still being written" in caplog.text
-        release.set()
-        assert ckpt.wait().step == 1
         assert not (tmp_path / "step-00000002").exists()
+        threading.Timer(0.2, release.set).start()
+        ckpt.save(3)  # an explicit save (the last one, say) waits instead of skipping
+        assert ckpt.wait().step == 3
     ckpt.close()
     committed = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("step-*") if (p / "manifest.json").exists())
-    assert committed == ([1, 2] if if_busy == "wait" else [1])
+    assert committed == ([1, 2] if if_busy == "wait" else [1, 3])
+
+
+@pytest.mark.parametrize("async_mode", ["off", "thread"])
+def test_parallel_files_are_checksummed_while_written_and_torch_save_is_untouched(tmp_path, async_mode):
+    import torch.utils.serialization.config as serialization_config
+
+    model = _model(width=256, layers=4)
+    opt = torch.optim.AdamW(model.parameters())
+    _train_step(model, opt, 0)
+    ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode=async_mode, io_threads=3)
+    ckpt.save(1)
+    ckpt.close()
+    record = find_latest(Storage(tmp_path), "hash")  # every listed crc32 recomputed from disk
+    assert record is not None and record.step == 1
+    assert sorted(n for n in record.files if n.endswith(".distcp")) == ["__0_0.distcp", "__0_1.distcp", "__0_2.distcp"]
+    assert serialization_config.save.compute_crc32 is True  # our writers switched it off for themselves only
+    fresh = _model(width=256, layers=4)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    CheckpointManager(tmp_path, model=fresh, optimizer=fresh_opt).load()
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path):
+    """The background write starts only after the live model and optimizer have moved on
+    (the writer thread is held busy): the checkpoint must still hold the staged step."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_step(model, opt, 1)
+    at_save = copy.deepcopy({"model": model.state_dict(), "optim": opt.state_dict()})
+    ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread")
+    gate = threading.Event()
+    ckpt._executor.submit(gate.wait, 60)  # the writer thread is busy until the gate opens
+    ckpt.save(1)
+    for step in (2, 3):
+        _train_step(model, opt, step)  # the live tensors change in place
+    gate.set()
+    assert ckpt.wait().step == 1
+    ckpt.close()
+    fresh = _model(layers=2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    CheckpointManager(tmp_path, model=fresh, optimizer=fresh_opt).load()
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, at_save["model"][name]), name
+    for (_, a), (_, b) in zip(sorted(fresh_opt.state_dict()["state"].items()), sorted(at_save["optim"]["state"].items())):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert not torch.equal(next(model.parameters()), next(fresh.parameters()))  # training did move on

@@ -3,7 +3,6 @@ stdout/stderr, exit codes and signal deaths all come through to the client."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -85,11 +85,13 @@ def save(ckpt: CheckpointManager, reporter: Reporter, step: int, metrics: dict, 
         with reporter.phase(io_phase):
             ckpt.save(step, metrics)
     else:
-        if ckpt.if_busy == "wait":
+        skip_if_busy = ckpt.if_busy == "skip" and not wait  # the last save, or one on preemption, must happen
+        if not skip_if_busy:
             with reporter.phase(io_phase):
                 ckpt.wait()  # back-pressure: the previous save is still being written
-        ckpt.save(step, metrics)
-        reporter.event("save_staged", step=step, stall_seconds=round(ckpt.last_stall_seconds, 4))
+        ckpt.save(step, metrics, skip_if_busy=skip_if_busy)
+        if ckpt.last_staged_step == step:  # not skipped, not committed already
+            reporter.event("save_staged", step=step, stall_seconds=round(ckpt.last_stall_seconds, 4))
     if wait:
         with reporter.phase(io_phase):
             ckpt.wait()

@@ -1,0 +1,212 @@
+"""Checkpoint stall, durability, load and training overhead: ours against torch.save and DCP.
+
+    make bench                                   # ~400 MB of model + AdamW state, 2 ranks
+    python bench/checkpoint_bench.py --state-mb 100 --out runs/bench
+
+One run measures the machine (memcpy, fsync'd write and cold read bandwidth in the
+checkpoint directory, worker start time), then starts 2 ranks under torchrun that measure
+every arm on the same live state (bench/checkpoint_worker.py). Prints a Markdown table and
+which targets hold; writes checkpoint-bench.json, .md and .png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHUNK = 16 << 20
+
+
+def memcpy_bandwidth(nbytes: int, device: str) -> float:
+    """Host memcpy into a reused buffer; on CUDA, device -> pinned host (what staging does)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device == "cuda")
+
+    def copy():
+        dst.copy_(src, non_blocking=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    copy()  # first touch of the pages is not what a reused buffer pays
+    best = min(_timed(copy) for _ in range(3))
+    return nbytes / best
+
+
+def write_read_bandwidth(directory: str, nbytes: int) -> tuple[float, float, bool]:
+    """dd conv=fsync-style: write ``nbytes`` in 16 MiB chunks, fsync once; then read it back
+    after dropping it from the page cache. Returns (write B/s, read B/s, cache dropped)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "bandwidth-probe.bin")
+    size = min(CHUNK, nbytes)
+    count = max(1, nbytes // size)
+    chunk = torch.empty(size, dtype=torch.uint8).random_().numpy()
+    writes = []
+    for _ in range(2):
+        started = time.monotonic()
+        with open(path, "wb", buffering=0) as f:
+            for _ in range(count):
+                f.write(chunk)
+            os.fsync(f.fileno())
+        writes.append(time.monotonic() - started)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    buf = bytearray(size)
+    cold = _timed(lambda: _read_all(path, buf))
+    hot = _timed(lambda: _read_all(path, buf))
+    os.unlink(path)
+    written = count * size
+    return written / min(writes), written / cold, cold > 1.5 * hot
+
+
+def _read_all(path: str, buf: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def _timed(fn) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+def worker_start_seconds() -> float:
+    code = "import torch, torch.distributed.checkpoint, torch.nn.parallel"
+    return _timed(lambda: subprocess.run([sys.executable, "-c", code], check=True))
+
+
+def table(res: dict) -> tuple[str, list[str]]:
+    cal, arms = res["calibration"], res["arms"]
+    E = arms["E"]
+    rows = ["| arm | stall per save (s) | durable+committed (s) | durable MB/s | load (s) | "
+            f"training overhead, a save every {res['save_every']} steps |",
+            "|---|---|---|---|---|---|"]
+    for name, a in arms.items():
+        a["durable_MBps"] = a["bytes"] / a["durable_s"] / 1e6
+        rows.append(f"| {name}: {a['label']} | {a['stall_s']:.3f} | {a['durable_s']:.3f} | "
+                    f"{a['durable_MBps']:.0f} | {a['load_s']:.3f} | {100 * a['overhead']:+.1f}% |")
+    B, D = arms["B"], arms["D"]
+    staged = E["staging_bytes"] or res["state_bytes"]
+    memcpy_bound = staged / cal["memcpy_Bps"]
+    targets = [
+        ("E stall <= 0.1x B stall", E["stall_s"] / B["stall_s"], 0.1),
+        ("E stall <= 3x (staged bytes per rank / memcpy)", E["stall_s"] / memcpy_bound, 3.0),
+        ("D durable MB/s >= 0.8x fsync write bandwidth", D["bytes"] / D["durable_s"] / cal["write_Bps"], 0.8),
+        ("E durable MB/s >= 0.8x fsync write bandwidth", E["bytes"] / E["durable_s"] / cal["write_Bps"], 0.8),
+        (f"E training overhead <= 3% (B costs {100 * B['overhead']:.0f}%)", E["overhead"], 0.03),
+        ("D load <= 1.5x (bytes / cold read bandwidth)", D["load_s"] / (D["bytes"] / cal["read_Bps"]), 1.5),
+        ("E load <= 1.5x (bytes / cold read bandwidth)", E["load_s"] / (E["bytes"] / cal["read_Bps"]), 1.5),
+    ]
+    res["targets"] = []
+    lines = ["", "| target | measured | holds |", "|---|---|---|"]
+    for text, value, limit in targets:
+        lower_is_better = "<=" in text
+        holds = value <= limit if lower_is_better else value >= limit
+        res["targets"].append({"target": text, "value": value, "limit": limit, "holds": holds})
+        shown = f"{100 * value:+.1f}%" if "overhead" in text else f"{value:.2f}x"
+        lines.append(f"| {text} | {shown} | {'yes' if holds else 'NO'} |")
+    head = [
+        f"State: {res['state_bytes'] / 1e6:.0f} MB per rank (MLP width {res['width']} + AdamW), "
+        f"{res['world_size']} ranks ({'NCCL, CUDA' if res['device'] == 'cuda' else 'gloo, CPU'}), "
+        f"{res['saves']} saves per arm after one warm-up; "
+        f"torch {torch.__version__}.",
+        f"Machine ({os.cpu_count()} CPUs): {'device->pinned host copy' if res['device'] == 'cuda' else 'memcpy'} "
+        f"{cal['memcpy_Bps'] / 1e9:.2f} GB/s; fsync'd write {cal['write_Bps'] / 1e6:.0f} MB/s; "
+        f"read {cal['read_Bps'] / 1e6:.0f} MB/s ({'cold' if cal['read_cold'] else 'page cache could not be dropped'}); "
+        f"worker start {cal['worker_start_s']:.2f} s; step {res['step_seconds']:.3f} s; "
+        f"{res['save_every']} steps without a save: median {statistics.median(res['train_none_s']):.2f} s "
+        f"(range {min(res['train_none_s']):.2f}-{max(res['train_none_s']):.2f}) over {res['rounds']} rounds; "
+        f"E's writer thread used {E['background_cpu_s']:.2f} s of CPU per save and rank.",
+        "",
+    ]
+    return "\n".join(head + rows + lines), [t["target"] for t in res["targets"] if not t["holds"]]
+
+
+def chart(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["arms"])
+    arms = [res["arms"][n] for n in names]
+    labels = [f"{n}\n{a['label']}" for n, a in zip(names, arms)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.27
+    for i, (key, title) in enumerate((("stall_s", "stall per save"), ("durable_s", "durable + committed"),
+                                      ("load_s", "load (cold)"))):
+        ax1.bar([x + (i - 1) * width for x in range(len(arms))], [a[key] for a in arms], width, label=title)
+    ax1.set_xticks(range(len(arms)), labels, fontsize=8)
+    ax1.set_ylabel("seconds")
+    ax1.set_title(f"{res['state_bytes'] / 1e6:.0f} MB of state per rank, {res['world_size']} ranks")
+    ax1.legend()
+    ax2.bar(range(len(arms)), [100 * a["overhead"] for a in arms], color="tab:red")
+    ax2.set_xticks(range(len(arms)), labels, fontsize=8)
+    ax2.set_ylabel("% slower than no saves")
+    ax2.set_title(f"training with a save every {res['save_every']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--state-mb", type=float, default=400, help="model + AdamW state per rank, MB (default 400)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--saves", type=int, default=7, help="measured saves per arm (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=8, help="save intervals per arm in the training-throughput "
+                   "comparison (arms take turns)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between saves in the throughput run "
+                   "(default: the N at which DCP's sync save costs >= 25%%)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model trains (cuda: one GPU per rank, NCCL)")
+    p.add_argument("--out", default="runs/bench", help="folder for the JSON, Markdown and PNG")
+    p.add_argument("--ckpt-root", default="", help="where checkpoints are written (default: OUT/ckpt)")
+    args = p.parse_args()
+    if args.state_mb <= 0 or args.ranks < 1 or args.saves < 1 or args.rounds < 1 or args.save_every < 0:
+        p.error("--state-mb, --ranks, --saves and --rounds must be positive")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_root = args.ckpt_root or os.path.join(args.out, "ckpt")
+    nbytes = int(args.state_mb * 1e6)
+
+    print(f"[bench] calibrating in {ckpt_root} ...", flush=True)
+    write_bps, read_bps, cold = write_read_bandwidth(ckpt_root, nbytes)
+    calibration = {"memcpy_Bps": memcpy_bandwidth(nbytes, args.device), "write_Bps": write_bps, "read_Bps": read_bps,
+                   "read_cold": cold, "worker_start_s": worker_start_seconds()}
+    raw = os.path.join(args.out, "checkpoint-bench-ranks.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
+           os.path.join(HERE, "checkpoint_worker.py"), "--state-mb", str(args.state_mb), "--ckpt-root", ckpt_root,
+           "--out", raw, "--saves", str(args.saves), "--rounds", str(args.rounds), "--device", args.device, "--save-every", str(args.save_every)]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(cmd, check=True, env=env, timeout=3600)
+    with open(raw) as f:
+        res = json.load(f)
+    os.unlink(raw)
+    res.update(calibration=calibration, saves=args.saves, created_unix=time.time())
+    text, failed = table(res)
+    print("\n" + text + "\n")
+    base = os.path.join(args.out, "checkpoint-bench")
+    with open(base + ".md", "w") as f:
+        f.write(text + "\n")
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    try:
+        chart(res, base + ".png")
+        print(f"[bench] wrote {base}.json, {base}.md, {base}.png")
+    except ImportError:
+        print(f"[bench] wrote {base}.json, {base}.md; no chart: matplotlib is missing (pip install -e '.[bench]')")
+    if failed:
+        print(f"[bench] targets not met on this machine: {'; '.join(failed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

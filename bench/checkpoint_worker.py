@@ -1,0 +1,277 @@
+"""One rank of the checkpoint benchmark (started by ``bench/checkpoint_bench.py`` under torchrun).
+
+Every arm saves the same live DDP model + AdamW state. Per arm, with training idle between
+saves: the stall (how long the training thread is blocked by one save), the time until the
+checkpoint is durable (and, for ours, committed), and the load time from a cold page cache.
+Then training throughput with a save every N steps, against the same steps without saves.
+
+Arms: A torch.save on rank 0; B DCP save; C DCP async_save (thread, as shipped); D ours
+sync; E ours async. Results go to --out as JSON (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import CheckpointManager
+
+ARMS = {"A": "torch.save, rank 0", "B": "DCP save (sync)", "C": "DCP async_save",
+        "D": "ours, sync", "E": "ours, async"}
+
+
+def build(state_mb: float, seed: int = 0):
+    """An MLP whose weights + AdamW moments take about ``state_mb`` MB (3 x 4 bytes/param)."""
+    width = 2048 if state_mb >= 100 else 512
+    layers = max(1, round(state_mb * 1e6 / 12 / (width * (width + 1))))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    return model, width
+
+
+def wall_max(seconds: float) -> float:
+    """The slowest rank's time: a save or load is done when every rank is done."""
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def evict(directory: str) -> None:
+    """Drop the directory's files from the page cache (clean pages only), so a load reads
+    from the disk like one after a restart on another machine would."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def dir_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
+
+
+class Arm:
+    """save(step) returns when the caller may train again; durable() blocks until that save
+    is durable (committed for ours) and returns the monotonic time it became so."""
+
+    def __init__(self, name: str, root: str, ddp: DDP, opt, group):
+        self.name, self.root, self.ddp, self.opt, self.group = name, root, ddp, opt, group
+        self.rank = dist.get_rank()
+        self.done_at = 0.0
+        self.future = None
+        self.last = None
+        self.ckpt = None
+        if name in "DE":
+            self.ckpt = CheckpointManager(root, model=ddp, optimizer=opt, keep_last=2,
+                                          async_mode="thread" if name == "E" else "off")
+            self.ckpt.on_commit = self._committed
+
+    def _committed(self, _manifest) -> None:
+        self.done_at = time.monotonic()
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"step-{step:08d}")
+
+    def save(self, step: int) -> None:
+        self.last = step
+        if self.name == "A":
+            if self.rank == 0:
+                state = {"model": self.ddp.module.state_dict(), "optim": self.opt.state_dict()}
+                os.makedirs(self.root, exist_ok=True)
+                with open(self.path(step) + ".pt", "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            dist.barrier()
+            self.done_at = time.monotonic()
+        elif self.name in "BC":
+            model_sd, optim_sd = get_state_dict(self.ddp, self.opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            if self.name == "B":
+                dcp.save(state, checkpoint_id=self.path(step))
+                self.done_at = time.monotonic()
+            else:
+                if self.future is not None:
+                    self.future.result()
+                self.future = dcp.async_save(state, checkpoint_id=self.path(step), process_group=self.group)
+                self.future.add_done_callback(lambda _f: self._committed(None))
+        else:
+            self.ckpt.save(step)
+
+    def durable(self) -> float:
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+        if self.ckpt is not None:
+            self.ckpt.wait()
+        return self.done_at
+
+    def load(self) -> None:
+        if self.name == "A":
+            state = torch.load(self.path(self.last) + ".pt", map_location=next(self.ddp.parameters()).device,
+                               weights_only=True)
+            self.ddp.module.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optim"])
+        elif self.name in "BC":
+            model_sd, optim_sd = get_state_dict(self.ddp, self.opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=self.path(self.last))
+            set_state_dict(self.ddp, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            assert self.ckpt.load().step == self.last
+
+    def close(self) -> None:
+        self.durable()
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--state-mb", type=float, required=True)
+    p.add_argument("--ckpt-root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--saves", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=0, help="0: pick N so that arm B costs >= 25%%")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = p.parse_args()
+
+    cuda = args.device == "cuda"
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    group = dist.new_group(backend="gloo")  # DCP async_save's collectives, apart from DDP's
+    model, width = build(args.state_mb)
+    model.to(device)
+    ddp = DDP(model, device_ids=[device.index] if cuda else None)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(rank)
+
+    def train_step() -> None:
+        x = torch.randn(args.batch, width, generator=gen).to(device)
+        opt.zero_grad(set_to_none=True)
+        ddp(x).pow(2).mean().backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed_steps(n: int) -> float:
+        dist.barrier()
+        started = time.monotonic()
+        for _ in range(n):
+            train_step()
+        return wall_max(time.monotonic() - started)
+
+    def timed_interval(arm: Arm, step: int, n: int) -> float:
+        """One save interval in steady state: the save, N training steps (an async write runs
+        under them), then whatever of the write is still left (the next save would wait
+        for it: at most one save is in flight)."""
+        dist.barrier()
+        started = time.monotonic()
+        arm.save(step)
+        for _ in range(n):
+            train_step()
+        arm.durable()
+        return wall_max(time.monotonic() - started)
+
+    for _ in range(2):
+        train_step()  # AdamW state exists from the first step on
+    step_seconds = timed_steps(5) / 5
+    state_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters())
+                      + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)])
+
+    results: dict = {"state_bytes": state_bytes, "width": width, "step_seconds": step_seconds, "device": args.device,
+                     "world_size": dist.get_world_size(), "arms": {}}
+    arms: dict[str, Arm] = {}
+    for name in ARMS:
+        root = os.path.join(args.ckpt_root, name)
+        if rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        dist.barrier()
+        arms[name] = Arm(name, root, ddp, opt, group)
+        results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": []}
+
+    # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
+    # the others did not): each is timed with training idle until it is durable.
+    for i in range(args.saves + 1):  # the first round warms up (buffers, plans)
+        for name, arm in arms.items():
+            r = results["arms"][name]
+            train_step()
+            dist.barrier()
+            started = time.monotonic()
+            arm.save(100 + i)
+            stall = wall_max(time.monotonic() - started)
+            durable = wall_max(arm.durable() - started)
+            if i == 0:
+                r["first_stall_s"] = stall
+                continue
+            r["stalls_s"].append(stall)
+            r["durables_s"].append(durable)
+            if name == "E":
+                r["background_cpu_s"].append(wall_max(arm.ckpt.last_background_cpu_seconds))
+
+    for name, arm in arms.items():
+        r = results["arms"][name]
+        dist.barrier()
+        if rank == 0:
+            evict(arm.root)
+        dist.barrier()
+        started = time.monotonic()
+        arm.load()
+        r["load_s"] = wall_max(time.monotonic() - started)
+        r["bytes"] = dir_bytes(arm.path(arm.last)) if name != "A" else os.path.getsize(arm.path(arm.last) + ".pt")
+        r["staging_bytes"] = arm.ckpt._stager.nbytes if name == "E" else 0
+        r["stall_s"], r["durable_s"] = statistics.median(r["stalls_s"]), statistics.median(r["durables_s"])
+        r["background_cpu_s"] = statistics.median(r["background_cpu_s"]) if r["background_cpu_s"] else 0.0
+        if rank == 0:
+            print(f"[bench] arm {name} ({ARMS[name]}): stall {r['stall_s']:.3f} s, durable {r['durable_s']:.3f} s, "
+                  f"load {r['load_s']:.3f} s, {r['bytes'] / 1e6:.0f} MB", flush=True)
+
+    # Throughput: N such that B's stall is >= 25% of N steps, unless given. This machine's
+    # speed drifts by several percent from minute to minute, so the arms take turns interval
+    # by interval (N steps without a save, then one save interval of each arm, repeated), and
+    # an arm's overhead compares medians over the rounds.
+    b_stall = results["arms"]["B"]["stall_s"]
+    every = args.save_every or max(1, int(b_stall / (0.25 * step_seconds)))
+    results["save_every"], results["rounds"] = every, args.rounds
+    results["train_none_s"] = []
+    for name in arms:
+        results["arms"][name]["train_s"] = []
+    for round_ in range(args.rounds):
+        results["train_none_s"].append(timed_steps(every))
+        for name, arm in arms.items():
+            results["arms"][name]["train_s"].append(timed_interval(arm, 1000 + round_, every))
+        if rank == 0:
+            print(f"[bench] round {round_ + 1}/{args.rounds}: {every} steps: none {results['train_none_s'][-1]:.2f} s, "
+                  + ", ".join(f"{n} {results['arms'][n]['train_s'][-1]:.2f} s" for n in arms), flush=True)
+    none = statistics.median(results["train_none_s"])
+    for name in arms:
+        results["arms"][name]["overhead"] = statistics.median(results["arms"][name]["train_s"]) / none - 1
+    for arm in arms.values():
+        arm.close()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        shutil.rmtree(args.ckpt_root, ignore_errors=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
