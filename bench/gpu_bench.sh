@@ -10,10 +10,11 @@ set -uo pipefail
 export PYTHONPATH=$PWD OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-bench}; mkdir -p "$OUT"
 filter() { grep -v -E "^W[0-9]{4} |\*\*\*\*\*|OMP_NUM_THREADS" || true; }
-echo "== 1. gpu_check"; timeout 150 bash bench/gpu_check.sh 2>&1 | filter | tail -12
+echo "== 1. gpu_check"; timeout 120 bash bench/gpu_check.sh 2>&1 | filter | tail -8
 echo "== 2. benchmark, model on the GPU"
-timeout 200 python3 bench/checkpoint_bench.py --device cuda --ranks 1 --state-mb 1000 --saves 3 --rounds 1 \
-    --save-every 100 --out "$OUT/cuda" 2>&1 | filter | tail -30
+timeout 230 python3 bench/checkpoint_bench.py --device cuda --ranks 1 --state-mb 1000 --saves 3 --rounds 3 \
+    --out "$OUT/cuda" 2>&1 | filter | grep -v -E "UserWarning|local_plan =" | tail -22
 echo "== 3. benchmark, CPU, 2 ranks, 16 cores"
-timeout 220 python3 bench/checkpoint_bench.py --saves 3 --rounds 2 --out "$OUT/cpu16" 2>&1 | filter | tail -30
+timeout 150 python3 bench/checkpoint_bench.py --saves 3 --rounds 4 --out "$OUT/cpu16" 2>&1 | filter \
+    | grep -v -E "UserWarning|local_plan =" | tail -22
 rm -rf "$OUT"/*/ckpt

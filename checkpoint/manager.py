@@ -19,8 +19,10 @@ thread) prepares the directory and copies the state into reused staging buffers;
 thread then runs everything from ``dcp.save`` to the commit above, unchanged, on a process
 group of its own (so its collectives never interleave with training's). At most one save is
 in flight: the next one waits for it (``if_busy="wait"``) or is skipped (``"skip"``; rank 0
-decides, so every rank skips the same step). A background failure never commits; it is
-raised by the next ``poll``/``maybe_save``/``save``/``wait`` call.
+decides, so every rank skips the same step). A background failure never commits. Every rank
+logs it the moment it happens, and the next save (or ``wait``) raises it on every rank at the
+same step: the failure was shared through the save's own collectives, so all ranks hold the
+same error. ``poll()`` raises it sooner, on the calling rank alone.
 
 Load: rank 0 finds the newest committed checkpoint that verifies and broadcasts it; every
 rank then loads that one step (DCP reshards when the world size changed).
@@ -151,8 +153,7 @@ class CheckpointManager:
         return due
 
     def maybe_save(self, step: int, metrics: Mapping[str, Any] | None = None) -> Manifest | None:
-        """Call every step: raises a failed background save's error, and saves when due."""
-        self.poll()
+        """Call every step with the same ``step`` on every rank: saves when due."""
         return self.save(step, metrics, skip_if_busy=self.if_busy == "skip") if self.should_save(step) else None
 
     # -- save ------------------------------------------------------------------------------
@@ -203,8 +204,9 @@ class CheckpointManager:
 
     def poll(self) -> Manifest | None:
         """Non-blocking: the record of a background save that finished since the last call, or
-        None; raises ``CheckpointError`` if it failed. Ranks may learn of a finished save one
-        step apart (no collective here)."""
+        None; raises ``CheckpointError`` if it failed. No collective: ranks may learn of a
+        finished save a step apart, so under several ranks prefer the next save (or
+        ``wait``), which raises a failure on every rank at the same step."""
         if self._inflight is None or not self._inflight.done():
             return None
         return self.wait()
@@ -242,7 +244,8 @@ class CheckpointManager:
             return self._write_and_commit(step, staged, metrics, started, self._background_group)
         except BaseException as e:
             # Also logged here: a process that exits without wait() still says what happened.
-            log.error("background save of step %d failed: %s", step, e)
+            log.error("background save of step %d failed (nothing committed; raised at the next save): %s",
+                      step, e)
             raise
         finally:
             # CPU the writer thread took from this process (what training competes with when

@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         train(cfg)
     except (ConfigError, CheckpointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        # One write of the whole line: ranks share the pipe, and print() writes the text and
+        # the newline separately (another rank's line could land in between).
+        sys.stderr.write(f"train.py: error: {e}\n")
+        sys.stderr.flush()
         return 2
     return 0
 

@@ -201,7 +201,6 @@ def train(cfg: TrainConfig) -> dict:
                       f"({rate:.1f} steps/s)", flush=True)
             window_loss, window_n, window_start = 0.0, 0, time.monotonic()
         train_loss = round(local_loss / max(len(idx), 1), 6)  # rank 0's share of the batch
-        ckpt.poll()  # a background save that failed raises here, one step after
         reporter.beat(progress.step, ckpt.last_committed)
         if progress.step == resumed_from + 1:
             reporter.event("first_step", step=progress.step)
