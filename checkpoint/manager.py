@@ -45,6 +45,7 @@ from . import _dist
 from .errors import CheckpointError, CheckpointMismatchError
 from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecord, Manifest,
                        find_latest, is_committed, list_steps, step_dir_name, verify)
+from .reader import DirectFileSystemReader
 from .staging import Stager
 from .state import TrainingState, check_compatible
 from .storage import Storage
@@ -323,7 +324,7 @@ class CheckpointManager:
 
     def _reader(self, dirname: str):
         if self.storage.is_local:
-            return dcp.FileSystemReader(self.storage.join(dirname))
+            return DirectFileSystemReader(self.storage.join(dirname))
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         return FsspecReader(self.storage.url_of(dirname))
 

@@ -280,3 +280,21 @@ def test_plain_dcp_tooling_reads_a_checkpoint(tmp_path):
     converted = load_checkpoint(tmp_path / "step-00000007", tmp_path)
     assert torch.equal(converted["model"]["0.weight"], snaps[7]["0.weight"])
     assert converted["counter"] == {"value": 1}
+
+
+def test_load_reads_every_kind_of_tensor_exactly(tmp_path):
+    """Whole contiguous tensors are read straight into the live ones; views, odd dtypes,
+    0-dim and empty tensors take DCP's general path or the direct one: all must match."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    extra = {"transposed": torch.randn(4, 6).t(), "sliced": torch.randn(10)[2:7], "bf16": torch.randn(5, 3).bfloat16(),
+             "scalar": torch.tensor(3.5), "empty": torch.empty(0, 3), "ints": torch.arange(7, dtype=torch.int64),
+             "flags": torch.tensor([True, False, True])}
+    saved = {k: v.clone() for k, v in extra.items()}
+    CheckpointManager(tmp_path, model=model, state={"extra": extra}).save(1)
+    fresh_model = torch.nn.Linear(6, 4)
+    fresh = {k: torch.zeros_like(v) for k, v in extra.items()}
+    CheckpointManager(tmp_path, model=fresh_model, state={"extra": fresh}).load()
+    for k, v in saved.items():
+        assert fresh[k].dtype == v.dtype and torch.equal(fresh[k], v), k
+    assert torch.equal(fresh_model.weight, model.weight) and torch.equal(fresh_model.bias, model.bias)
