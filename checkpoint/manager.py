@@ -15,7 +15,8 @@ Every step that only rank 0 does goes through ``_on_rank0``, which shares its re
 error with all ranks: a failure on one rank never leaves the others waiting in a collective.
 
 Async saves (``async_mode="thread"``) split ``save`` in two. The blocking part (the caller's
-thread) prepares the directory and copies the state into reused staging buffers; a background
+thread) prepares the directory and copies the state into reused staging buffers (after the
+first save, only the tensors DCP had this rank write, and any new ones); a background
 thread then runs everything from ``dcp.save`` to the commit above, unchanged, on a process
 group of its own (so its collectives never interleave with training's). At most one save is
 in flight: the next one waits for it (``if_busy="wait"``) or is skipped (``"skip"``; rank 0
@@ -138,6 +139,8 @@ class CheckpointManager:
                                                 initializer=_start_writer_thread, initargs=(device,))
         self._inflight: Future | None = None
         self._inflight_step = -1
+        self._others_write: Callable[[str], bool] | None = None  # async: tensors another rank writes
+        self._last_write = None  # what this rank's writer wrote in the last save (files, tensor keys)
         self.last_staged_step: int | None = None  # the newest step an async save() staged
 
         # Fail before any training happens when the root cannot be written.
@@ -189,12 +192,13 @@ class CheckpointManager:
             self._last_save_time = time.monotonic()
             self.last_stall_seconds = time.monotonic() - started
             return manifest
-        staged = self._stager.stage(state)
-        self._inflight = self._executor.submit(self._background_save, step, staged, metrics, started)
+        staged = self._stager.stage(state, self._others_write)
+        self._inflight = self._executor.submit(self._background_save, step, staged, metrics, started,
+                                               frozenset(self._stager.tensor_fqns))
         self._inflight_step = self.last_staged_step = step
         self._last_save_time = time.monotonic()
         self.last_stall_seconds = time.monotonic() - started
-        log.info("step %d staged in %.3f s (%.1f MiB); writing it in the background",
+        log.info("step %d staged in %.3f s (%.2f MiB); writing it in the background",
                  step, self.last_stall_seconds, self._stager.nbytes / 2**20)
         return None
 
@@ -239,10 +243,14 @@ class CheckpointManager:
         if exc_type is None:
             self.close()
 
-    def _background_save(self, step: int, staged: dict, metrics, started: float) -> Manifest:
+    def _background_save(self, step: int, staged: dict, metrics, started: float, known: frozenset) -> Manifest:
         cpu = time.thread_time()
         try:
-            return self._write_and_commit(step, staged, metrics, started, self._background_group)
+            manifest = self._write_and_commit(step, staged, metrics, started, self._background_group)
+            # From now on, stage only what this rank writes, and tensors not seen in this save.
+            mine = frozenset(self._last_write.tensor_keys)
+            self._others_write = lambda key: key in known and key not in mine
+            return manifest
         except BaseException as e:
             # Also logged here: a process that exits without wait() still says what happened.
             log.error("background save of step %d failed (nothing committed; raised at the next save): %s",
@@ -258,8 +266,8 @@ class CheckpointManager:
         dirname = step_dir_name(step)
         path = self.storage.join(dirname)
         try:
-            writer, written_files = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                        io_threads=self.io_threads)
+            writer, self._last_write = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
+                                                           io_threads=self.io_threads)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
@@ -275,7 +283,7 @@ class CheckpointManager:
         except Exception as e:
             error = f"rank {self.rank} could not finish checkpoint {path}: {_short(e)}"
         files: dict[str, FileRecord] = {}
-        for part in _dist.gather_or_raise(dict(written_files), error, group):
+        for part in _dist.gather_or_raise(dict(self._last_write.files), error, group):
             files.update(part)
 
         manifest = Manifest(

@@ -30,6 +30,7 @@ import zlib
 from typing import Any, Iterator
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.planner import WriteItemType
 import torch.utils.serialization.config as serialization_config
 
 from .manifest import FileRecord
@@ -123,15 +124,32 @@ def _basename(path) -> str:
     return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
-def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any, dict[str, FileRecord]]:
-    """A DCP storage writer for the checkpoint directory ``url`` and the dict that will hold
-    ``{file name: FileRecord}`` for every file it wrote once ``dcp.save`` returns."""
+class WriteRecord:
+    """What one rank's writer wrote, filled in while ``dcp.save`` runs."""
+
+    def __init__(self, files: dict[str, FileRecord]):
+        self.files = files  # {file name: FileRecord}, checksummed while written
+        self.tensor_keys: set[str] = set()  # DCP keys of the tensors this rank wrote
+
+
+def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any, WriteRecord]:
+    """A DCP storage writer for the checkpoint directory ``url``, and the record of what it
+    wrote (complete once ``dcp.save`` returns)."""
     if local:
-        writer = dcp.FileSystemWriter(url, sync_files=True, thread_count=io_threads)
+        cls = dcp.FileSystemWriter
+        kwargs = {"sync_files": True}
     else:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        # Object stores have no fsync; a finished PUT is durable.
-        writer = FsspecWriter(url, sync_files=False, thread_count=io_threads)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter as cls
+        kwargs = {"sync_files": False}  # object stores have no fsync; a finished PUT is durable
+
+    class Writer(cls):
+        def write_data(self, plan, planner):
+            # ``plan`` is this rank's final plan, after DCP gave each replicated tensor to one rank.
+            record.tensor_keys.update(item.index.fqn for item in plan.items if item.type != WriteItemType.BYTE_IO)
+            return super().write_data(plan, planner)
+
+    writer = Writer(url, thread_count=io_threads, **kwargs)
     fs = _ChecksummingFileSystem(writer.fs, io_threads)
     writer.fs = fs
-    return writer, fs.files
+    record = WriteRecord(fs.files)
+    return writer, record

@@ -34,6 +34,9 @@ def test_sigkill_while_background_write_in_flight(reference, tmp_path):
     assert re.findall(r"resumed from step (\d+)", result.output) == ["20"], result.tail()
     generation0 = result.output.split("exitcode: -9")[0]
     assert "committed checkpoint step 20" in generation0 and "committed checkpoint step 30" not in generation0
+    # After the first save, a rank stages only the replicated tensors DCP has it write (half).
+    staged = {int(step): float(mib) for step, mib in re.findall(r"step (\d+) staged in [\d.]+ s \(([\d.]+) MiB\)", generation0)}
+    assert staged[20] < 0.7 * staged[10], staged
     manifest = latest_committed(ckpt)
     assert manifest.step == 50 and manifest.restart_generation == 1
     assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
@@ -128,13 +131,13 @@ def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread", keep_last=2, verify="size")
     proc = psutil.Process()
-    for step in (1, 2):  # warm-up: staging buffers, DCP's first-use allocations
+    for step in (1, 2, 3, 4):  # warm-up: staging buffers, DCP's and the allocator's first-use growth
         ckpt.save(step)
         _train_step(model, opt, step)
         ckpt.wait()
     warm = proc.memory_info().rss
     peak = warm
-    for step in range(3, 23):
+    for step in range(5, 25):
         ckpt.save(step)
         _train_step(model, opt, step)  # training goes on while the write is in flight
         peak = max(peak, proc.memory_info().rss)
@@ -143,9 +146,11 @@ def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
     end = proc.memory_info().rss
     ckpt.close()
     assert ckpt._stager.nbytes <= 1.01 * state_bytes  # one copy of the state, reused
-    assert end - warm < 0.1 * state_bytes, f"grew {(end - warm) / 1e6:.1f} MB over 20 saves"
+    # A leak of even 5% of the state per save would add 100% over 20 saves; allocator noise
+    # after other tests in this process is a few MB.
+    assert end - warm < 0.2 * state_bytes, f"grew {(end - warm) / 1e6:.1f} MB over 20 saves"
     assert peak - warm < 0.5 * state_bytes, f"peak {(peak - warm) / 1e6:.1f} MB above the warm level"
-    assert find_latest(Storage(tmp_path), "hash").step == 22
+    assert find_latest(Storage(tmp_path), "hash").step == 24
 
 
 @pytest.mark.parametrize("if_busy", ["wait", "skip"])
