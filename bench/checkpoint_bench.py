@@ -117,7 +117,7 @@ def table(res: dict) -> tuple[str, list[str]]:
     head = [
         f"State: {res['state_bytes'] / 1e6:.0f} MB per rank (MLP width {res['width']} + AdamW), "
         f"{res['world_size']} ranks ({'NCCL, CUDA' if res['device'] == 'cuda' else 'gloo, CPU'}), "
-        f"{res['saves']} saves per arm after one warm-up; "
+        f"{res['saves']} saves per arm after one warm-up, medians; "
         f"torch {torch.__version__}.",
         f"Machine ({os.cpu_count()} CPUs): {'device->pinned host copy' if res['device'] == 'cuda' else 'memcpy'} "
         f"{cal['memcpy_Bps'] / 1e9:.2f} GB/s; fsync'd write {cal['write_Bps'] / 1e6:.0f} MB/s; "
@@ -161,6 +161,7 @@ def main() -> int:
     p.add_argument("--state-mb", type=float, default=400, help="model + AdamW state per rank, MB (default 400)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--saves", type=int, default=7, help="measured saves per arm (after one warm-up)")
+    p.add_argument("--loads", type=int, default=3, help="cold loads per arm (median reported)")
     p.add_argument("--rounds", type=int, default=8, help="save intervals per arm in the training-throughput "
                    "comparison (arms take turns)")
     p.add_argument("--save-every", type=int, default=0, help="steps between saves in the throughput run "
@@ -170,8 +171,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench", help="folder for the JSON, Markdown and PNG")
     p.add_argument("--ckpt-root", default="", help="where checkpoints are written (default: OUT/ckpt)")
     args = p.parse_args()
-    if args.state_mb <= 0 or args.ranks < 1 or args.saves < 1 or args.rounds < 1 or args.save_every < 0:
-        p.error("--state-mb, --ranks, --saves and --rounds must be positive")
+    if args.state_mb <= 0 or min(args.ranks, args.saves, args.rounds, args.loads) < 1 or args.save_every < 0:
+        p.error("--state-mb, --ranks, --saves, --rounds and --loads must be positive")
     os.makedirs(args.out, exist_ok=True)
     ckpt_root = args.ckpt_root or os.path.join(args.out, "ckpt")
     nbytes = int(args.state_mb * 1e6)
@@ -183,7 +184,7 @@ def main() -> int:
     raw = os.path.join(args.out, "checkpoint-bench-ranks.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
            os.path.join(HERE, "checkpoint_worker.py"), "--state-mb", str(args.state_mb), "--ckpt-root", ckpt_root,
-           "--out", raw, "--saves", str(args.saves), "--rounds", str(args.rounds), "--device", args.device, "--save-every", str(args.save_every)]
+           "--out", raw, "--saves", str(args.saves), "--rounds", str(args.rounds), "--loads", str(args.loads), "--device", args.device, "--save-every", str(args.save_every)]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(cmd, check=True, env=env, timeout=3600)

@@ -11,7 +11,7 @@ from procs import REPO, run
 def test_checkpoint_bench_small(tmp_path):
     out = tmp_path / "bench"
     result = run([sys.executable, str(REPO / "bench" / "checkpoint_bench.py"), "--state-mb", "4", "--saves", "1",
-                  "--save-every", "2", "--rounds", "1", "--out", str(out)], timeout=300)
+                  "--save-every", "2", "--rounds", "1", "--loads", "1", "--out", str(out)], timeout=300)
     assert result.returncode == 0, result.tail()
     report = json.loads((out / "checkpoint-bench.json").read_text())
     assert list(report["arms"]) == ["A", "B", "C", "D", "E"]
