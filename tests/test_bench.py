@@ -18,7 +18,7 @@ def test_checkpoint_bench_small(tmp_path):
     for arm in report["arms"].values():
         assert arm["stall_s"] > 0 and arm["durable_s"] >= arm["stall_s"] * 0.5 and arm["load_s"] > 0
         assert arm["bytes"] > 3 * 10**6  # the state really went to disk
-    assert report["arms"]["E"]["staging_bytes"] >= report["state_bytes"]
+    assert 0 < report["arms"]["E"]["staging_bytes"] <= 1.01 * report["state_bytes"]  # this rank's share
     assert len(report["targets"]) == 7
     table = (out / "checkpoint-bench.md").read_text()
     assert "| E: ours, async |" in table and table in result.output.replace("\r", "")
