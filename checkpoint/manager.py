@@ -50,7 +50,7 @@ from .reader import DirectFileSystemReader
 from .staging import Stager
 from .state import TrainingState, check_compatible
 from .storage import Storage
-from .writer import checksumming_writer
+from .writer import WriteRecord, checksumming_writer
 
 ASYNC_MODES = ("off", "thread")
 IF_BUSY = ("wait", "skip")
@@ -138,9 +138,7 @@ class CheckpointManager:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-save",
                                                 initializer=_start_writer_thread, initargs=(device,))
         self._inflight: Future | None = None
-        self._inflight_step = -1
         self._others_write: Callable[[str], bool] | None = None  # async: tensors another rank writes
-        self._last_write = None  # what this rank's writer wrote in the last save (files, tensor keys)
         self.last_staged_step: int | None = None  # the newest step an async save() staged
 
         # Fail before any training happens when the root cannot be written.
@@ -177,7 +175,7 @@ class CheckpointManager:
             # collected a finished save differs between ranks).
             if skip_if_busy and self._on_rank0(lambda: self.in_flight, ""):
                 log.warning("skipping the save of step %d: step %d is still being written (if_busy='skip')",
-                            step, self._inflight_step)
+                            step, self.last_staged_step)
                 return None
             self.wait()  # back-pressure; raises the previous save's error
         path = self.storage.join(step_dir_name(step))
@@ -188,14 +186,14 @@ class CheckpointManager:
 
         state = self.training.state_dict(self.rank)
         if self.async_mode == "off":
-            manifest = self._write_and_commit(step, state, metrics, started, self._group)
+            manifest, _ = self._write_and_commit(step, state, metrics, started, self._group)
             self._last_save_time = time.monotonic()
             self.last_stall_seconds = time.monotonic() - started
             return manifest
         staged = self._stager.stage(state, self._others_write)
         self._inflight = self._executor.submit(self._background_save, step, staged, metrics, started,
                                                frozenset(self._stager.tensor_fqns))
-        self._inflight_step = self.last_staged_step = step
+        self.last_staged_step = step
         self._last_save_time = time.monotonic()
         self.last_stall_seconds = time.monotonic() - started
         log.info("step %d staged in %.3f s (%.2f MiB); writing it in the background",
@@ -236,19 +234,12 @@ class CheckpointManager:
             if self.async_mode != "off":
                 self._executor.shutdown(wait=True)
 
-    def __enter__(self) -> "CheckpointManager":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-
     def _background_save(self, step: int, staged: dict, metrics, started: float, known: frozenset) -> Manifest:
         cpu = time.thread_time()
         try:
-            manifest = self._write_and_commit(step, staged, metrics, started, self._background_group)
+            manifest, written = self._write_and_commit(step, staged, metrics, started, self._background_group)
             # From now on, stage only what this rank writes, and tensors not seen in this save.
-            mine = frozenset(self._last_write.tensor_keys)
+            mine = frozenset(written.tensor_keys)
             self._others_write = lambda key: key in known and key not in mine
             return manifest
         except BaseException as e:
@@ -261,18 +252,19 @@ class CheckpointManager:
             # no core is spare); the benchmark reports it.
             self.last_background_cpu_seconds = time.thread_time() - cpu
 
-    def _write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> Manifest:
-        """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``."""
+    def _write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
+        """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``.
+        Returns the record and what this rank's writer wrote."""
         dirname = step_dir_name(step)
         path = self.storage.join(dirname)
         try:
-            writer, self._last_write = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                           io_threads=self.io_threads)
+            writer, written = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
+                                                  io_threads=self.io_threads)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
                                   "the previous committed checkpoint stays") from e
-        written = time.monotonic()
+        written_at = time.monotonic()
 
         # Each rank reports the files it wrote (checksummed while writing) and runs the hook;
         # the gather is the barrier: rank 0 commits only if every rank got this far.
@@ -283,7 +275,7 @@ class CheckpointManager:
         except Exception as e:
             error = f"rank {self.rank} could not finish checkpoint {path}: {_short(e)}"
         files: dict[str, FileRecord] = {}
-        for part in _dist.gather_or_raise(dict(self._last_write.files), error, group):
+        for part in _dist.gather_or_raise(dict(written.files), error, group):
             files.update(part)
 
         manifest = Manifest(
@@ -305,7 +297,7 @@ class CheckpointManager:
         self.last_committed = step
         total = sum(f.size for f in files.values())
         log.info("committed checkpoint step %d: %.1f MiB in %.3f s (write %.3f s, commit %.3f s)",
-                 step, total / 2**20, time.monotonic() - started, written - started, time.monotonic() - written)
+                 step, total / 2**20, time.monotonic() - started, written_at - started, time.monotonic() - written_at)
         if self.on_commit is not None:
             try:  # the commit happened; a failing callback on one rank must not say otherwise
                 self.on_commit(manifest)
@@ -313,7 +305,7 @@ class CheckpointManager:
                 log.warning("on_commit callback failed for step %d: %s", step, _short(e))
         if self.rank == 0:
             self._apply_retention(step)  # after the commit, and never raises: no collective needed
-        return manifest
+        return manifest, written
 
     def _prepare(self, step: int) -> bool:
         """Rank 0, before a save: True if ``step`` is validly committed already; otherwise

@@ -71,10 +71,6 @@ class Storage:
         return f"{crc:08x}"
 
     # -- changes -------------------------------------------------------------------------
-    def list_files(self, dirname: str) -> list[str]:
-        """Names of the files in ``dirname`` under the root, sorted."""
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.join(dirname), detail=False))
-
     def makedirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
         if self.is_local:  # make the new directory's entry durable, not only its contents
