@@ -38,22 +38,32 @@ from . import contract
 log = logging.getLogger("ftlaunch")
 
 
+REPORTER_STARTUP_TIMEOUT = 300.0
+
+
 @dataclass
 class Policy:
     """Watchdog and restart policy (seconds; 0 disables a timeout)."""
 
     hang_timeout: float = 120.0  # training: no new step for this long = hung
-    startup_timeout: float = 300.0  # a generation that never reports (or never reaches step 1)
+    # Before a worker's first heartbeat. None (not set by the user): REPORTER_STARTUP_TIMEOUT
+    # for a worker that announced itself through Reporter, no limit for a silent one (any
+    # script is watched from its first optimizer.step() on, and never killed for silence
+    # by a timer its user did not ask for).
+    startup_timeout: float | None = None
     io_timeout: float = 600.0  # loading, saving, stopping or finishing for this long = hung
     crash_loop_limit: int = 3  # restarts in a row without a new committed checkpoint
     backoff: float = 1.0  # first wait after a restart that made no progress; doubles, <= 60 s
     grace_period: float = 30.0  # after a stop request, workers must be done within this
 
-    def limit_for(self, phase: str) -> float:
+    def limit_for(self, phase: str | None) -> float:
+        """Seconds without progress allowed in ``phase`` (None: the worker never beat); 0 = none."""
+        if phase is None:
+            return self.startup_timeout or 0.0
         if phase == "training":
             return self.hang_timeout
         if phase == "starting":
-            return self.startup_timeout
+            return REPORTER_STARTUP_TIMEOUT if self.startup_timeout is None else self.startup_timeout
         return self.io_timeout
 
     def backoff_for(self, streak: int) -> float:
@@ -62,11 +72,14 @@ class Policy:
 
 
 class FaultTolerantAgent(LocalElasticAgent):
-    def __init__(self, spec, logs_specs, *, run_dir: str, policy: Policy, **kwargs):
+    def __init__(self, spec, logs_specs, *, run_dir: str, policy: Policy, event_log_handler: str = "null",
+                 **kwargs):
         super().__init__(spec, logs_specs, **kwargs)
         self.run_dir = run_dir
         self.policy = policy
-        self._generation_started = time.time()
+        self.event_log_handler = event_log_handler
+        self.last_failure: str | None = None  # the newest failure, in words
+        self._generation_started = time.monotonic()
         self._known_committed: int | None = None  # newest committed step any beat reported
         self._committed_at_last_failure: int | None = None
         self._streak = 0  # failures in a row that did not advance the committed step
@@ -102,6 +115,17 @@ class FaultTolerantAgent(LocalElasticAgent):
             except ProcessLookupError:
                 pass
 
+    def record_event(self, succeeded: bool) -> None:
+        """TorchElastic's own agent event (``--event-log-handler``), as its launch_agent records it."""
+        from torch.distributed.elastic import events
+
+        events.record(self.get_event_succeeded() if succeeded else self.get_event_failed(), self.event_log_handler)
+
+    def exhausted_reason(self) -> str:
+        restarts = self._worker_group.spec.max_restarts
+        return (f"all {restarts} restart{'s' * (restarts != 1)} used (--max-restarts); "
+                f"last failure: {self.last_failure or 'unknown'}")
+
     def _give_up(self, reason: str) -> None:
         """No more restarts: TorchElastic's loop then stops the group and returns FAILED."""
         self.stop_reason = reason
@@ -119,7 +143,7 @@ class FaultTolerantAgent(LocalElasticAgent):
         shutil.rmtree(contract.heartbeat_dir(self.run_dir), ignore_errors=True)
         os.makedirs(contract.heartbeat_dir(self.run_dir), exist_ok=True)
         pids = super()._start_workers(worker_group)
-        self._generation_started = time.time()
+        self._generation_started = time.monotonic()
         self.event("workers_started", pids={str(k): v for k, v in pids.items()})
         return pids
 
@@ -152,8 +176,11 @@ class FaultTolerantAgent(LocalElasticAgent):
                 return (failure.exitcode == -signal.SIGTERM, failure.exitcode > 0,
                         beat.step if beat else -1, failure.timestamp, rank)
 
-            for rank, failure in sorted(result.failures.items(), key=order):
+            for i, (rank, failure) in enumerate(sorted(result.failures.items(), key=order)):
                 beat = beats.get(rank)
+                if i == 0:
+                    how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+                    self.last_failure = f"rank {rank} {how} at step {beat.step if beat else None}"
                 self.event("worker_failed", rank=rank, exitcode=failure.exitcode,
                            signal=failure.signal_name() if failure.exitcode < 0 else None,
                            last_step=beat.step if beat else None, phase=beat.phase if beat else "starting")
@@ -167,9 +194,13 @@ class FaultTolerantAgent(LocalElasticAgent):
             hung = self._find_hung(worker_group, beats)
             if hung:
                 self._kill_workers()
+                now = time.time()
                 for rank, phase, step, silent in hung:
-                    self.event("hang_detected", rank=rank, phase=phase, step=step, silent_seconds=round(silent, 2))
+                    # since: when the rank last made progress (the time the hang cost counts from)
+                    self.event("hang_detected", rank=rank, phase=phase, step=step, silent_seconds=round(silent, 2),
+                               since=round(now - silent, 4))
                 rank, phase, step, silent = hung[0]
+                self.last_failure = f"rank {rank} made no progress for {silent:.1f} s (phase {phase}, step {step})"
                 log.error("rank %d made no progress for %.1f s (phase %s, step %d); ranks %s hung; restarting",
                           rank, silent, phase, step, [h[0] for h in hung])
                 self._on_failure(beats)
@@ -179,20 +210,23 @@ class FaultTolerantAgent(LocalElasticAgent):
         return result
 
     def _find_hung(self, worker_group: WorkerGroup, beats: dict[int, contract.Beat]) -> list[tuple]:
-        """(rank, phase, step, seconds silent) of every rank past its phase's limit, the one
-        that went quiet first first (a stopped rank leaves its peers blocked in a collective,
-        and they go quiet after it)."""
-        now = time.time()
+        """(rank, phase, step, seconds silent) of every rank past its phase's limit, root cause
+        first: a rank the kernel shows stopped (SIGSTOP), then the one that went quiet first
+        (a stopped or stuck rank leaves its peers blocked in a collective, and they go quiet
+        a moment after it)."""
+        now = time.monotonic()
         hung = []
         for worker in worker_group.workers:
             if not _running(worker.id):
                 continue  # finished already (its peers may still be working)
             beat = beats.get(worker.global_rank)
-            phase, since, step = (beat.phase, beat.time, beat.step) if beat else ("starting", self._generation_started, -1)
+            phase, since, step = (beat.phase, beat.time, beat.step) if beat else (None, self._generation_started, -1)
             limit = self.policy.limit_for(phase)
+            phase = phase or "starting"
             if limit and now - since > limit:
-                hung.append((worker.global_rank, phase, step, now - since))
-        return sorted(hung, key=lambda h: -h[3])
+                stopped = beat is not None and _stopped(beat.os_pid)
+                hung.append((not stopped, worker.global_rank, phase, step, now - since))
+        return [h[1:] for h in sorted(hung, key=lambda h: (h[0], -h[4]))]
 
     def _on_failure(self, beats: dict[int, contract.Beat]) -> None:
         self._last_failed = True
@@ -217,6 +251,13 @@ class FaultTolerantAgent(LocalElasticAgent):
             self.event("stop_requested", reason=reason, grace_period=self.policy.grace_period)
             log.warning("%s: asking workers to stop at the next step and commit it (grace period %g s)",
                         reason, self.policy.grace_period)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return pid > 0 and psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _running(pid: int | None) -> bool:

@@ -31,7 +31,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
-from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic import metrics
+from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
 from torch.distributed.launcher.api import _get_addr_and_port
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
@@ -58,9 +59,15 @@ def build_parser():
     ours.add_argument("--run-dir", default="", help="run directory: events.jsonl, heartbeats, per-attempt logs "
                       "(default: runs/ftlaunch/<time>-<pid>)")
     ours.add_argument("--hang-timeout", type=float, default=120.0,
-                      help="seconds a training rank may go without finishing a step before the group is restarted (0: off)")
-    ours.add_argument("--startup-timeout", type=float, default=300.0,
-                      help="seconds a new generation may take to start reporting progress (0: off)")
+                      help="seconds a training rank may go without a step before the group is restarted (0: off). "
+                           "A step is a Reporter.beat() or, for any other Python script, an optimizer.step() "
+                           "(torch's global optimizer hook, no code change); such a script that goes longer "
+                           "without a step (a long eval) needs a larger value")
+    ours.add_argument("--startup-timeout", type=float, default=None,
+                      help="seconds a worker may take to its first heartbeat. Default: 300 s for scripts that "
+                           "report with launcher.worker.Reporter (they announce themselves at start), and no "
+                           "limit for any other script, which is watched from its first optimizer.step() on "
+                           "(0: off for all)")
     ours.add_argument("--io-timeout", type=float, default=600.0,
                       help="seconds a rank may spend loading, saving, stopping or finishing (eval, final save, exit) before it counts as hung (0: off)")
     ours.add_argument("--crash-loop-limit", type=int, default=3,
@@ -99,7 +106,7 @@ def parse_args(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("hang_timeout", "startup_timeout", "io_timeout", "restart_backoff", "grace_period"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.crash_loop_limit < 0 or args.max_restarts < 0:
         parser.error("--crash-loop-limit and --max-restarts must be >= 0")
@@ -113,13 +120,21 @@ def parse_args(argv: list[str] | None = None):
     except (ValueError, RuntimeError):
         parser.error(f"--nnodes {args.nnodes!r} must be N or MIN:MAX")
     if args.standalone or (max_nodes == 1 and not args.rdzv_endpoint and args.rdzv_backend != "static"):
-        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        # A private rendezvous on a free port (the job's TORCHELASTIC_RUN_ID keeps a given --rdzv-id).
+        args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"
+        args.rdzv_id = str(uuid.uuid4()) if args.rdzv_id == "none" else args.rdzv_id
     elif not args.rdzv_endpoint and args.rdzv_backend != "static":
         parser.error(f"--nnodes {args.nnodes} spans several nodes: give --rdzv-endpoint HOST:PORT (and --rdzv-id)")
     elif args.rdzv_backend == "c10d":
         args.rdzv_conf = with_defaults(args.rdzv_conf, MULTI_NODE_RDZV_DEFAULTS)
     if args.rdzv_backend == "static":
         log.warning("static rendezvous cannot replace a failed node or re-form after a restart; prefer c10d")
+    unknown = [s for s in args.signals_to_handle.split(",") if s.strip() and not hasattr(signal, s.strip())]
+    if unknown:
+        parser.error(f"--signals-to-handle: unknown signal {unknown[0].strip()!r} (names like SIGHUP,SIGUSR1)")
+    # SIGTERM/SIGINT are ours (graceful stop); TorchElastic keeps the others it was given.
+    args.signals_to_handle = ",".join(s.strip() for s in args.signals_to_handle.split(",")
+                                      if s.strip() not in ("SIGTERM", "SIGINT", ""))
     return args
 
 
@@ -148,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         args.log_dir = os.path.join(run_dir, "logs")
         if args.tee == "0" and args.redirects == "0":
             args.tee = "3"  # per-attempt, per-rank files and the console
-    # SIGTERM/SIGINT are ours (graceful stop); TorchElastic keeps SIGHUP/SIGQUIT.
-    args.signals_to_handle = "SIGHUP,SIGQUIT"
 
     try:
         config, entrypoint, cmd_args = config_from_args(args)
@@ -158,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftlaunch: error: {e} (see --help)", file=sys.stderr)
         return 2
     fork_server = None
-    if not args.no_prewarm and entrypoint == sys.executable:
+    if entrypoint == sys.executable and not args.no_prewarm:
         fork_server, cmd_args = start_fork_server(run_dir, args.prewarm_import, cmd_args)
+    elif entrypoint == sys.executable:  # plain interpreters, through the same bootstrap
+        cmd_args = ["-u", "-m", "launcher.bootstrap", *cmd_args]
     policy = Policy(hang_timeout=args.hang_timeout, startup_timeout=args.startup_timeout, io_timeout=args.io_timeout,
                     crash_loop_limit=args.crash_loop_limit, backoff=args.restart_backoff,
                     grace_period=args.grace_period)
@@ -185,7 +200,9 @@ def start_fork_server(run_dir: str, extra_modules: list[str], cmd_args: list[str
 
 def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy) -> FaultTolerantAgent:
     """The WorkerSpec and agent that ``torch.distributed.launcher.api.launch_agent`` builds,
-    with our agent class in place of LocalElasticAgent."""
+    with our agent class in place of LocalElasticAgent. Every ``LaunchConfig`` field goes
+    where torch's own ``launch_agent`` puts it (``tests/test_cli.py`` walks torchrun's parser
+    to keep it so)."""
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
                                   run_id=config.run_id, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
@@ -194,13 +211,20 @@ def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy) -> 
     spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
                       args=tuple(cmd_args), rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
                       max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
-                      master_addr=master_addr, master_port=master_port, local_addr=config.local_addr)
+                      master_addr=master_addr, master_port=master_port, local_addr=config.local_addr,
+                      event_log_handler=config.event_log_handler, numa_options=config.numa_options,
+                      duplicate_stdout_filters=config.duplicate_stdout_filters,
+                      duplicate_stderr_filters=config.duplicate_stderr_filters,
+                      virtual_local_rank=config.virtual_local_rank)
     contract.append_event(run_dir, "launch", agent=True, attempt=0, entrypoint=" ".join([str(entrypoint), *cmd_args]),
                           nproc_per_node=config.nproc_per_node, nnodes=f"{config.min_nodes}:{config.max_nodes}",
                           max_restarts=config.max_restarts, rdzv_backend=config.rdzv_backend)
+    metrics.initialize_metrics(metrics.MetricsConfig(config.metrics_cfg))
     return FaultTolerantAgent(spec, config.logs_specs, run_dir=run_dir, policy=policy,
                               start_method=config.start_method,
-                              log_line_prefix_template=config.log_line_prefix_template)
+                              log_line_prefix_template=config.log_line_prefix_template,
+                              shutdown_timeout=config.shutdown_timeout,
+                              event_log_handler=config.event_log_handler)
 
 
 def run(agent: FaultTolerantAgent, run_dir: str) -> int:
@@ -216,16 +240,28 @@ def run(agent: FaultTolerantAgent, run_dir: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     exit_code, result = 1, "failed"
+    shutdown_rdzv = True
     try:
         outcome = agent.run()
-        if not outcome.is_failed():
+        agent.record_event(succeeded=True)  # the agent ran; whether the workers did is below
+        # Only SUCCEEDED is success: TorchElastic's is_failed() does not count an UNHEALTHY
+        # group (our hang detector's verdict) that ran out of restarts.
+        if outcome.state == WorkerState.SUCCEEDED:
             exit_code, result = 0, "succeeded"
-        elif agent.stop_reason:
-            result = f"failed: {agent.stop_reason}"
+        else:
+            result = f"failed: {agent.stop_reason or agent.exhausted_reason()}"
     except SignalException as e:
-        exit_code, result = 128 + e.sigval, f"killed by a second {e.sigval.name}"
+        # As torch's launch_agent: do not shut the rendezvous down, so that the other nodes
+        # can go on (a shut-down rendezvous is closed for good under this run id).
+        shutdown_rdzv = False
+        agent.record_event(succeeded=False)
+        exit_code, result = 128 + e.sigval, f"failed: killed by {e.sigval.name}"
+    except Exception:
+        agent.record_event(succeeded=False)
+        raise
     finally:
-        agent._worker_group.spec.rdzv_handler.shutdown()
+        if shutdown_rdzv:
+            agent._worker_group.spec.rdzv_handler.shutdown()
     summary = summarize(contract.read_events(run_dir))
     if exit_code == 0 and summary["ended_by"] == "preempted":
         result = f"stopped on request at step {summary['end_step']}, committed; relaunch to resume"

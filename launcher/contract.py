@@ -42,8 +42,13 @@ def stop_path(run_dir: str) -> str:
 
 @dataclass
 class Beat:
-    """One worker's latest progress. ``time`` is wall-clock seconds; the agent compares it
-    with its own clock on the same node."""
+    """One worker's latest progress. ``time`` is ``time.monotonic()`` (CLOCK_MONOTONIC, one
+    clock for every process of the node, and a wall-clock step cannot make a rank look
+    hung); the agent compares it with its own monotonic clock on the same node.
+
+    ``source`` says who wrote it: ``"reporter"`` (the script's own ``Reporter``: steps and
+    phases) or ``"optimizer"`` (``launcher.bootstrap``: every ``optimizer.step()`` of any
+    script)."""
 
     rank: int
     pid: int
@@ -52,6 +57,8 @@ class Beat:
     phase: str
     time: float
     committed: int | None = None  # newest committed checkpoint step this worker knows of
+    source: str = "reporter"
+    os_pid: int = 0  # the process that trains (a pre-warmed worker's pid differs from ``pid``)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,7 +83,8 @@ class BeatWriter:
 
     def __init__(self, run_dir: str, rank: int):
         os.makedirs(heartbeat_dir(run_dir), exist_ok=True)
-        self._fd = os.open(heartbeat_path(run_dir, rank), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # No O_TRUNC: every beat is padded to the same size and overwrites the whole file.
+        self._fd = os.open(heartbeat_path(run_dir, rank), os.O_RDWR | os.O_CREAT, 0o644)
 
     def write(self, beat: Beat) -> None:
         os.pwrite(self._fd, beat.to_json().encode().ljust(BEAT_BYTES), 0)

@@ -11,9 +11,13 @@ socket); the server forks a worker that runs the script exactly as ``python -u s
       `- supervisor (one per worker) <-- unix socket --> forwards signals, waits for the status
            `- worker: runpy of the script  (its exit status becomes the client's)
 
-The supervisor kills the worker when the client dies (TorchElastic SIGKILLs the client), and
-forwards any other signal. The client exits with the worker's status, re-raising a fatal
-signal on itself so TorchElastic sees the same ``exitcode: -9`` a plain worker would give.
+The supervisor kills the worker's whole session when the client dies (TorchElastic SIGKILLs
+the client), and forwards any other signal. The client exits with the worker's status,
+re-raising a fatal signal on itself so TorchElastic sees the same ``exitcode: -9`` a plain
+worker would give. Every process of the chain (server, supervisor, worker, client) gets
+SIGKILL when its parent dies, so nothing outlives a SIGKILLed ftlaunch. The worker gets the
+client's CPU affinity (``--numa-binding``), umask and rlimits, and exits as the interpreter
+does (threads joined, atexit handlers run: ``launcher.bootstrap``).
 
 Forking a process that imported torch is safe while it has started no threads of its own and
 never touched a GPU; the server does neither. Each worker re-seeds Python's and NumPy's global
@@ -23,11 +27,10 @@ RNGs from the OS, as a fresh interpreter would.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import json
 import os
-import runpy
+import resource
 import select
 import signal
 import socket
@@ -35,7 +38,10 @@ import sys
 import time
 import traceback
 
+from . import bootstrap
 from .contract import WORKER_ID_ENV
+
+_server_pid = 0
 
 WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict",
                 "torch.nn.parallel", "torch.optim", "torch._dynamo", "numpy")  # torch._dynamo: the first optimizer imports it (0.6 s)
@@ -44,13 +50,15 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 
 # -- server ---------------------------------------------------------------------------------
 def serve(socket_path: str, modules: list[str]) -> None:
-    _die_with_parent()
+    bootstrap.die_with_parent()  # ftlaunch dies -> so does the server
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen(256)  # clients may connect (and wait) while the imports below run
     for name in modules:
         importlib.import_module(name)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    global _server_pid
+    _server_pid = os.getpid()
     while True:
         conn, _ = server.accept()
         if os.fork() == 0:
@@ -63,21 +71,15 @@ def serve(socket_path: str, modules: list[str]) -> None:
         conn.close()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this server when ftlaunch dies, however it dies."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _supervise(conn: socket.socket) -> None:
+    bootstrap.die_with_parent(expected_parent=_server_pid)  # the server dies -> so do we
     message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     request = json.loads(message)
+    supervisor = os.getpid()
     pid = os.fork()
     if pid == 0:
         conn.close()
-        _become_worker(request, fds)  # never returns
+        _become_worker(request, fds, supervisor)  # never returns
     for fd in fds:
         os.close(fd)
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
@@ -86,58 +88,69 @@ def _supervise(conn: socket.socket) -> None:
         ready, _, _ = select.select([pidfd, conn], [], [])
         if pidfd in ready:
             _, status = os.waitpid(pid, 0)
+            _kill_session(pid)  # what it started dies with it, as TorchElastic's killpg does for plain workers
             conn.sendall(json.dumps({"status": status}).encode() + b"\n")
             return
         data = conn.recv(64)
-        if not data:  # the client is gone (TorchElastic killed it): so goes its worker
-            os.kill(pid, signal.SIGKILL)
+        if not data:  # the client is gone (TorchElastic killed it): so goes its worker, with
+            # every process of the worker's session (its own children: data loaders, ...)
+            _kill_session(pid)
             os.waitpid(pid, 0)
             return
         for signum in data:
             os.kill(pid, signum)
 
 
-def _become_worker(request: dict, fds: list[int]) -> None:
+def _kill_session(pid: int) -> None:
+    """SIGKILL the worker and every process in its session (it called setsid, so its
+    process group id is its pid)."""
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _become_worker(request: dict, fds: list[int], supervisor: int) -> None:
+    os.setsid()
+    bootstrap.die_with_parent(expected_parent=supervisor)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
+    # What the client's process has and a fork of the server would not: the directory, the
+    # environment, CPU affinity (``--numa-binding`` sets it on the client), umask, rlimits.
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.sched_setaffinity(0, request["affinity"])
+    os.umask(request["umask"])
+    for name, limits in request["rlimits"].items():
+        try:
+            resource.setrlimit(getattr(resource, name), tuple(limits))
+        except (ValueError, OSError) as e:  # e.g. a hard limit above the server's, without root
+            print(f"ftlaunch: pre-warmed worker keeps the server's {name} ({e})", file=sys.stderr, flush=True)
     for sig in FORWARDED + (signal.SIGCHLD,):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    os.setsid()
     import random
 
     random.seed()  # a fresh interpreter draws new seeds from the OS; so do we
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
-    code = 0
+    code = 1
     try:
-        args = request["argv"]
-        if args[0] == "-m":
-            sys.argv = [args[1], *args[2:]]
-            sys.path.insert(0, request["cwd"])
-            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = list(args)
-            sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
-            runpy.run_path(args[0], run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
+        bootstrap.watch_optimizer_steps()
+        code = bootstrap.run_as_main(request["argv"])
     except BaseException:
         traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    finally:
+        bootstrap.exit_like_python(code)  # never returns
 
 
 # -- client ---------------------------------------------------------------------------------
 def client(socket_path: str, argv: list[str], connect_timeout: float = 10.0) -> int:
+    agent = os.environ.get("FTLAUNCH_AGENT_PID")
+    bootstrap.die_with_parent(int(agent) if agent and agent.isdigit() else None)  # ftlaunch dies -> so do we
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deadline = time.monotonic() + connect_timeout
     while True:
@@ -150,10 +163,15 @@ def client(socket_path: str, argv: list[str], connect_timeout: float = 10.0) -> 
                 # (killed?). Run as a plain interpreter instead: slower to start, same result.
                 print(f"ftlaunch: no fork server at {socket_path}; starting a plain interpreter",
                       file=sys.stderr, flush=True)
-                os.execv(sys.executable, [sys.executable, *argv])
+                os.execv(sys.executable, [sys.executable, "-u", "-m", "launcher.bootstrap", *argv])
             time.sleep(0.02)
     env = dict(os.environ, **{WORKER_ID_ENV: str(os.getpid())})
-    request = {"argv": [a for a in argv if a != "-u"], "env": env, "cwd": os.getcwd()}
+    umask = os.umask(0)
+    os.umask(umask)
+    rlimits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
+    _, script = bootstrap.split_interpreter_args(argv)  # the server's workers are unbuffered already (-u)
+    request = {"argv": script, "env": env, "cwd": os.getcwd(), "affinity": sorted(os.sched_getaffinity(0)),
+               "umask": umask, "rlimits": rlimits}
     socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
     for sig in FORWARDED:
         signal.signal(sig, lambda signum, _frame: conn.sendall(bytes([signum])))

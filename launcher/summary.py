@@ -14,7 +14,8 @@ def _failure_kind(event: dict) -> str:
 def summarize(events: list[dict]) -> dict:
     """Attempts, failures by kind, and per failure the steps and seconds it cost: steps from
     the newest step any worker reported to the step the next generation resumed from, and
-    seconds from the failure to the first step of the next generation."""
+    seconds from the failure (for a hang: the rank's last progress) to the first step of the
+    next generation. A failure no generation recovered from has no such figures (None)."""
     events = sorted(events, key=lambda e: e["time"])
     failures = []  # one per failed generation: its first failure event (root cause first)
     seen_attempts = set()
@@ -23,13 +24,16 @@ def summarize(events: list[dict]) -> dict:
             seen_attempts.add(e["attempt"])
             same = [x for x in events if x["event"] == e["event"] and x["attempt"] == e["attempt"]]
             last_step = max((x.get("last_step") if x["event"] == "worker_failed" else x.get("step")) or 0 for x in same)
-            failures.append({"time": e["time"], "kind": _failure_kind(e), "rank": e["rank"], "last_step": last_step})
+            # A hang costs from the rank's last progress, not from its detection.
+            failures.append({"time": e["time"], "since": e.get("since", e["time"]), "kind": _failure_kind(e),
+                             "rank": e["rank"], "last_step": last_step})
     for f in failures:
+        f["restarted"] = any(e["time"] > f["time"] and e["event"] == "workers_started" for e in events)
         resumed = next((e for e in events if e["time"] > f["time"] and e["event"] in ("resumed", "fresh_start")), None)
         first = next((e for e in events if e["time"] > f["time"] and e["event"] == "first_step"), None)
         f["resumed_step"] = resumed["step"] if resumed else None
         f["steps_lost"] = max(0, f["last_step"] - resumed["step"]) if resumed else None
-        f["seconds_lost"] = round(first["time"] - f["time"], 2) if first else None
+        f["seconds_lost"] = round(first["time"] - f["since"], 2) if first else None
     commits = [e["step"] for e in events if e["event"] == "save_commit"]
     by_kind: dict[str, int] = {}
     for f in failures:
@@ -55,8 +59,14 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
         kinds = ", ".join(f"{n} x {k}" for k, n in summary["failures_by_kind"].items())
         lines.append(f"failures: {kinds}")
         for f in summary["failures"]:
-            lines.append(f"  rank {f['rank']} {f['kind']} at step {f['last_step']}: resumed from step "
-                         f"{f['resumed_step']}, {f['steps_lost']} steps and {f['seconds_lost']} s lost")
+            where = f"  rank {f['rank']} {f['kind']} at step {f['last_step']}"
+            if f["resumed_step"] is None or f["seconds_lost"] is None:
+                lines.append(f"{where}: " + ("restarted; steps and time lost unknown (the script does not report "
+                                             "them through launcher.worker.Reporter)" if f["restarted"]
+                                             else "not recovered (no restart followed)"))
+            else:
+                lines.append(f"{where}: resumed from step {f['resumed_step']}, {f['steps_lost']} steps and "
+                             f"{f['seconds_lost']} s lost")
         lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
                      "(failure -> first step of the next generation)")
     else:

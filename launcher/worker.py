@@ -93,6 +93,10 @@ class Reporter:
         self.step = -1
         self.committed: int | None = None
         self._writer = contract.BeatWriter(self.run_dir, env.rank) if self.run_dir else None
+        if self._writer is not None:
+            from .bootstrap import silence_optimizer_beats
+
+            silence_optimizer_beats()  # our beats carry phases; the optimizer hook's do not
         # The agent knows a pre-warmed worker by its client's pid (see launcher.prewarm).
         self._pid = int(os.environ.get(contract.WORKER_ID_ENV, os.getpid()))
         self._write()
@@ -133,7 +137,8 @@ class Reporter:
         if self._writer is not None:
             self._writer.write(contract.Beat(
                 rank=self.env.rank, pid=self._pid, generation=self.env.restart_count, step=self.step,
-                phase=self.phase_name, time=time.time(), committed=self.committed))
+                phase=self.phase_name, time=time.monotonic(), committed=self.committed,
+                os_pid=os.getpid()))
 
 
 class StopRequest:

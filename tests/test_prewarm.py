@@ -63,3 +63,55 @@ def test_without_a_fork_server_the_client_runs_a_plain_interpreter(tmp_path):
                   "-u", PROBE, "3"], timeout=120, cwd=tmp_path, env_extra={"PROBE": "plain"})
     assert result.returncode == 3, result.output
     assert "no fork server" in result.output and "probe=plain main=__main__" in result.output
+
+
+def test_prewarmed_worker_sees_what_a_plain_interpreter_sees(fork_server, tmp_path):
+    """argv (a script's own -u kept), sys.path (the script's folder first, not the server's
+    cwd), cwd, environment, CPU affinity (what --numa-binding sets on the client), umask and
+    rlimits: the same for a forked worker as for `python -u script`."""
+    import json
+    import os
+    import resource
+
+    probe = str(REPO / "tests" / "scripts" / "fidelity_probe.py")
+    cpu = min(os.sched_getaffinity(0))
+
+    def narrowed():  # what numactl or a scheduler does to a worker before it starts
+        os.sched_setaffinity(0, {cpu})
+        os.umask(0o027)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+
+    def seen(cmd):
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=narrowed,
+                             env={**os.environ, "PROBE": "fidelity"})
+        assert out.returncode == 0, out.stderr
+        return json.loads(next(l for l in out.stdout.splitlines() if l.startswith("PROBE "))[6:])
+
+    args = [probe, "-u", "--x", "-u"]
+    plain = seen([sys.executable, "-u", *args])
+    forked = seen([sys.executable, "-m", "launcher.prewarm", "run", "--socket", fork_server, "-u", *args])
+    assert forked["argv"] == plain["argv"] == args
+    assert forked["affinity"] == plain["affinity"] == [cpu]
+    assert forked["umask"] == plain["umask"] == 0o027
+    assert forked == plain
+
+
+def test_prewarmed_worker_exits_as_the_interpreter_does(fork_server, tmp_path):
+    """A non-daemon thread still running when the script ends is joined, and atexit handlers
+    run, before the status goes back (os._exit skipped both: an async save in flight was lost
+    and the exit code said 0)."""
+    script = tmp_path / "ending.py"
+    script.write_text(
+        "import atexit, sys, threading\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "def late():\n"
+        "    threading.main_thread().join()  # runs on after the script's last line\n"
+        "    print('thread finished', flush=True)\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.exit(4)\n")
+    for cmd in ([sys.executable, "-u", str(script)],
+                [sys.executable, "-m", "launcher.prewarm", "run", "--socket", fork_server, "-u", str(script)]):
+        result = run(cmd, timeout=120, cwd=tmp_path)
+        assert result.returncode == 4, result.output
+        assert result.output.splitlines()[-2:] == ["thread finished", "atexit ran"], result.output

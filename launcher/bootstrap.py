@@ -1,0 +1,171 @@
+"""How ftlaunch runs a Python training script: exactly as ``python -u script`` would, plus
+two things the script does not have to ask for.
+
+1. **A heartbeat without code changes.** Torch's global optimizer hook
+   (``register_optimizer_step_post_hook``) makes every ``optimizer.step()`` a beat in the
+   worker's heartbeat file, so the agent can tell a stopped or deadlocked worker of *any*
+   script from a working one. A script that uses ``launcher.worker.Reporter`` reports its own
+   steps and phases instead (the hook then stays quiet).
+2. **Nothing outlives the launcher.** The process asks the kernel for SIGKILL when its parent
+   dies (``PR_SET_PDEATHSIG``), so a SIGKILLed ftlaunch takes its workers with it.
+
+Both the pre-warmed path (``launcher.prewarm`` forks a worker, then calls ``run_as_main`` and
+``exit_like_python``) and the plain path (``python -u -m launcher.bootstrap ARGS``, used with
+``--no-prewarm``) go through this module, so they behave alike.
+
+The script runs the way the interpreter runs it: ``sys.argv`` is the script and its
+arguments, ``sys.path[0]`` is the script's directory (the current directory for ``-m``), an
+uncaught exception prints its traceback and exits 1, ``SystemExit`` keeps its code, and at
+exit non-daemon threads are joined and ``atexit`` handlers run (an async checkpoint save in
+flight is finished, not lost).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from . import contract
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None = None) -> None:
+    """Linux: SIGKILL this process when its parent dies, however it dies. With
+    ``expected_parent``, exit at once if the parent is already gone (it may die between our
+    fork and this call)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(128 + signal.SIGKILL)
+
+
+# -- the optimizer-step heartbeat --------------------------------------------------------------
+class _OptimizerBeats:
+    """Writes a heartbeat after every ``optimizer.step()`` of this process (a 512-byte pwrite,
+    about 7 us), unless the script reports through ``Reporter``."""
+
+    def __init__(self, run_dir: str, rank: int, pid: int, generation: int):
+        self.writer = contract.BeatWriter(run_dir, rank)
+        self.rank, self.pid, self.generation = rank, pid, generation
+        self.steps = 0
+        self.silenced = False
+
+    def __call__(self, _optimizer, _args, _kwargs) -> None:
+        if self.silenced:
+            return
+        self.steps += 1
+        self.writer.write(contract.Beat(rank=self.rank, pid=self.pid, generation=self.generation, step=self.steps,
+                                        phase="training", time=time.monotonic(), source="optimizer",
+                                        os_pid=os.getpid()))
+
+
+_beats: _OptimizerBeats | None = None
+
+
+def silence_optimizer_beats() -> None:
+    """Called by ``Reporter``: the script reports its own progress from now on."""
+    if _beats is not None:
+        _beats.silenced = True
+
+
+def watch_optimizer_steps(env=os.environ) -> None:
+    """Under ftlaunch, make every ``optimizer.step()`` of this process a heartbeat."""
+    global _beats
+    run_dir = env.get(contract.RUN_DIR_ENV)
+    if not run_dir or "RANK" not in env or _beats is not None:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _beats = _OptimizerBeats(run_dir, int(env["RANK"]), int(env.get(contract.WORKER_ID_ENV, os.getpid())),
+                             int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    register_optimizer_step_post_hook(_beats)
+
+
+# -- running the script --------------------------------------------------------------------------
+def split_interpreter_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``["-u", "-m", "pkg.mod", "-u", "x"]`` -> (``["-u"]``, ``["-m", "pkg.mod", "-u", "x"]``):
+    the interpreter's options (which ftlaunch's workers already have: unbuffered) and the
+    script or ``-m module`` with its own arguments, untouched."""
+    for i, arg in enumerate(argv):
+        if arg == "-m" or not arg.startswith("-") or arg == "-":
+            return argv[:i], argv[i:]
+    return argv, []
+
+
+def run_as_main(argv: list[str]) -> int:
+    """Run ``script args...`` or ``-m module args...`` as ``__main__``; return the exit code
+    ``python`` would give (an uncaught exception prints its traceback and gives 1)."""
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's file in argv[0]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        if isinstance(e.code, int):
+            return e.code
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return -signal.SIGINT  # python re-raises SIGINT on itself: "killed by SIGINT"
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def exit_like_python(code: int) -> None:
+    """Finish the way the interpreter does at exit, then leave with ``code``: join non-daemon
+    threads, run atexit handlers, flush stdio. For a forked worker, whose stack still holds the
+    fork server's frames (a plain ``sys.exit`` would unwind into them)."""
+    try:
+        threading._shutdown()  # what Py_FinalizeEx calls first: waits for non-daemon threads
+    except Exception:
+        traceback.print_exc()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code < 0:  # die by the same signal
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -u -m launcher.bootstrap [interpreter options] script args...``"""
+    argv = sys.argv[1:] if argv is None else argv
+    agent = os.environ.get("FTLAUNCH_AGENT_PID")
+    die_with_parent(int(agent) if agent and agent.isdigit() else None)
+    _, script = split_interpreter_args(argv)
+    if not script:
+        print("usage: python -m launcher.bootstrap [-u] (script | -m module) [args...]", file=sys.stderr)
+        return 2
+    watch_optimizer_steps()
+    code = run_as_main(script)
+    if code < 0:
+        exit_like_python(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
