@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-import psutil
+from launcher.proctree import kill_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,12 +39,7 @@ def trial(mode: str, timeout: float) -> tuple[str, int, float]:
         out, _ = proc.communicate(timeout=timeout)
         outcome = "ok" if proc.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
-        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         outcome = "hung"
     return outcome, out.count("connectFullMesh"), time.monotonic() - start

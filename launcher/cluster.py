@@ -22,6 +22,8 @@ import time
 
 import psutil
 
+from .proctree import ProcessId, kill_tree
+
 
 def _node_command(state: dict, node: int) -> list[str]:
     return [sys.executable, "-m", "launcher.cli", "--nnodes", f"{state['min_nodes']}:{state['nodes']}",
@@ -33,34 +35,29 @@ def start_node(state: dict, node: int) -> int:
     log = open(os.path.join(state["dir"], f"node{node}.log"), "ab")
     proc = subprocess.Popen(_node_command(state, node), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     with open(os.path.join(state["dir"], f"node{node}.pid"), "w") as f:
-        f.write(str(proc.pid))
+        f.write(ProcessId.of(proc.pid).to_text())  # pid and start time: a reused pid is not our node
     return proc.pid
 
 
-def kill_node(state: dict, node: int) -> None:
+def _node_process(state: dict, node: int) -> ProcessId | None:
+    """The node's agent, if that very process still runs."""
     try:
-        root = psutil.Process(int(open(os.path.join(state["dir"], f"node{node}.pid")).read()))
-        tree = root.children(recursive=True) + [root]
-    except (FileNotFoundError, psutil.NoSuchProcess):
+        with open(os.path.join(state["dir"], f"node{node}.pid")) as f:
+            proc = ProcessId.from_text(f.read())
+    except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
+        return None
+    return proc if proc.alive() else None
+
+
+def kill_node(state: dict, node: int) -> None:
+    proc = _node_process(state, node)
+    if proc is None:
         raise SystemExit(f"ftlaunch cluster: node {node} is not running")
-    for proc in tree:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+    kill_tree(proc.pid)
 
 
 def _running_nodes(state: dict) -> list[int]:
-    alive = []
-    for node in range(state["nodes"]):
-        try:
-            proc = psutil.Process(int(open(os.path.join(state["dir"], f"node{node}.pid")).read()))
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(node)
-        except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
-            pass
-    return alive
+    return [node for node in range(state["nodes"]) if _node_process(state, node) is not None]
 
 
 def up(directory: str, nodes: int, min_nodes: int, agent_args: list[str]) -> int:

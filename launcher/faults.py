@@ -115,16 +115,9 @@ class FaultInjector:
 def _kill_node() -> None:
     """SIGKILL the ftlaunch agent and every process under it (TorchElastic puts workers in
     sessions of their own, so a process-group kill would miss them), this worker last."""
-    import psutil
+    from .proctree import kill_tree
 
     agent_pid = os.environ.get(AGENT_PID_ENV)
     if not agent_pid:
         raise RuntimeError("kill-node-before-commit needs ftlaunch (FTLAUNCH_AGENT_PID is not set)")
-    agent = psutil.Process(int(agent_pid))
-    me = os.getpid()
-    for proc in [agent, *agent.children(recursive=True)]:
-        if proc.pid != me:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+    kill_tree(int(agent_pid), spare=os.getpid(), timeout=0)

@@ -7,14 +7,14 @@ group is not enough: on timeout we kill every descendant found by psutil, then t
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
+
+from launcher.proctree import kill_tree  # noqa: F401  (the one tree kill, shared)
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "train.py")
@@ -27,24 +27,6 @@ class Result:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.output.splitlines()[-n:])
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run(cmd: list[str], timeout: float, cwd: str | Path = REPO, env_extra: dict | None = None) -> Result:
@@ -146,6 +128,22 @@ def effective_steps(records: list[dict]) -> list[dict]:
     for r in records:
         latest[r["step"]] = max(latest.get(r["step"], 0.0), r["launch"])
     return [r for r in records if r["launch"] == latest[r["step"]]]
+
+
+DIGITS_TRAIN_SAMPLES = 1438  # sklearn's digits: 1,797 minus the 20% test split
+
+
+def assert_each_sample_once(records: list[dict], epochs: int, samples: int = DIGITS_TRAIN_SAMPLES) -> None:
+    """The exactness oracle for elastic runs: in every epoch, every sample index was trained
+    on exactly once (``records``: the effective steps of a sample trace)."""
+    from collections import Counter
+
+    for epoch in range(epochs):
+        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
+        repeated = [i for i, n in seen.items() if n > 1]
+        assert not repeated, f"epoch {epoch}: samples trained on twice: {repeated[:10]}"
+        skipped = sorted(set(range(samples)) - set(seen))
+        assert not skipped and len(seen) == samples, f"epoch {epoch}: {len(skipped)} samples skipped: {skipped[:10]}"
 
 
 def read_trace(run_dir: Path) -> list[dict]:

@@ -22,8 +22,9 @@ TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same job under ftlaunch with no fault."""
+def ftl_reference(tmp_path_factory):
+    """The same job under ftlaunch with no fault (conftest's ``reference`` runs another job
+    under torchrun; this one must not shadow it)."""
     base = tmp_path_factory.mktemp("ftl-reference")
     result = run(ftlaunch_cmd(2, "--run-dir", str(base / "run"),
                               script_args=("--ckpt-dir", str(base / "ckpt"), *TRAIN_ARGS)), timeout=TIMEOUT)
@@ -44,13 +45,13 @@ def events_of(run_dir, name):
     (["hang:rank=1:step=35"], 1, "hang (training)", [30]),
     (["raise:rank=0:step=35"], 0, "exit code 1", [30]),
 ], ids=["kill", "kill-before-commit", "kill-while-loading", "hang", "raise"])
-def test_fault_is_recovered_bit_exactly(reference, tmp_path, faults, failed_rank, kind, resumes):
+def test_fault_is_recovered_bit_exactly(ftl_reference, tmp_path, faults, failed_rank, kind, resumes):
     run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
     injections = [a for f in faults for a in ("--inject", f)]
     result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--hang-timeout", "3", *injections,
                               script_args=("--ckpt-dir", str(ckpt), *TRAIN_ARGS)), timeout=TIMEOUT)
     assert result.returncode == 0, result.tail()
-    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), reference)
+    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), ftl_reference)
 
     events = read_events(run_dir)
     failures = [e for e in events if e["event"] in ("worker_failed", "hang_detected")]
@@ -60,6 +61,10 @@ def test_fault_is_recovered_bit_exactly(reference, tmp_path, faults, failed_rank
     assert f"1 x {kind}" in result.output or f"{len(faults)} x {kind}" in result.output, result.tail()
     if any(f.startswith("kill-load") for f in faults):
         assert any(e["attempt"] == 1 and e["rank"] == 0 and e["phase"] == "loading" for e in failures), failures
+    if faults[0].startswith("hang"):
+        # A hang costs from the rank's last step, not from its detection: at least --hang-timeout.
+        lost = float(re.search(r"time lost: ([\d.]+) s", result.output).group(1))
+        assert lost >= 3, result.tail()
     if "kill-before-commit" in faults[0]:
         assert re.search(r"skipping checkpoint .*step-00000040/manifest.json: no commit record", result.output)
     # Per-attempt, per-rank logs from TorchElastic's log spec.

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections import Counter
 
 import pytest
 
-from procs import (REPO, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
+from procs import (REPO, assert_each_sample_once, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
                    start, wait_for_event, wait_for_file)
 
 TRAIN_SAMPLES, STEPS_PER_EPOCH, EPOCHS = 1438, 23, 6
@@ -58,10 +57,7 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
     assert resumed and resumed[-1]["world_size"] == 2
 
     records = effective_steps(read_trace(tmp_path / "shared"))
-    for epoch in range(EPOCHS):
-        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
-        assert all(n == 1 for n in seen.values()), f"epoch {epoch}: samples seen twice"
-        assert sorted(seen) == list(range(TRAIN_SAMPLES)), f"epoch {epoch}: samples skipped"
+    assert_each_sample_once(records, EPOCHS, TRAIN_SAMPLES)
     final = latest_committed(tmp_path / "ckpt")
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
     state = load_checkpoint(tmp_path / "ckpt" / f"step-{final.step:08d}", tmp_path)  # it loads
@@ -82,9 +78,9 @@ def test_cluster_command_kill_and_restart_a_node(tmp_path):
     node_dirs = [cluster_dir / f"node{i}" for i in range(3)]
     try:
         wait_for_event(node_dirs, "save_commit", timeout=180, procs=up)
-        assert run_ok(control + ["kill", "--dir", str(cluster_dir), "--node", "1"])
+        run_checked(control + ["kill", "--dir", str(cluster_dir), "--node", "1"])
         wait_for(lambda: world_sizes(node_dirs)[-1:] == [2], up)
-        assert run_ok(control + ["start", "--dir", str(cluster_dir), "--node", "1"])
+        run_checked(control + ["start", "--dir", str(cluster_dir), "--node", "1"])
         wait_for(lambda: world_sizes(node_dirs)[-1:] == [3], up)
         result = finish(up, tmp_path / "up.log", timeout=240)
     finally:
@@ -93,19 +89,18 @@ def test_cluster_command_kill_and_restart_a_node(tmp_path):
     sizes = world_sizes(node_dirs)
     assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, sizes
     records = effective_steps(read_trace(shared))
-    for epoch in range(epochs):
-        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
-        assert all(n == 1 for n in seen.values()) and sorted(seen) == list(range(TRAIN_SAMPLES)), epoch
+    assert_each_sample_once(records, epochs, TRAIN_SAMPLES)
     final = latest_committed(ckpt)
     assert final.step == epochs * STEPS_PER_EPOCH and final.world_size == 3
 
 
-def run_ok(cmd) -> bool:
+def run_checked(cmd):
+    """Run a control command; fail the test unless it exits 0."""
     from procs import run
 
     result = run(cmd, timeout=60)
     assert result.returncode == 0, result.output
-    return True
+    return result
 
 
 def world_sizes(node_dirs) -> list[int]:

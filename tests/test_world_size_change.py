@@ -3,9 +3,7 @@ sample of the epoch is trained on exactly once, summed over both runs and all ra
 
 from __future__ import annotations
 
-from collections import Counter
-
-from procs import effective_steps, latest_committed, load_checkpoint, read_trace, run, torchrun_cmd
+from procs import assert_each_sample_once, effective_steps, latest_committed, load_checkpoint, read_trace, run, torchrun_cmd
 
 TRAIN_SAMPLES = 1438  # digits: 1,797 minus the 20% test split
 STEPS_PER_EPOCH = 23  # ceil(1438 / 64)
@@ -26,11 +24,7 @@ def test_two_workers_then_one_sees_every_sample_once(tmp_path):
     all_records = read_trace(tmp_path / "ckpt")
     assert max(r["step"] for r in all_records if r["resumed_from"] == 0) == 33  # 31..33 were lost
     records = effective_steps(all_records)
-    for epoch in range(3):
-        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["idx"])
-        repeated = [i for i, n in seen.items() if n > 1]
-        assert not repeated, f"epoch {epoch}: samples trained on twice: {repeated[:10]}"
-        assert sorted(seen) == list(range(TRAIN_SAMPLES)), f"epoch {epoch}: {TRAIN_SAMPLES - len(seen)} samples skipped"
+    assert_each_sample_once(records, 3, TRAIN_SAMPLES)
     # The epoch that changed world size really was split across both runs and world sizes.
     assert {r["resumed_from"] for r in records if r["epoch"] == 1} == {0, 30}
     assert {r["step"] for r in records} == set(range(1, total + 1))

@@ -77,23 +77,20 @@ def save(ckpt: CheckpointManager, reporter: Reporter, step: int, metrics: dict, 
     """Save ``step`` (committed in the background when async; ``wait`` for the commit), with
     the events ftlaunch's run log shows.
 
-    The phase tells ftlaunch's watchdog which time limit applies: waiting on checkpoint I/O is
-    ``io_phase`` (its --io-timeout); preparing and staging an async save is quick and stays
-    under the training limit, so a peer lost during it is caught as fast as during a step."""
+    All of it runs in ``io_phase``, so ftlaunch's watchdog gives it --io-timeout, not the step
+    limit: rank 0's preparation (re-verifying a committed step, deleting what a failed save
+    left), the first async staging (allocating a buffer for the whole state) and waiting for
+    the previous save are all checkpoint I/O."""
     reporter.event("save_begin", step=step)
-    if ckpt.async_mode == "off":
-        with reporter.phase(io_phase):
+    with reporter.phase(io_phase):
+        if ckpt.async_mode == "off":
             ckpt.save(step, metrics)
-    else:
-        skip_if_busy = ckpt.if_busy == "skip" and not wait  # the last save, or one on preemption, must happen
-        if not skip_if_busy:
-            with reporter.phase(io_phase):
-                ckpt.wait()  # back-pressure: the previous save is still being written
-        ckpt.save(step, metrics, skip_if_busy=skip_if_busy)
-        if ckpt.last_staged_step == step:  # not skipped, not committed already
-            reporter.event("save_staged", step=step, stall_seconds=round(ckpt.last_stall_seconds, 4))
-    if wait:
-        with reporter.phase(io_phase):
+        else:
+            skip_if_busy = ckpt.if_busy == "skip" and not wait  # the last save, or one on preemption, must happen
+            ckpt.save(step, metrics, skip_if_busy=skip_if_busy)
+            if ckpt.last_staged_step == step:  # not skipped, not committed already
+                reporter.event("save_staged", step=step, stall_seconds=round(ckpt.last_stall_seconds, 4))
+        if wait:
             ckpt.wait()
 
 
@@ -140,7 +137,7 @@ def train(cfg: TrainConfig) -> dict:
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
         before_commit=injector.before_commit, before_load=injector.before_load,
         on_commit=commit_event(reporter), async_mode=cfg.async_save, if_busy=cfg.if_busy,
-        io_threads=cfg.io_threads)
+        io_threads=cfg.io_threads, allow_fresh_start=cfg.allow_fresh_start)
     load_started = time.monotonic()
     with reporter.phase("loading"):
         resumed = ckpt.load()
