@@ -45,8 +45,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from . import _dist
 from .errors import CheckpointError, CheckpointMismatchError
 from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecord, Manifest,
-                       find_latest, is_committed, list_steps, step_dir_name, verify)
+                       find_latest, is_committed, step_dir_name, verify)
+from . import retention
 from .reader import DirectFileSystemReader
+from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
 from .staging import Stager
 from .state import TrainingState, check_compatible
 from .storage import Storage
@@ -86,6 +88,11 @@ class CheckpointManager:
             one is still being written, ``"wait"`` for it (back-pressure) or ``"skip"`` this
             save (logged; rank 0 decides for all).
         io_threads: files each rank writes in parallel (DCP's ``thread_count``).
+        allow_fresh_start: when committed checkpoints exist (or were quarantined) but none
+            verifies, ``load`` raises instead of starting from scratch, unless this is True.
+        safe_globals: types of your own that non-tensor items of your state may hold, added to
+            the allow-list of ``torch.load(weights_only=True)`` (loading never runs code from
+            a checkpoint file: ``checkpoint.safe_load``).
     """
 
     def __init__(self, root: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
@@ -95,7 +102,8 @@ class CheckpointManager:
                  before_commit: Callable[[int], None] | None = None,
                  before_load: Callable[[int], None] | None = None,
                  on_commit: Callable[[Manifest], None] | None = None,
-                 async_mode: str = "off", if_busy: str = "wait", io_threads: int = 1):
+                 async_mode: str = "off", if_busy: str = "wait", io_threads: int = 1,
+                 allow_fresh_start: bool = False, safe_globals: list | tuple = ()):
         for name, value in (("save_every_steps", save_every_steps), ("save_every_seconds", save_every_seconds),
                             ("keep_last", keep_last), ("keep_every", keep_every)):
             if value < 0:
@@ -122,6 +130,9 @@ class CheckpointManager:
         self.async_mode = async_mode
         self.if_busy = if_busy
         self.io_threads = int(io_threads)
+        self.allow_fresh_start = bool(allow_fresh_start)
+        self.safe_globals = [*default_item_globals(), *safe_globals]
+        self._verified = retention.VerifiedCache()
         self.rank = _dist.rank()
         self.world_size = _dist.world_size()
         self._group = _dist.control_group()
@@ -303,8 +314,10 @@ class CheckpointManager:
                 self.on_commit(manifest)
             except Exception as e:
                 log.warning("on_commit callback failed for step %d: %s", step, _short(e))
-        if self.rank == 0:
-            self._apply_retention(step)  # after the commit, and never raises: no collective needed
+        if self.rank == 0:  # after the commit, and never raises: no collective needed
+            self._verified.remember_good(self.storage, dirname, manifest)
+            retention.apply(self.storage, self._verified, step, keep_last=self.keep_last, keep_every=self.keep_every,
+                            mode=self.verify, allowed_globals=self.safe_globals)
         return manifest, written
 
     def _prepare(self, step: int) -> bool:
@@ -312,7 +325,7 @@ class CheckpointManager:
         clear whatever a failed earlier save of this step left and make its directory."""
         dirname = step_dir_name(step)
         if is_committed(self.storage, step):
-            _, reason = verify(self.storage, dirname, self.verify)
+            _, reason = verify(self.storage, dirname, self.verify, self.safe_globals)
             if reason is None:
                 return True
             # Its record does not validate, so it was never a usable commit: replace it.
@@ -325,8 +338,7 @@ class CheckpointManager:
     def _reader(self, dirname: str):
         if self.storage.is_local:
             return DirectFileSystemReader(self.storage.join(dirname))
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-        return FsspecReader(self.storage.url_of(dirname))
+        return fsspec_reader(self.storage.url_of(dirname))
 
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         """Run ``fn`` on rank 0 alone; every rank returns its result or raises the same
@@ -343,35 +355,6 @@ class CheckpointManager:
             raise CheckpointError(error)
         return result
 
-    def _apply_retention(self, newest: int) -> None:
-        """Rank 0, right after committing ``newest``: drop old committed checkpoints beyond
-        ``keep_last`` and stale uncommitted directories older than ``newest``. A failure here
-        is logged, never raised: the commit already happened."""
-        try:
-            steps = list_steps(self.storage)
-            # Only records that validate (cheap size check) count as commits to keep.
-            committed = [s for s in steps if verify(self.storage, step_dir_name(s), "size")[0] is not None]
-        except Exception as e:
-            log.warning("retention skipped: cannot list %s: %s", self.storage.url, _short(e))
-            return
-        keep = {newest}
-        keep.update(committed if self.keep_last == 0 else committed[-self.keep_last:])
-        if self.keep_every:
-            keep.update(s for s in committed if s % self.keep_every == 0)
-        for s in steps:
-            # Newer than ``newest`` could be a save in flight, or a commit we fell back from: leave it.
-            if s in keep or s > newest:
-                continue
-            path = self.storage.join(step_dir_name(s))
-            try:
-                record = self.storage.join(step_dir_name(s), MANIFEST_NAME)
-                if self.storage.exists(record):
-                    self.storage.fs.rm(record)  # uncommit first: a half-deleted dir is never loaded
-                self.storage.remove_tree(path)
-                log.info("retention removed %s", path)
-            except Exception as e:
-                log.warning("retention could not remove %s: %s", path, _short(e))
-
     # -- load ------------------------------------------------------------------------------
     def load(self) -> Manifest | None:
         """Load the newest committed, verified checkpoint into the live objects.
@@ -383,10 +366,23 @@ class CheckpointManager:
         started = time.monotonic()
 
         def discover():
-            manifest = find_latest(self.storage, self.verify)
-            return manifest.to_json() if manifest else None
+            rejected: list = []
+            try:
+                manifest = find_latest(self.storage, self.verify, self.safe_globals, rejected)
+            except OSError as e:
+                raise CheckpointError(f"cannot search {self.storage.url} for checkpoints: {_short(e)}") from e
+            if manifest is not None:
+                return manifest.to_json()
+            bad = [f"{step_dir_name(step)} ({reason})" for step, reason in rejected]
+            bad += [f"{retention.QUARANTINE_DIR}/{name}" for name in retention.quarantined(self.storage)]
+            if bad and not self.allow_fresh_start:
+                raise CheckpointError(
+                    f"{self.storage.url} holds committed checkpoints but none verifies: {'; '.join(bad)}. "
+                    "Not starting from scratch over them: repair or move them away, or allow a fresh start "
+                    "(allow_fresh_start=True; train.py --allow-fresh-start)")
+            return None
 
-        found = self._on_rank0(discover, f"cannot search {self.storage.url} for checkpoints")
+        found = self._on_rank0(discover, "")
         if found is None:
             log.info("no committed checkpoint in %s; starting from scratch", self.storage.url)
             return None
@@ -411,7 +407,8 @@ class CheckpointManager:
         if self.before_load is not None:
             self.before_load(manifest.step)
         try:
-            dcp.load(state, storage_reader=reader, no_dist=not _dist.initialized())
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where),
+                     no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"loading checkpoint {where} failed: {_short(e)}") from e
         self.training.apply(state, self.rank)

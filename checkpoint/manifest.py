@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .safe_load import UnsafeCheckpointError, check_checkpoint, default_item_globals
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ MANIFEST_NAME = "manifest.json"
 DCP_METADATA_NAME = ".metadata"
 VERIFY_MODES = ("size", "hash")
 
+_UNCOMMITTED = "no commit record, the save did not finish (uncommitted)"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -91,16 +93,28 @@ class Manifest:
         return manifest
 
 
-def verify(storage: Storage, dirname: str, mode: str) -> tuple[Manifest | None, str | None]:
+def verify(storage: Storage, dirname: str, mode: str,
+           allowed_globals: list | None = None) -> tuple[Manifest | None, str | None]:
     """Check one checkpoint directory. Returns ``(manifest, None)`` or ``(None, reason)``.
 
-    The reason names the bad file so an operator can look at it.
+    After the sizes (and, with ``"hash"``, the crc32s), DCP's ``.metadata`` and every
+    non-tensor item are read the way loading will read them (``safe_load.check_checkpoint``):
+    a file that passes its checksums but asks to run code is refused here, so discovery falls
+    back to an older checkpoint. The reason names the bad file so an operator can look at it.
+    An ``OSError`` on any file (EIO, EACCES) is a reason too, never an exception.
     """
+    try:
+        return _verify(storage, dirname, mode, allowed_globals)
+    except OSError as e:
+        return None, f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})"
+
+
+def _verify(storage: Storage, dirname: str, mode: str, allowed_globals) -> tuple[Manifest | None, str | None]:
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, not {mode!r}")
     record = storage.join(dirname, MANIFEST_NAME)
     if not storage.exists(record):
-        return None, f"{record}: no commit record, the save did not finish (uncommitted)"
+        return None, f"{record}: {_UNCOMMITTED}"
     try:
         manifest = Manifest.from_json(storage.read_bytes(record))
     except ValueError as e:
@@ -122,6 +136,11 @@ def verify(storage: Storage, dirname: str, mode: str) -> tuple[Manifest | None, 
             if crc != manifest.files[name].crc32:
                 return None, (f"{storage.join(dirname, name)}: crc32 {crc}, the commit record says "
                               f"{manifest.files[name].crc32} (corrupt)")
+    try:
+        check_checkpoint(storage.fs, storage.join(dirname),
+                         default_item_globals() if allowed_globals is None else allowed_globals)
+    except UnsafeCheckpointError as e:
+        return None, str(e)
     return manifest, None
 
 
@@ -136,19 +155,22 @@ def is_committed(storage: Storage, step: int) -> bool:
     return storage.exists(storage.join(step_dir_name(step), MANIFEST_NAME))
 
 
-def find_latest(storage: Storage, mode: str = "hash") -> Manifest | None:
+def find_latest(storage: Storage, mode: str = "hash", allowed_globals: list | None = None,
+                rejected: list | None = None) -> Manifest | None:
     """The newest checkpoint that is committed and verifies, or None.
 
-    Each newer directory that fails gets one warning line naming the bad file. Call this on
-    one rank only and broadcast the answer: ranks listing a directory on their own can
-    disagree while another job writes to it.
+    Each newer directory that fails gets one warning line naming the bad file, and a
+    committed one (it has a record) is appended to ``rejected`` as ``(step, reason)``. Call
+    this on one rank only and broadcast the answer: ranks listing a directory on their own
+    can disagree while another job writes to it.
     """
     for step in reversed(list_steps(storage)):
-        manifest, reason = verify(storage, step_dir_name(step), mode)
+        manifest, reason = verify(storage, step_dir_name(step), mode, allowed_globals)
+        if manifest is not None and manifest.step != step:
+            manifest, reason = None, f"{storage.join(step_dir_name(step), MANIFEST_NAME)}: record says step {manifest.step}"
         if manifest is not None:
-            if manifest.step != step:
-                log.warning("%s: record says step %d; skipping", storage.join(step_dir_name(step)), manifest.step)
-                continue
             return manifest
         log.warning("skipping checkpoint %s", reason)
+        if rejected is not None and not reason.endswith(_UNCOMMITTED):
+            rejected.append((step, reason))
     return None

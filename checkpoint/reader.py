@@ -20,10 +20,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
+from .safe_load import SafeMetadataReader
+
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 
 
-class DirectFileSystemReader(dcp.FileSystemReader):
+class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
+    """DCP's FileSystemReader with direct reads of whole tensors, and ``.metadata`` read
+    through the restricted unpickler (``checkpoint.safe_load``)."""
+
     def read_data(self, plan, planner) -> Future:
         rest = []
         per_file: dict[str, list] = {}

@@ -298,3 +298,61 @@ def test_load_reads_every_kind_of_tensor_exactly(tmp_path):
     for k, v in saved.items():
         assert fresh[k].dtype == v.dtype and torch.equal(fresh[k], v), k
     assert torch.equal(fresh_model.weight, model.weight) and torch.equal(fresh_model.bias, model.bias)
+
+
+def test_retention_counts_only_verified_checkpoints_and_quarantines_corrupt(tmp_path, caplog):
+    """Two same-size bit flips used to keep their keep_last slots (the size check passed) while
+    retention deleted the good checkpoints around them."""
+    save_steps(tmp_path, [10, 20, 30], keep_last=3)
+    for step in (20, 30):
+        flip_a_byte(shard_files(tmp_path / f"step-{step:08d}")[0])
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2)
+    assert mgr.load().step == 10
+    train_step(model, opt, sched, counter)
+    with caplog.at_level(logging.WARNING):
+        mgr.save(40)
+    steps = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-00000010", "step-00000040"], steps  # the good ones, both kept
+    quarantined = sorted(p.name.split(".")[0] for p in (tmp_path / "quarantine").iterdir())
+    assert quarantined == ["step-00000020", "step-00000030"]
+    assert sum("quarantined checkpoint step" in r.getMessage() for r in caplog.records) == 2
+    assert find_latest(Storage(tmp_path), "hash").step == 40
+
+
+def test_retention_reads_each_checkpoint_once(tmp_path, monkeypatch):
+    """Hash verification for retention is cached by file name, size and mtime, and the
+    checkpoint just written is known good: ten saves re-read nothing."""
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=3)
+    reads = []
+    original = Storage.crc32
+    monkeypatch.setattr(Storage, "crc32", lambda self, path: reads.append(path) or original(self, path))
+    for step in range(1, 11):
+        train_step(model, opt, sched, counter)
+        mgr.save(step)
+    assert reads == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))[-3:] == \
+        ["step-00000008", "step-00000009", "step-00000010"]
+
+
+def test_unreadable_newest_checkpoint_is_skipped(tmp_path, caplog):
+    """An OSError on a file of the newest checkpoint (here EISDIR on its record; EIO and EACCES
+    alike) skips that checkpoint with one warning instead of aborting discovery."""
+    save_steps(tmp_path, [10, 20])
+    record = tmp_path / "step-00000020" / "manifest.json"
+    record.unlink()
+    record.mkdir()
+    with caplog.at_level(logging.WARNING):
+        step, _ = loaded_step(tmp_path)
+    assert step == 10
+    assert any("step-00000020" in r.getMessage() and "IsADirectoryError" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_all_corrupt_refuses_fresh_start_unless_allowed(tmp_path):
+    save_steps(tmp_path, [10, 20])
+    for step in (10, 20):
+        flip_a_byte(shard_files(tmp_path / f"step-{step:08d}")[0])
+    with pytest.raises(CheckpointError, match=r"none verifies: step-00000020 \(.*crc32.*step-00000010 .*"
+                                              r"allow_fresh_start=True; train.py --allow-fresh-start"):
+        loaded_step(tmp_path)
+    assert loaded_step(tmp_path, allow_fresh_start=True)[0] is None

@@ -40,6 +40,9 @@ class TrainConfig:
         "help": "also commit a checkpoint when T seconds passed since the last (rank 0's clock; 0: off)"})
     keep_last: int = field(default=3, metadata={"help": "committed checkpoints to keep (0: keep all)"})
     verify: str = field(default="hash", metadata={"help": "how a checkpoint is checked before loading: size or hash (crc32)"})
+    allow_fresh_start: bool = field(default=False, metadata={
+        "help": "start from scratch even when --ckpt-dir holds committed checkpoints of which none verifies "
+                "(by default that is refused, naming them)"})
     async_save: str = field(default="thread", metadata={
         "help": "off: training waits for each save to commit; thread: training waits only while the state "
                 "is copied, a background thread writes and commits it"})

@@ -1,0 +1,141 @@
+"""Retention: which checkpoints to keep, which to delete, and which to set aside as corrupt.
+
+Only checkpoints that verify at the configured level count towards ``keep_last``: a
+bit-flipped checkpoint that still passes the size check must not take the slot of a good one
+(and then be the only one left). Verifying by hash after every commit would re-read every
+kept checkpoint each time, so results are cached by each file's name, size and mtime; the
+checkpoint this process just committed is known good without reading it back (its crc32s
+were taken while writing).
+
+A committed checkpoint that fails verification is *quarantined*: moved under
+``ROOT/quarantine/`` (logged once, never deleted, never loaded), so an operator can look at it
+and retention does not count it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .manifest import MANIFEST_NAME, Manifest, list_steps, step_dir_name, verify
+from .storage import Storage
+
+log = logging.getLogger("checkpoint")
+
+QUARANTINE_DIR = "quarantine"
+
+
+def steps_to_delete(verified: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
+    """Of the ``verified`` committed steps, the ones retention deletes: all but the last
+    ``keep_last`` (0 = keep all), the multiples of ``keep_every`` and ``newest`` (the commit
+    just made, always kept). Steps newer than ``newest`` are left alone (another commit we
+    fell back from is not ours to judge by age)."""
+    keep = {newest}
+    keep.update(verified if keep_last == 0 else sorted(verified)[-keep_last:])
+    if keep_every:
+        keep.update(s for s in verified if s % keep_every == 0)
+    return {s for s in verified if s not in keep and s < newest}
+
+
+def stale_uncommitted(uncommitted: list[int], newest: int) -> set[int]:
+    """Directories without a commit record older than the newest commit: saves that died.
+    Newer ones may be a save in flight."""
+    return {s for s in uncommitted if s < newest}
+
+
+class VerifiedCache:
+    """``verify`` results by checkpoint directory, valid while its files keep their names,
+    sizes and mtimes."""
+
+    def __init__(self) -> None:
+        self._results: dict[str, tuple[tuple, Manifest | None, str | None]] = {}
+
+    @staticmethod
+    def _signature(storage: Storage, path: str) -> tuple:
+        entries = storage.fs.ls(path, detail=True)
+        return tuple(sorted((e["name"], e.get("size"), e.get("mtime") or e.get("LastModified") or e.get("created"))
+                            for e in entries))
+
+    def verify(self, storage: Storage, dirname: str, mode: str, allowed_globals=None) -> tuple[Manifest | None, str | None]:
+        path = storage.join(dirname)
+        try:
+            signature = self._signature(storage, path)
+        except OSError as e:
+            return None, f"{path}: cannot list it ({type(e).__name__}: {e})"
+        cached = self._results.get(path)
+        if cached is not None and cached[0] == signature:
+            return cached[1], cached[2]
+        manifest, reason = verify(storage, dirname, mode, allowed_globals)
+        self._results[path] = (signature, manifest, reason)
+        return manifest, reason
+
+    def remember_good(self, storage: Storage, dirname: str, manifest: Manifest) -> None:
+        """A checkpoint this process just wrote and committed: good without reading it back."""
+        path = storage.join(dirname)
+        try:
+            self._results[path] = (self._signature(storage, path), manifest, None)
+        except OSError:
+            pass
+
+
+def quarantine(storage: Storage, step: int, reason: str) -> str | None:
+    """Move a committed checkpoint that fails verification out of discovery's way; returns
+    where it went (None if it could not be moved, which is logged)."""
+    source = storage.join(step_dir_name(step))
+    target = storage.join(QUARANTINE_DIR, f"{step_dir_name(step)}.{time.strftime('%Y%m%dT%H%M%S')}")
+    try:
+        storage.makedirs(storage.join(QUARANTINE_DIR))
+        storage.fs.mv(source, target, recursive=True)
+    except Exception as e:
+        log.warning("checkpoint %s fails verification (%s) and could not be quarantined: %s", source, reason, e)
+        return None
+    log.warning("quarantined checkpoint step %d to %s: %s", step, target, reason)
+    return target
+
+
+def quarantined(storage: Storage) -> list[str]:
+    """Names of the checkpoints set aside under ``ROOT/quarantine/``."""
+    path = storage.join(QUARANTINE_DIR)
+    try:
+        if not storage.exists(path):
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in storage.fs.ls(path, detail=True))
+    except OSError:
+        return []
+
+
+def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int, keep_every: int, mode: str,
+          allowed_globals=None) -> None:
+    """Rank 0, after committing ``newest``: quarantine committed checkpoints that fail
+    verification, delete what ``steps_to_delete`` and ``stale_uncommitted`` name. Logs its
+    failures, never raises: the commit already happened."""
+    try:
+        steps = list_steps(storage)
+    except Exception as e:
+        log.warning("retention skipped: cannot list %s: %s", storage.url, e)
+        return
+    verified, uncommitted = [], []
+    for step in steps:
+        dirname = step_dir_name(step)
+        try:
+            committed = storage.exists(storage.join(dirname, MANIFEST_NAME))
+        except OSError:
+            committed = True  # unreadable: verify says why
+        if not committed:
+            uncommitted.append(step)
+            continue
+        manifest, reason = cache.verify(storage, dirname, mode, allowed_globals)
+        if manifest is not None and manifest.step == step:
+            verified.append(step)
+        elif step != newest:
+            quarantine(storage, step, reason or f"its record says step {manifest.step}")
+    for step in sorted(steps_to_delete(verified, newest, keep_last, keep_every) | stale_uncommitted(uncommitted, newest)):
+        path = storage.join(step_dir_name(step))
+        try:
+            record = storage.join(step_dir_name(step), MANIFEST_NAME)
+            if storage.exists(record):
+                storage.fs.rm(record)  # uncommit first: a half-deleted dir is never loaded
+            storage.remove_tree(path)
+            log.info("retention removed %s", path)
+        except Exception as e:
+            log.warning("retention could not remove %s: %s", path, e)

@@ -1,0 +1,180 @@
+"""Loading never runs code from a checkpoint file.
+
+DCP keeps two kinds of pickles in a checkpoint, and by default trusts both:
+
+- ``.metadata``, the index of the checkpoint, is read with plain ``pickle.load``;
+- every non-tensor item (an LR, a step counter, an RNG state) is a ``torch.save`` inside a
+  shard file, and DCP's default planner reads it with ``torch.load(weights_only=False)``.
+
+A pickle can call any importable function while it loads, and the commit record's crc32 is no
+defence against someone who can write the directory (crc32 is linear: a forged file can be
+given any crc32 by changing 4 bytes). So here ``.metadata`` goes through an unpickler that
+knows only DCP's metadata classes and the torch and builtin types they are made of, and
+non-tensor items go through ``torch.load(weights_only=True)`` with an explicit allow-list
+(numpy arrays, for numpy's RNG state). Anything else is refused with a line that names the
+file and what it tried to load. ``check_checkpoint`` does both for a whole checkpoint so that
+discovery can skip a forged one and fall back to an older checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import pickle
+import re
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+
+METADATA_NAME = ".metadata"
+
+
+def _metadata_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {}
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"):
+        allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(dcp_metadata, name)
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    for name in dir(torch):  # every dtype (torch.float32 pickles as the global torch.float32)
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath):
+        allowed[("pathlib", cls.__name__)] = cls
+    allowed[("collections", "OrderedDict")] = OrderedDict
+    for cls in (set, frozenset, slice, complex):
+        allowed[("builtins", cls.__name__)] = cls
+    return allowed
+
+
+_METADATA_GLOBALS = _metadata_globals()
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file asks to load something that loading does not allow."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _METADATA_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(f"refers to {module}.{name}, which DCP metadata never holds "
+                                        "(forged or from an unknown writer; not loaded)") from None
+
+
+def read_metadata(stream) -> Metadata:
+    """Unpickle DCP's ``.metadata`` from ``stream``, refusing every global outside the allow-list."""
+    metadata = _MetadataUnpickler(stream).load()
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+def default_item_globals() -> list[Callable]:
+    """What non-tensor items may hold besides plain Python and tensors: numpy arrays (the
+    global numpy RNG state is one)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, _reconstruct, *(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG")]
+
+
+def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) -> Any:
+    """``torch.load`` one non-tensor item with ``weights_only=True`` and the ``allowed`` globals."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(stream, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        # torch's message opens with advice to use weights_only=False; keep only what it found.
+        found = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+        detail = found.group(1) if found else next(
+            (line for line in text.splitlines()[1:] if line.strip() and "documentation" not in line), "an unknown type")
+        raise UnsafeCheckpointError(f"{what}: not loaded, it refers to {detail}, which loading does not allow; "
+                                    "a type of your own can be allowed with CheckpointManager(safe_globals=[...])") from None
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, but non-tensor items load with ``weights_only=True``."""
+
+    def __init__(self, allowed: Iterable[Callable], where: str, **kwargs):
+        super().__init__(**kwargs)
+        self.allowed = list(allowed)
+        self.where = where
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        # What the default planner does, with a safe torch.load.
+        loaded = load_item(value, self.allowed, f"{self.where}: item {fqn}")
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+class SafeMetadataReader:
+    """Mixin for DCP's file readers: ``.metadata`` through the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            try:
+                metadata = read_metadata(stream)
+            except UnsafeCheckpointError as e:
+                raise UnsafeCheckpointError(f"{path}: {e}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def fsspec_reader(url: str):
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    class SafeFsspecReader(SafeMetadataReader, FsspecReader):
+        pass
+
+    return SafeFsspecReader(url)
+
+
+def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
+    """Read ``.metadata`` and every non-tensor item of the checkpoint in ``directory`` (an
+    fsspec filesystem path) the way loading will; raise ``UnsafeCheckpointError`` naming the
+    file and item when one is refused. Tensors are not read (they load with
+    ``weights_only=True`` anyway)."""
+    path = f"{directory}/{METADATA_NAME}"
+    with fs.open(path, "rb") as f:
+        try:
+            metadata = read_metadata(f)
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{path}: {e}") from None
+        except Exception as e:  # truncated or not a pickle at all
+            raise UnsafeCheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    allowed = list(allowed)
+    for fqn, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, BytesStorageMetadata):
+            continue
+        info = (metadata.storage_data or {}).get(dcp_metadata.MetadataIndex(fqn))
+        if info is None or info.transform_descriptors:
+            continue  # no location, or stored through a transform: DCP's own load path checks it
+        shard = f"{directory}/{info.relative_path}"
+        with fs.open(shard, "rb") as f:
+            f.seek(info.offset)
+            load_item(f.read(info.length), allowed, f"{shard}: item {fqn}")
+
+
+__all__ = ["SafeLoadPlanner", "SafeMetadataReader", "UnsafeCheckpointError", "check_checkpoint",
+           "default_item_globals", "fsspec_reader", "load_item", "read_metadata"]
