@@ -47,6 +47,7 @@ from .errors import CheckpointError, CheckpointMismatchError
 from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, VERIFY_MODES, FileRecord, Manifest,
                        find_latest, is_committed, step_dir_name, verify)
 from . import retention
+from .lease import Lease
 from .reader import DirectFileSystemReader
 from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
 from .staging import Stager
@@ -152,8 +153,15 @@ class CheckpointManager:
         self._others_write: Callable[[str], bool] | None = None  # async: tensors another rank writes
         self.last_staged_step: int | None = None  # the newest step an async save() staged
 
-        # Fail before any training happens when the root cannot be written.
+        # Fail before any training happens when the root cannot be written, or is another
+        # live job's (rank 0 holds the root's lease while it may commit).
         self._on_rank0(self.storage.check_writable, "")
+        self._lease: Lease | None = None
+        if self.storage.is_local:
+            self._on_rank0(self._take_lease, "")
+
+    def _take_lease(self) -> None:
+        self._lease = Lease(self.storage.root).acquire()
 
     # -- schedule --------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -244,6 +252,8 @@ class CheckpointManager:
         finally:
             if self.async_mode != "off":
                 self._executor.shutdown(wait=True)
+            if self._lease is not None:
+                self._lease.release()
 
     def _background_save(self, step: int, staged: dict, metrics, started: float, known: frozenset) -> Manifest:
         cpu = time.thread_time()
@@ -301,6 +311,8 @@ class CheckpointManager:
         def commit():
             if DCP_METADATA_NAME not in files:
                 raise CheckpointError(f"DCP wrote no {DCP_METADATA_NAME}")
+            if self._lease is not None:
+                self._lease.check()  # another job took the root over (we were frozen): never commit into it
             self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
 
         self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays",
