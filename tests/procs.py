@@ -172,22 +172,42 @@ def load_checkpoint(step_dir: str | Path, tmp: Path) -> dict:
     return torch.load(out, weights_only=False)
 
 
+def compare_training_state(a: dict, b: dict) -> list[str]:
+    """The keys of model and optimizer state that differ (tensors bitwise, ``torch.equal``);
+    [] when equal. Raises when either holds no tensor at all."""
+    flat_a, flat_b = {}, {}
+    for part in ("model", "optim"):
+        flat_a.update(_flatten(a.get(part, {}), f"{part}."))
+        flat_b.update(_flatten(b.get(part, {}), f"{part}."))
+    assert any(isinstance(v, torch.Tensor) for v in flat_a.values()), "no tensors to compare"
+    diffs = sorted(set(flat_a) ^ set(flat_b))
+    for key in sorted(set(flat_a) & set(flat_b)):
+        x, y = flat_a[key], flat_b[key]
+        same = torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        if not same:
+            diffs.append(key)
+    return diffs
+
+
 def assert_training_state_equal(a: dict, b: dict) -> None:
     """Every tensor of model and optimizer state bitwise equal (``torch.equal``)."""
-    keys = [k for k in a if k in ("model", "optim")]
-    assert keys == [k for k in b if k in ("model", "optim")]
-    flat_a, flat_b = _flatten(a["model"], "model."), _flatten(b["model"], "model.")
-    flat_a.update(_flatten(a["optim"], "optim."))
-    flat_b.update(_flatten(b["optim"], "optim."))
-    assert flat_a.keys() == flat_b.keys()
-    tensors = 0
-    for key, value in flat_a.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, flat_b[key]), f"{key} differs"
-            tensors += 1
-        else:
-            assert value == flat_b[key], f"{key}: {value!r} != {flat_b[key]!r}"
-    assert tensors > 0
+    assert [k for k in a if k in ("model", "optim")] == [k for k in b if k in ("model", "optim")]
+    diffs = compare_training_state(a, b)
+    assert not diffs, f"differs: {diffs[:5]}"
+
+
+def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition",
+               poll: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail on timeout or when ``proc`` exits first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s")
+        time.sleep(poll)  # sleep-ok: polling files with a deadline, not synchronizing processes
 
 
 def _flatten(obj, prefix: str) -> dict:

@@ -1,0 +1,27 @@
+"""The chaos campaign's fixed-seed smoke: every fault kind once or more, on train.py and on a
+plain DDP script that uses only the checkpoint library, judged by bench/chaos.py's oracle
+(honest exit, bitwise-equal final state, no verified checkpoint lost, no damaged one loaded,
+no forged one run, no process left). `make chaos` runs the full campaign."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from procs import REPO, run
+
+SMOKE_EPISODES = 16
+
+
+def test_chaos_smoke(tmp_path):
+    result = run([sys.executable, str(REPO / "bench" / "chaos.py"), "--episodes", str(SMOKE_EPISODES), "--seed", "7",
+                  "--out", str(tmp_path)], timeout=1500)
+    episodes = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == SMOKE_EPISODES, result.tail()
+    kinds = {e["kind"] for e in episodes if "skipped" not in e}
+    assert len(kinds) == 12, kinds
+    assert {e["script"] for e in episodes} == {"train", "plain"}
+    bad = [e for e in episodes if e.get("violations")]
+    assert not bad, "\n".join(f"{e['kind']} ({e['script']}): {e['violations']}" for e in bad) + "\n" + result.tail()
+    assert result.returncode == 0, result.tail()
+    assert "16 episodes, 16 without violations, 0 with" in result.output
