@@ -94,6 +94,10 @@ class CheckpointManager:
         safe_globals: types of your own that non-tensor items of your state may hold, added to
             the allow-list of ``torch.load(weights_only=True)`` (loading never runs code from
             a checkpoint file: ``checkpoint.safe_load``).
+        hmac_key: keyed mode (bytes or str): every file gets a SHA-256 taken while writing, and
+            the record an HMAC-SHA256 signature; only checkpoints signed with this key load or
+            count for retention, so someone who can write the directory but does not hold the
+            key cannot forge one that passes (``verify="hash"`` then checks the SHA-256s).
     """
 
     def __init__(self, root: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
@@ -104,7 +108,8 @@ class CheckpointManager:
                  before_load: Callable[[int], None] | None = None,
                  on_commit: Callable[[Manifest], None] | None = None,
                  async_mode: str = "off", if_busy: str = "wait", io_threads: int = 1,
-                 allow_fresh_start: bool = False, safe_globals: list | tuple = ()):
+                 allow_fresh_start: bool = False, safe_globals: list | tuple = (),
+                 hmac_key: bytes | str | None = None):
         for name, value in (("save_every_steps", save_every_steps), ("save_every_seconds", save_every_seconds),
                             ("keep_last", keep_last), ("keep_every", keep_every)):
             if value < 0:
@@ -133,6 +138,9 @@ class CheckpointManager:
         self.io_threads = int(io_threads)
         self.allow_fresh_start = bool(allow_fresh_start)
         self.safe_globals = [*default_item_globals(), *safe_globals]
+        self.hmac_key = hmac_key.encode() if isinstance(hmac_key, str) else hmac_key
+        if self.hmac_key is not None and len(self.hmac_key) < 16:
+            raise ValueError("hmac_key must be at least 16 bytes (a random secret, e.g. secrets.token_hex(32))")
         self._verified = retention.VerifiedCache()
         self.rank = _dist.rank()
         self.world_size = _dist.world_size()
@@ -280,7 +288,7 @@ class CheckpointManager:
         path = self.storage.join(dirname)
         try:
             writer, written = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                  io_threads=self.io_threads)
+                                                  io_threads=self.io_threads, sha256=self.hmac_key is not None)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
@@ -313,6 +321,8 @@ class CheckpointManager:
                 raise CheckpointError(f"DCP wrote no {DCP_METADATA_NAME}")
             if self._lease is not None:
                 self._lease.check()  # another job took the root over (we were frozen): never commit into it
+            if self.hmac_key is not None:
+                manifest.sign(self.hmac_key)
             self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
 
         self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays",
@@ -329,7 +339,7 @@ class CheckpointManager:
         if self.rank == 0:  # after the commit, and never raises: no collective needed
             self._verified.remember_good(self.storage, dirname, manifest)
             retention.apply(self.storage, self._verified, step, keep_last=self.keep_last, keep_every=self.keep_every,
-                            mode=self.verify, allowed_globals=self.safe_globals)
+                            mode=self.verify, allowed_globals=self.safe_globals, key=self.hmac_key)
         return manifest, written
 
     def _prepare(self, step: int) -> bool:
@@ -337,7 +347,7 @@ class CheckpointManager:
         clear whatever a failed earlier save of this step left and make its directory."""
         dirname = step_dir_name(step)
         if is_committed(self.storage, step):
-            _, reason = verify(self.storage, dirname, self.verify, self.safe_globals)
+            _, reason = verify(self.storage, dirname, self.verify, self.safe_globals, self.hmac_key)
             if reason is None:
                 return True
             # Its record does not validate, so it was never a usable commit: replace it.
@@ -380,7 +390,7 @@ class CheckpointManager:
         def discover():
             rejected: list = []
             try:
-                manifest = find_latest(self.storage, self.verify, self.safe_globals, rejected)
+                manifest = find_latest(self.storage, self.verify, self.safe_globals, rejected, self.hmac_key)
             except OSError as e:
                 raise CheckpointError(f"cannot search {self.storage.url} for checkpoints: {_short(e)}") from e
             if manifest is not None:

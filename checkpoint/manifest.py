@@ -15,6 +15,8 @@ DCP's ``.metadata`` but no record is a save that died before its commit.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -49,7 +51,7 @@ def parse_step_dir(name: str) -> int | None:
 class FileRecord:
     size: int
     crc32: str
-
+    sha256: str = ""  # keyed mode only: a cryptographic hash, taken while writing
 
 @dataclass
 class Manifest:
@@ -65,9 +67,23 @@ class Manifest:
     save_seconds: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)  # user data: loss, metrics, config
     format_version: int = FORMAT_VERSION
+    signature: str = ""  # keyed mode: HMAC-SHA256 of the record without this field
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: the whole record but the signature, canonically."""
+        body = asdict(self)
+        body.pop("signature")
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def sign(self, key: bytes) -> None:
+        self.signature = hmac.new(key, self.signed_bytes(), hashlib.sha256).hexdigest()
+
+    def signature_valid(self, key: bytes) -> bool:
+        expected = hmac.new(key, self.signed_bytes(), hashlib.sha256).hexdigest()
+        return bool(self.signature) and hmac.compare_digest(expected, self.signature)
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Manifest":
@@ -82,7 +98,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise ValueError(f"format_version {version!r}, this library reads {FORMAT_VERSION}")
         try:
-            files = {name: FileRecord(int(rec["size"]), str(rec["crc32"]))
+            files = {name: FileRecord(int(rec["size"]), str(rec["crc32"]), str(rec.get("sha256", "")))
                      for name, rec in data["files"].items()}
             data["files"] = files
             manifest = cls(**data)
@@ -93,8 +109,8 @@ class Manifest:
         return manifest
 
 
-def verify(storage: Storage, dirname: str, mode: str,
-           allowed_globals: list | None = None) -> tuple[Manifest | None, str | None]:
+def verify(storage: Storage, dirname: str, mode: str, allowed_globals: list | None = None,
+           key: bytes | None = None) -> tuple[Manifest | None, str | None]:
     """Check one checkpoint directory. Returns ``(manifest, None)`` or ``(None, reason)``.
 
     After the sizes (and, with ``"hash"``, the crc32s), DCP's ``.metadata`` and every
@@ -102,14 +118,18 @@ def verify(storage: Storage, dirname: str, mode: str,
     a file that passes its checksums but asks to run code is refused here, so discovery falls
     back to an older checkpoint. The reason names the bad file so an operator can look at it.
     An ``OSError`` on any file (EIO, EACCES) is a reason too, never an exception.
+
+    With ``key`` (keyed mode) the record must carry a valid HMAC-SHA256 signature made with
+    that key, and ``"hash"`` checks every file's SHA-256 instead of its crc32: someone who can
+    write the directory but does not hold the key cannot make a checkpoint that passes.
     """
     try:
-        return _verify(storage, dirname, mode, allowed_globals)
+        return _verify(storage, dirname, mode, allowed_globals, key)
     except OSError as e:
         return None, f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})"
 
 
-def _verify(storage: Storage, dirname: str, mode: str, allowed_globals) -> tuple[Manifest | None, str | None]:
+def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> tuple[Manifest | None, str | None]:
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, not {mode!r}")
     record = storage.join(dirname, MANIFEST_NAME)
@@ -119,6 +139,9 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals) -> tuple
         manifest = Manifest.from_json(storage.read_bytes(record))
     except ValueError as e:
         return None, f"{record}: unreadable commit record: {e}"
+    if key is not None and not manifest.signature_valid(key):
+        return None, (f"{record}: " + ("not signed" if not manifest.signature else "signature does not match")
+                      + " with this job's key (forged, or written without FTLAUNCH_CKPT_KEY / another key)")
     names = sorted(manifest.files)
     for name in names:
         path = storage.join(dirname, name)
@@ -128,14 +151,17 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals) -> tuple
         if size != manifest.files[name].size:
             return None, f"{path}: {size} bytes, the commit record says {manifest.files[name].size} (truncated or rewritten)"
     if mode == "hash":
-        # One thread per file (up to 8): reads overlap each other and the crc32 (zlib
-        # releases the GIL), and the files are in the page cache for the load that follows.
+        # One thread per file (up to 8): reads overlap each other and the hashing (zlib and
+        # hashlib release the GIL), and the files are in the page cache for the load that follows.
+        algo = "sha256" if key is not None else "crc32"
+        digest = storage.sha256 if key is not None else storage.crc32
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-            crcs = list(pool.map(lambda n: storage.crc32(storage.join(dirname, n)), names))
-        for name, crc in zip(names, crcs):
-            if crc != manifest.files[name].crc32:
-                return None, (f"{storage.join(dirname, name)}: crc32 {crc}, the commit record says "
-                              f"{manifest.files[name].crc32} (corrupt)")
+            found = list(pool.map(lambda n: digest(storage.join(dirname, n)), names))
+        for name, value in zip(names, found):
+            listed = getattr(manifest.files[name], algo)
+            if value != listed:
+                return None, (f"{storage.join(dirname, name)}: {algo} {value[:16]}, the commit record says "
+                              f"{listed[:16] or 'none'} (corrupt or replaced)")
     try:
         check_checkpoint(storage.fs, storage.join(dirname),
                          default_item_globals() if allowed_globals is None else allowed_globals)
@@ -156,7 +182,7 @@ def is_committed(storage: Storage, step: int) -> bool:
 
 
 def find_latest(storage: Storage, mode: str = "hash", allowed_globals: list | None = None,
-                rejected: list | None = None) -> Manifest | None:
+                rejected: list | None = None, key: bytes | None = None) -> Manifest | None:
     """The newest checkpoint that is committed and verifies, or None.
 
     Each newer directory that fails gets one warning line naming the bad file, and a
@@ -165,7 +191,7 @@ def find_latest(storage: Storage, mode: str = "hash", allowed_globals: list | No
     can disagree while another job writes to it.
     """
     for step in reversed(list_steps(storage)):
-        manifest, reason = verify(storage, step_dir_name(step), mode, allowed_globals)
+        manifest, reason = verify(storage, step_dir_name(step), mode, allowed_globals, key)
         if manifest is not None and manifest.step != step:
             manifest, reason = None, f"{storage.join(step_dir_name(step), MANIFEST_NAME)}: record says step {manifest.step}"
         if manifest is not None:

@@ -56,7 +56,8 @@ class VerifiedCache:
         return tuple(sorted((e["name"], e.get("size"), e.get("mtime") or e.get("LastModified") or e.get("created"))
                             for e in entries))
 
-    def verify(self, storage: Storage, dirname: str, mode: str, allowed_globals=None) -> tuple[Manifest | None, str | None]:
+    def verify(self, storage: Storage, dirname: str, mode: str, allowed_globals=None,
+               key: bytes | None = None) -> tuple[Manifest | None, str | None]:
         path = storage.join(dirname)
         try:
             signature = self._signature(storage, path)
@@ -65,7 +66,7 @@ class VerifiedCache:
         cached = self._results.get(path)
         if cached is not None and cached[0] == signature:
             return cached[1], cached[2]
-        manifest, reason = verify(storage, dirname, mode, allowed_globals)
+        manifest, reason = verify(storage, dirname, mode, allowed_globals, key)
         self._results[path] = (signature, manifest, reason)
         return manifest, reason
 
@@ -105,7 +106,7 @@ def quarantined(storage: Storage) -> list[str]:
 
 
 def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int, keep_every: int, mode: str,
-          allowed_globals=None) -> None:
+          allowed_globals=None, key: bytes | None = None) -> None:
     """Rank 0, after committing ``newest``: quarantine committed checkpoints that fail
     verification, delete what ``steps_to_delete`` and ``stale_uncommitted`` name. Logs its
     failures, never raises: the commit already happened."""
@@ -124,7 +125,7 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
         if not committed:
             uncommitted.append(step)
             continue
-        manifest, reason = cache.verify(storage, dirname, mode, allowed_globals)
+        manifest, reason = cache.verify(storage, dirname, mode, allowed_globals, key)
         if manifest is not None and manifest.step == step:
             verified.append(step)
         elif step != newest:

@@ -8,6 +8,7 @@ itself atomic, and there is no rename to lean on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 import zlib
@@ -69,6 +70,14 @@ class Storage:
             while chunk := f.read(_CHUNK):
                 crc = zlib.crc32(chunk, crc)
         return f"{crc:08x}"
+
+    def sha256(self, path: str) -> str:
+        """SHA-256 of the file as hex (keyed mode)."""
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     # -- changes -------------------------------------------------------------------------
     def makedirs(self, path: str) -> None:

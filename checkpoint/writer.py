@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import os
 import threading
 import zlib
@@ -37,16 +38,20 @@ from .manifest import FileRecord
 
 
 class _ChecksumStream:
-    """A write-only stream that forwards to ``raw`` and keeps a running crc32 and size."""
+    """A write-only stream that forwards to ``raw`` and keeps a running crc32 and size (and a
+    SHA-256 in keyed mode)."""
 
-    def __init__(self, raw):
+    def __init__(self, raw, sha256: bool = False):
         self.raw = raw
         self.crc = 0
         self.size = 0
+        self.sha = hashlib.sha256() if sha256 else None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.crc = zlib.crc32(view, self.crc)
+        if self.sha is not None:
+            self.sha.update(view)
         written = self.raw.write(view)
         self.size += len(view)
         return len(view) if written is None else written
@@ -84,8 +89,9 @@ class _ChecksummingFileSystem:
     the result is kept under the file's final name (DCP writes ``.metadata.tmp`` and
     renames it)."""
 
-    def __init__(self, fs: Any, io_threads: int):
+    def __init__(self, fs: Any, io_threads: int, sha256: bool = False):
         self._fs = fs
+        self._sha256 = sha256
         self._lock = threading.Lock()
         self._skip_torch_crc32 = _PER_THREAD or io_threads == 1
         self.files: dict[str, FileRecord] = {}
@@ -104,13 +110,14 @@ class _ChecksummingFileSystem:
             serialization_config.save.compute_crc32 = False
         try:
             with self._fs.create_stream(path, mode) as raw:
-                stream = _ChecksumStream(raw)
+                stream = _ChecksumStream(raw, self._sha256)
                 yield stream
         finally:
             if self._skip_torch_crc32:
                 serialization_config.save.compute_crc32 = torch_crc32
         with self._lock:
-            self.files[_basename(path)] = FileRecord(stream.size, f"{stream.crc & 0xffffffff:08x}")
+            self.files[_basename(path)] = FileRecord(stream.size, f"{stream.crc & 0xffffffff:08x}",
+                                                     stream.sha.hexdigest() if stream.sha is not None else "")
 
     def rename(self, path, new_path) -> None:
         self._fs.rename(path, new_path)
@@ -132,9 +139,9 @@ class WriteRecord:
         self.tensor_keys: set[str] = set()  # DCP keys of the tensors this rank wrote
 
 
-def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any, WriteRecord]:
+def checksumming_writer(url: str, *, local: bool, io_threads: int, sha256: bool = False) -> tuple[Any, WriteRecord]:
     """A DCP storage writer for the checkpoint directory ``url``, and the record of what it
-    wrote (complete once ``dcp.save`` returns)."""
+    wrote (complete once ``dcp.save`` returns); ``sha256`` adds a SHA-256 per file (keyed mode)."""
     if local:
         cls = dcp.FileSystemWriter
         kwargs = {"sync_files": True}
@@ -149,7 +156,7 @@ def checksumming_writer(url: str, *, local: bool, io_threads: int) -> tuple[Any,
             return super().write_data(plan, planner)
 
     writer = Writer(url, thread_count=io_threads, **kwargs)
-    fs = _ChecksummingFileSystem(writer.fs, io_threads)
+    fs = _ChecksummingFileSystem(writer.fs, io_threads, sha256)
     writer.fs = fs
     record = WriteRecord(fs.files)
     return writer, record

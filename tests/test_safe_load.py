@@ -103,3 +103,79 @@ def test_a_type_of_your_own_is_refused_then_allowed(tmp_path):
 class Box:
     def __init__(self, n):
         self.n = n
+
+
+KEY = "a-secret-only-this-job-holds-0123"
+
+
+def test_keyed_mode_refuses_what_the_key_did_not_sign(tmp_path, caplog):
+    """With hmac_key, a checkpoint someone rewrote (files and record alike, as the forger
+    above does) fails: its record's signature no longer matches; an unsigned one too."""
+    root = tmp_path / "ckpt"
+    snaps = save_steps(root, [10, 20, 30], hmac_key=KEY)
+    record = json.loads((root / "step-00000010" / "manifest.json").read_text())
+    assert record["signature"] and all(f["sha256"] for f in record["files"].values())
+    assert loaded_step(root, hmac_key=KEY)[0] == 30
+    # A same-size replacement of a shard with its record's size and crc32 made to match.
+    shard = sorted((root / "step-00000030").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rerecord(root / "step-00000030", shard.name, bytes(data))
+    # And a record re-signed with another key.
+    step20 = json.loads((root / "step-00000020" / "manifest.json").read_text())
+    step20["signature"] = "0" * 64
+    (root / "step-00000020" / "manifest.json").write_text(json.dumps(step20))
+    with caplog.at_level(logging.WARNING):
+        step, model = loaded_step(root, hmac_key=KEY, verify="size")
+    assert step == 10
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "step-00000030/manifest.json: signature does not match" in warnings
+    assert "step-00000020/manifest.json: signature does not match" in warnings
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snaps[10].items())
+    # Unsigned checkpoints are refused under a key (and the other way round they load).
+    plain = tmp_path / "plain"
+    save_steps(plain, [5])
+    with pytest.raises(CheckpointError, match="not signed with this job's key"):
+        loaded_step(plain, hmac_key=KEY)
+
+
+def test_keyed_mode_hash_check_uses_sha256(tmp_path):
+    """A forger who keeps the record (and so its signature) but replaces a file with one of
+    the same size and crc32 is caught by the SHA-256 the signed record lists."""
+    root = tmp_path / "ckpt"
+    save_steps(root, [10, 20], hmac_key=KEY)
+    shard = sorted((root / "step-00000020").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    original_crc = zlib.crc32(bytes(data))
+    data[100] ^= 0x01
+    data[-4:] = _crc_fixup(bytes(data[:-4]), original_crc)
+    assert zlib.crc32(bytes(data)) == original_crc and len(data) == shard.stat().st_size
+    shard.write_bytes(bytes(data))
+    assert loaded_step(root, verify="hash")[0] == 20  # crc32 alone is fooled (unkeyed)
+    assert loaded_step(root, hmac_key=KEY, verify="hash")[0] == 10
+
+
+def _crc_fixup(prefix: bytes, target: int) -> bytes:
+    """4 bytes that, appended to ``prefix``, give crc32 ``target`` (crc32 is linear: this is
+    why it is no defence against a forger)."""
+    # Work backwards through the reflected CRC-32 register.
+    poly, table = 0xEDB88320, []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ poly if c & 1 else c >> 1
+        table.append(c)
+    top = {t >> 24: i for i, t in enumerate(table)}
+    reg = target ^ 0xFFFFFFFF
+    indices = []
+    for _ in range(4):
+        i = top[reg >> 24]
+        indices.append(i)
+        reg = ((reg ^ table[i]) << 8) & 0xFFFFFFFF
+    start = zlib.crc32(prefix) ^ 0xFFFFFFFF
+    out = bytearray()
+    for i in reversed(indices):
+        b = (start ^ i) & 0xFF
+        out.append(b)
+        start = (start >> 8) ^ table[i]
+    return bytes(out)

@@ -137,7 +137,8 @@ def train(cfg: TrainConfig) -> dict:
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
         before_commit=injector.before_commit, before_load=injector.before_load,
         on_commit=commit_event(reporter), async_mode=cfg.async_save, if_busy=cfg.if_busy,
-        io_threads=cfg.io_threads, allow_fresh_start=cfg.allow_fresh_start)
+        io_threads=cfg.io_threads, allow_fresh_start=cfg.allow_fresh_start,
+        hmac_key=os.environ.get("FTLAUNCH_CKPT_KEY") or None)  # keyed mode: signed records, SHA-256 files
     load_started = time.monotonic()
     with reporter.phase("loading"):
         resumed = ckpt.load()
