@@ -79,6 +79,8 @@ class FaultTolerantAgent(LocalElasticAgent):
         self.policy = policy
         self.event_log_handler = event_log_handler
         self.last_failure: str | None = None  # the newest failure, in words
+        self.leaving = False  # this node gives up alone; the rendezvous stays open for the others
+        self._start_failures = 0  # generations in a row whose root-cause failure was a local worker at start
         self._generation_started = time.monotonic()
         self._known_committed: int | None = None  # newest committed step any beat reported
         self._committed_at_last_failure: int | None = None
@@ -176,16 +178,32 @@ class FaultTolerantAgent(LocalElasticAgent):
                 return (failure.exitcode == -signal.SIGTERM, failure.exitcode > 0,
                         beat.step if beat else -1, failure.timestamp, rank)
 
+            at_start = False
             for i, (rank, failure) in enumerate(sorted(result.failures.items(), key=order)):
                 beat = beats.get(rank)
                 if i == 0:
                     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
                     self.last_failure = f"rank {rank} {how} at step {beat.step if beat else None}"
+                    # A worker of this node that died before it ever trained: the node's own
+                    # fault (a broken device), not a peer's (a peer's death reaches a rank
+                    # that is already training, as a collective error).
+                    at_start = failure.exitcode != -signal.SIGTERM and (beat is None or beat.phase == "starting")
                 self.event("worker_failed", rank=rank, exitcode=failure.exitcode,
                            signal=failure.signal_name() if failure.exitcode < 0 else None,
                            last_step=beat.step if beat else None, phase=beat.phase if beat else "starting")
+            self._start_failures = self._start_failures + 1 if at_start else 0
             self._on_failure(beats)
         elif result.state == WorkerState.HEALTHY:
+            if any(b.phase == "training" for b in beats.values()):
+                self._start_failures = 0
+            left = self._peer_node_left(worker_group)
+            if left:
+                self.event("node_left", nodes_now=left[0], nodes_before=left[1])
+                self.last_failure = f"a node left the job ({left[0]} of {left[1]} nodes remain)"
+                log.warning("a node left the job (%d of %d nodes remain); restarting the group without it", *left)
+                self._kill_workers()
+                self._last_failed = False  # not this node's failure: no backoff, no crash-loop count
+                return RunResult(state=WorkerState.UNHEALTHY)
             if self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > self.policy.grace_period:
                 self._kill_workers()
                 self.event("grace_expired", grace_period=self.policy.grace_period)
@@ -228,8 +246,35 @@ class FaultTolerantAgent(LocalElasticAgent):
                 hung.append((not stopped, worker.global_rank, phase, step, now - since))
         return [h[1:] for h in sorted(hung, key=lambda h: (h[0], -h[4]))]
 
+    def _peer_node_left(self, worker_group: WorkerGroup) -> tuple[int, int] | None:
+        """(nodes now, nodes in this generation) when the rendezvous shows fewer live nodes than
+        the generation started with: a node whose agent left or died stopped its keep-alive,
+        and the rendezvous dropped it. Its workers would otherwise leave ours waiting in a
+        collective (or in init_process_group) until a timeout."""
+        holder = getattr(worker_group.spec.rdzv_handler, "_state_holder", None)
+        before = worker_group.group_world_size or 1
+        if holder is None or before <= 1:
+            return None
+        state = holder.state  # synced by num_nodes_waiting() after every monitor pass
+        if state.complete and 0 < len(state.participants) < before:
+            return len(state.participants), before
+        return None
+
+    def _elastic(self) -> bool:
+        settings = getattr(self._worker_group.spec.rdzv_handler, "settings", None)
+        return settings is not None and settings.min_nodes < settings.max_nodes
+
     def _on_failure(self, beats: dict[int, contract.Beat]) -> None:
         self._last_failed = True
+        if self._elastic() and self._start_failures >= max(1, self.policy.crash_loop_limit):
+            # A node whose workers fail at start every time (a broken device) must not
+            # crash-loop the whole job: it leaves, without closing the rendezvous, and the
+            # other nodes go on at the smaller size.
+            self.leaving = True
+            self.event("node_leaving", start_failures=self._start_failures, last_failure=self.last_failure)
+            self._give_up(f"this node's workers failed at start {self._start_failures} times in a row (last: "
+                          f"{self.last_failure}); the node leaves the job and the other nodes go on without it")
+            return
         progressed = self._known_committed is not None and (
             self._committed_at_last_failure is None or self._known_committed > self._committed_at_last_failure)
         self._committed_at_last_failure = self._known_committed

@@ -84,7 +84,8 @@ def build_parser():
                       help="also import MODULE in the fork server (repeatable), e.g. transformers")
     ours.add_argument("--inject", action="append", default=[], metavar="SPEC",
                       help="fault for the workers, repeatable: "
-                           "kill|kill-before-commit|kill-node-before-commit|kill-load|hang|raise:rank=R:step=N")
+                           "kill|kill-before-commit|kill-node-before-commit|kill-load|hang|raise:rank=R:step=N, "
+                           "fail-at-start:rank=LOCAL_RANK:step=0 (a broken device on this node, every generation)")
     return parser
 
 
@@ -250,6 +251,7 @@ def run(agent: FaultTolerantAgent, run_dir: str) -> int:
             exit_code, result = 0, "succeeded"
         else:
             result = f"failed: {agent.stop_reason or agent.exhausted_reason()}"
+            shutdown_rdzv = not agent.leaving  # the other nodes go on: keep the rendezvous open
     except SignalException as e:
         # As torch's launch_agent: do not shut the rendezvous down, so that the other nodes
         # can go on (a shut-down rendezvous is closed for good under this run id).

@@ -11,6 +11,9 @@ Kinds:
                          process under it) after the shards of step N are written
     hang                 SIGSTOP this worker after step N (it stays alive, silent: a hang)
     raise                raise RuntimeError after step N
+    fail-at-start        a broken device: the worker whose LOCAL rank is R fails at start, before
+                         it joins the process group, in every generation (no marker; step is
+                         ignored). Give it to one node's ftlaunch to simulate a failed GPU there.
 
 Faults come from ``--inject`` flags or from ``FTLAUNCH_INJECT`` (specs separated by commas),
 which ``ftlaunch --inject`` sets for its workers.
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
-         "raise")
+         "raise", "fail-at-start")
 INJECT_ENV = "FTLAUNCH_INJECT"
 AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: the process a node kill starts from
 
@@ -61,6 +64,14 @@ def parse_fault(spec: str) -> Fault:
 
 def faults_from_env(env=os.environ) -> list[Fault]:
     return [parse_fault(spec) for spec in env.get(INJECT_ENV, "").split(",") if spec.strip()]
+
+
+def fail_at_start(faults: list[Fault], local_rank: int) -> None:
+    """Raise as a worker on a broken device would, every generation (``fail-at-start``)."""
+    for fault in faults:
+        if fault.kind == "fail-at-start" and fault.rank == local_rank:
+            print(f"[fault] local rank {local_rank}: injecting fail-at-start (a broken device)", flush=True)
+            raise RuntimeError(f"injected device failure on local rank {local_rank} (fail-at-start)")
 
 
 class FaultInjector:

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointManager
-from launcher.faults import FaultInjector, faults_from_env, parse_fault
+from launcher.faults import FaultInjector, fail_at_start, faults_from_env, parse_fault
 from launcher.worker import Reporter, StopRequest, init_process_group
 
 from .config import ConfigError, TrainConfig
@@ -106,6 +106,7 @@ def train(cfg: TrainConfig) -> dict:
         faults = [parse_fault(spec) for spec in cfg.inject] + faults_from_env()
     except ValueError as e:
         raise ConfigError(f"--inject: {e}") from None
+    fail_at_start(faults, int(os.environ.get("LOCAL_RANK", 0)))  # a simulated broken device
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     env = init_process_group()
     rank, world = env.rank, env.world_size
