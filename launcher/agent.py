@@ -198,7 +198,8 @@ class FaultTolerantAgent(LocalElasticAgent):
                 self._start_failures = 0
             left = self._peer_node_left(worker_group)
             if left:
-                self.event("node_left", nodes_now=left[0], nodes_before=left[1])
+                self.event("node_left", nodes_now=left[0], nodes_before=left[1],
+                           step=max((b.step for b in beats.values()), default=None))
                 self.last_failure = f"a node left the job ({left[0]} of {left[1]} nodes remain)"
                 log.warning("a node left the job (%d of %d nodes remain); restarting the group without it", *left)
                 self._kill_workers()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def _failure_kind(event: dict) -> str:
+    if event["event"] == "node_left":
+        return "node left"
     if event["event"] == "hang_detected":
         return f"hang ({event['phase']})"
     if event.get("signal"):
@@ -20,13 +22,13 @@ def summarize(events: list[dict]) -> dict:
     failures = []  # one per failed generation: its first failure event (root cause first)
     seen_attempts = set()
     for e in events:
-        if e["event"] in ("worker_failed", "hang_detected") and e["attempt"] not in seen_attempts:
+        if e["event"] in ("worker_failed", "hang_detected", "node_left") and e["attempt"] not in seen_attempts:
             seen_attempts.add(e["attempt"])
             same = [x for x in events if x["event"] == e["event"] and x["attempt"] == e["attempt"]]
             last_step = max((x.get("last_step") if x["event"] == "worker_failed" else x.get("step")) or 0 for x in same)
             # A hang costs from the rank's last progress, not from its detection.
             failures.append({"time": e["time"], "since": e.get("since", e["time"]), "kind": _failure_kind(e),
-                             "rank": e["rank"], "last_step": last_step})
+                             "rank": e.get("rank"), "last_step": last_step})
     for f in failures:
         f["restarted"] = any(e["time"] > f["time"] and e["event"] == "workers_started" for e in events)
         resumed = next((e for e in events if e["time"] > f["time"] and e["event"] in ("resumed", "fresh_start")), None)
@@ -59,7 +61,8 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
         kinds = ", ".join(f"{n} x {k}" for k, n in summary["failures_by_kind"].items())
         lines.append(f"failures: {kinds}")
         for f in summary["failures"]:
-            where = f"  rank {f['rank']} {f['kind']} at step {f['last_step']}"
+            who = f"rank {f['rank']} " if f["rank"] is not None else ""
+            where = f"  {who}{f['kind']} at step {f['last_step']}"
             if f["resumed_step"] is None or f["seconds_lost"] is None:
                 lines.append(f"{where}: " + ("restarted; steps and time lost unknown (the script does not report "
                                              "them through launcher.worker.Reporter)" if f["restarted"]
