@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from procs import REPO, run
 
 SMOKE_EPISODES = 16
 
 
+@pytest.mark.timeout(1800)  # about 16 x 25 s here; the suite's default per-test limit is 300 s
 def test_chaos_smoke(tmp_path):
     result = run([sys.executable, str(REPO / "bench" / "chaos.py"), "--episodes", str(SMOKE_EPISODES), "--seed", "7",
                   "--out", str(tmp_path)], timeout=1500)
