@@ -44,7 +44,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the shared fault-scenario harness
 
-from procs import compare_training_state, load_checkpoint, wait_until  # noqa: E402
+from procs import (assert_each_sample_once, compare_training_state, effective_steps, load_checkpoint,  # noqa: E402
+                   read_trace, wait_until)
 
 from checkpoint import Storage, verify  # noqa: E402
 from checkpoint.manifest import list_steps, step_dir_name  # noqa: E402
@@ -54,9 +55,10 @@ from launcher.proctree import kill_tree  # noqa: E402
 # (total steps, save every N) per script: long enough (about 5 s of training here) for a fault
 # drawn at a random step to land mid-run, with several commits before it.
 JOBS = {"train": (400, 20), "plain": (200, 20)}
-TRAINER_ONLY = ("kill-while-writing", "kill-before-commit", "kill-load", "enospc")
+TRAINER_ONLY = ("kill-while-writing", "kill-before-commit", "kill-load", "enospc", "kill-node")
 KINDS = ("kill-worker", "kill-while-writing", "sigstop", "kill-ftlaunch", "corrupt-file", "kill-before-commit",
-         "sigterm", "flip-metadata", "kill-load", "forged-metadata", "unreadable-shard", "enospc")
+         "sigterm", "flip-metadata", "kill-load", "forged-metadata", "unreadable-shard", "enospc", "kill-node")
+NODE_EPOCHS = 10  # kill-node: 3 loopback nodes of 1 worker, digits for 10 epochs (230 steps)
 LAUNCH_FLAGS = ("--nproc-per-node=2", "--hang-timeout", "3", "--grace-period", "5", "--restart-backoff", "0.2")
 EPISODE_TIMEOUT = 240
 DAMAGE = ("corrupt-file", "flip-metadata", "forged-metadata", "unreadable-shard")
@@ -354,6 +356,83 @@ def cost(script: str, run_dir: Path, fault_time, step_at_fault) -> dict:
     return {"recovery_s": round(first["t"] - fault_time, 2), "steps_redone": max(0, step_at_fault - (first["step"] - 1))}
 
 
+# -- a whole node killed -----------------------------------------------------------------------
+def run_node_episode(index: int, seed: int, out: Path) -> dict:
+    """Three ftlaunch agents (nodes) on loopback around a standalone rendezvous store; one
+    node is SIGKILLed whole (agent, fork server, workers) at a random step. The survivors must
+    finish at world size 2 with every sample of every epoch trained exactly once."""
+    rng = random.Random(f"{seed}:{index}")
+    d = out / f"ep{index:04d}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    info: dict = {"episode": index, "seed": seed, "kind": "kill-node", "script": "train"}
+    violations: list[str] = []
+    started = time.monotonic()
+    store = start([sys.executable, "-m", "launcher.cli", "rendezvous", "--host", "127.0.0.1", "--port", "0",
+                   "--port-file", str(d / "port")], d / "rendezvous.log")
+    nodes: dict[int, subprocess.Popen] = {}
+    victim = rng.randrange(3)
+    total = NODE_EPOCHS * 23
+    fault_step = rng.randrange(25, total - 60)
+    try:
+        wait_until(lambda: (d / "port").exists(), 60, store, "the rendezvous store")
+        endpoint = f"127.0.0.1:{(d / 'port').read_text()}"
+        for node in range(3):
+            nodes[node] = start([sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1",
+                                 "--hang-timeout", "3", "--rdzv-endpoint", endpoint, "--rdzv-id", f"chaos-{index}",
+                                 "--run-dir", str(d / f"node{node}"), str(REPO / "train.py"), "--ckpt-dir",
+                                 str(d / "ckpt"), "--epochs", str(NODE_EPOCHS), "--save-every-steps", "20",
+                                 "--keep-last", "0", "--trace-samples", "--run-dir", str(d / "shared"),
+                                 "--log-every", "1000"], d / f"node{node}.log")
+
+        def newest_step():
+            return max((b.step for n in range(3) for r in range(3)
+                        if (b := Beat.read(heartbeat_path(str(d / f"node{n}"), r))) is not None), default=-1)
+
+        wait_until(lambda: newest_step() >= fault_step, 180, None, f"step {fault_step}")
+        before = verified_steps(d / "ckpt")
+        fault_time, step_at_fault = time.time(), newest_step()
+        kill_tree(nodes[victim].pid)
+        info["victim"] = victim
+        for node, proc in nodes.items():
+            if node == victim:
+                continue
+            try:
+                rc = proc.wait(timeout=max(1, EPISODE_TIMEOUT - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                violations.append(f"hang: node {node} did not finish in time")
+                kill_tree(proc.pid)
+                rc = proc.wait()
+            if rc != 0:
+                violations.append(f"surviving node {node} exited {rc} (see {d / f'node{node}.log'})")
+        storage = Storage(d / "ckpt")
+        final = verify(storage, step_dir_name(total), "hash")[0]
+        if final is None or final.world_size != 2:
+            violations.append(f"the final step {total} is not committed at world size 2")
+        try:
+            assert_each_sample_once(effective_steps(read_trace(d / "shared")), NODE_EPOCHS)
+        except AssertionError as e:
+            violations.append(f"exactness: {e}")
+        after = verified_steps(d / "ckpt")
+        violations += [f"step {s} verified before the fault and does not now" for s, f in before.items() if after.get(s) != f]
+        events = [e for n in range(3) if n != victim for e in read_events(str(d / f"node{n}"))]
+        first = min((e["time"] for e in events if e["event"] == "first_step" and e["time"] > fault_time), default=None)
+        resumed = [e["step"] for e in events if e["event"] == "resumed" and e["time"] > fault_time]
+        if first is not None and resumed:
+            info.update(recovery_s=round(first - fault_time, 2), steps_redone=max(0, step_at_fault - min(resumed)))
+    except AssertionError as e:
+        violations.append(str(e))
+    finally:
+        for proc in [*nodes.values(), store]:
+            kill_tree(proc.pid)
+        for leftover, cmdline in leftover_processes(d):
+            violations.append(f"process left running: {cmdline[:120]}")
+            kill_tree(leftover.pid)
+    info["seconds"] = round(time.monotonic() - started, 1)
+    info["violations"] = violations
+    return info
+
+
 # -- the campaign ------------------------------------------------------------------------------
 def plan(episodes: int, kinds: list[str], scripts: list[str]) -> list[tuple[str, str]]:
     """Kinds rotate so every kind is covered; scripts alternate per round (trainer-only kinds
@@ -428,7 +507,10 @@ def main(argv=None) -> int:
     with open(results_path, "a") as log:
         for index in tqdm(todo, desc="chaos", unit="episode", disable=not sys.stderr.isatty()):
             kind, script = schedule[index]
-            result = run_episode(index, args.seed, kind, script, out, refs)
+            if kind == "kill-node":
+                result = run_node_episode(index, args.seed, out)
+            else:
+                result = run_episode(index, args.seed, kind, script, out, refs)
             done[index] = result
             log.write(json.dumps(result) + "\n")
             log.flush()
