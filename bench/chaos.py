@@ -24,6 +24,7 @@ stopped; the table at the end covers every episode in that file for this seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -45,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the shared fault-scenario harness
 
 from procs import (assert_each_sample_once, compare_training_state, effective_steps, load_checkpoint,  # noqa: E402
-                   read_trace, wait_until)
+                   network_namespace, read_trace, wait_until)
 
 from checkpoint import Storage, verify  # noqa: E402
 from checkpoint.manifest import list_steps, step_dir_name  # noqa: E402
@@ -55,9 +56,10 @@ from launcher.proctree import kill_tree  # noqa: E402
 # (total steps, save every N) per script: long enough (about 5 s of training here) for a fault
 # drawn at a random step to land mid-run, with several commits before it.
 JOBS = {"train": (400, 20), "plain": (200, 20)}
-TRAINER_ONLY = ("kill-while-writing", "kill-before-commit", "kill-load", "enospc", "kill-node")
+NODE_KINDS = ("kill-node", "net-cut")
+TRAINER_ONLY = ("kill-while-writing", "kill-before-commit", "kill-load", "enospc", *NODE_KINDS)
 KINDS = ("kill-worker", "kill-while-writing", "sigstop", "kill-ftlaunch", "corrupt-file", "kill-before-commit",
-         "sigterm", "flip-metadata", "kill-load", "forged-metadata", "unreadable-shard", "enospc", "kill-node")
+         "sigterm", "flip-metadata", "kill-load", "forged-metadata", "unreadable-shard", "enospc", *NODE_KINDS)
 NODE_EPOCHS = 10  # kill-node: 3 loopback nodes of 1 worker, digits for 10 epochs (230 steps)
 LAUNCH_FLAGS = ("--nproc-per-node=2", "--hang-timeout", "3", "--grace-period", "5", "--restart-backoff", "0.2")
 EPISODE_TIMEOUT = 240
@@ -357,33 +359,48 @@ def cost(script: str, run_dir: Path, fault_time, step_at_fault) -> dict:
 
 
 # -- a whole node killed -----------------------------------------------------------------------
-def run_node_episode(index: int, seed: int, out: Path) -> dict:
-    """Three ftlaunch agents (nodes) on loopback around a standalone rendezvous store; one
-    node is SIGKILLed whole (agent, fork server, workers) at a random step. The survivors must
-    finish at world size 2 with every sample of every epoch trained exactly once."""
+def run_node_episode(index: int, seed: int, out: Path, kind: str) -> dict:
+    """Three ftlaunch agents (nodes) around a standalone rendezvous store. ``kill-node``: on
+    loopback, one node is SIGKILLed whole (agent, fork server, workers) at a random step.
+    ``net-cut``: the third node lives in a network namespace of its own and its link is taken
+    down at a random step (it stays alive, silent). The survivors must finish at world size 2
+    with every sample of every epoch trained exactly once."""
+    with network_namespace("10.214.0") if kind == "net-cut" else contextlib.nullcontext(None) as net:
+        if isinstance(net, str):
+            return {"episode": index, "seed": seed, "kind": kind, "script": "train", "skipped": net}
+        return _node_episode(index, seed, out, kind, net)
+
+
+def _node_episode(index: int, seed: int, out: Path, kind: str, net: dict | None) -> dict:
     rng = random.Random(f"{seed}:{index}")
     d = out / f"ep{index:04d}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    info: dict = {"episode": index, "seed": seed, "kind": "kill-node", "script": "train"}
+    info: dict = {"episode": index, "seed": seed, "kind": kind, "script": "train"}
     violations: list[str] = []
     started = time.monotonic()
-    store = start([sys.executable, "-m", "launcher.cli", "rendezvous", "--host", "127.0.0.1", "--port", "0",
+    host = net["host_ip"] if net else "127.0.0.1"
+    store = start([sys.executable, "-m", "launcher.cli", "rendezvous", "--host", host, "--port", "0",
                    "--port-file", str(d / "port")], d / "rendezvous.log")
     nodes: dict[int, subprocess.Popen] = {}
-    victim = rng.randrange(3)
+    victim = 2 if net else rng.randrange(3)
     total = NODE_EPOCHS * 23
     fault_step = rng.randrange(25, total - 60)
     try:
         wait_until(lambda: (d / "port").exists(), 60, store, "the rendezvous store")
-        endpoint = f"127.0.0.1:{(d / 'port').read_text()}"
+        endpoint = f"{host}:{(d / 'port').read_text()}"
         for node in range(3):
-            nodes[node] = start([sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1",
-                                 "--hang-timeout", "3", "--rdzv-endpoint", endpoint, "--rdzv-id", f"chaos-{index}",
-                                 "--run-dir", str(d / f"node{node}"), str(REPO / "train.py"), "--ckpt-dir",
-                                 str(d / "ckpt"), "--epochs", str(NODE_EPOCHS), "--save-every-steps", "20",
-                                 "--keep-last", "0", "--trace-samples", "--run-dir", str(d / "shared"),
-                                 "--log-every", "1000"], d / f"node{node}.log")
+            cmd = [sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1",
+                   "--hang-timeout", "3", "--rdzv-endpoint", endpoint, "--rdzv-id", f"chaos-{index}",
+                   "--run-dir", str(d / f"node{node}"), str(REPO / "train.py"), "--ckpt-dir",
+                   str(d / "ckpt"), "--epochs", str(NODE_EPOCHS), "--save-every-steps", "20",
+                   "--keep-last", "0", "--trace-samples", "--run-dir", str(d / "shared"), "--log-every", "1000"]
+            if net:  # nodes 0 and 1 on the host side of the veth pair, node 2 behind it
+                inside = node == victim
+                addr, ifname = (net["ns_ip"], net["ns_if"]) if inside else (host, net["host_if"])
+                cmd = [*(("ip", "netns", "exec", net["ns"]) if inside else ()), "env", f"GLOO_SOCKET_IFNAME={ifname}",
+                       cmd[0], *cmd[1:3], "--local-addr", addr, *cmd[3:]]
+            nodes[node] = start(cmd, d / f"node{node}.log")
 
         def newest_step():
             return max((b.step for n in range(3) for r in range(3)
@@ -392,8 +409,11 @@ def run_node_episode(index: int, seed: int, out: Path) -> dict:
         wait_until(lambda: newest_step() >= fault_step, 180, None, f"step {fault_step}")
         before = verified_steps(d / "ckpt")
         fault_time, step_at_fault = time.time(), newest_step()
-        kill_tree(nodes[victim].pid)
-        info["victim"] = victim
+        if net:
+            subprocess.run(["ip", "link", "set", net["host_if"], "down"], check=True)  # the cable is cut
+        else:
+            kill_tree(nodes[victim].pid)
+        info["victim"] = victim  # (net-cut: node 2, whose link was cut)
         for node, proc in nodes.items():
             if node == victim:
                 continue
@@ -507,8 +527,8 @@ def main(argv=None) -> int:
     with open(results_path, "a") as log:
         for index in tqdm(todo, desc="chaos", unit="episode", disable=not sys.stderr.isatty()):
             kind, script = schedule[index]
-            if kind == "kill-node":
-                result = run_node_episode(index, args.seed, out)
+            if kind in NODE_KINDS:
+                result = run_node_episode(index, args.seed, out, kind)
             else:
                 result = run_episode(index, args.seed, kind, script, out, refs)
             done[index] = result

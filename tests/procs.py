@@ -6,6 +6,7 @@ group is not enough: on timeout we kill every descendant found by psutil, then t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -128,6 +129,37 @@ def effective_steps(records: list[dict]) -> list[dict]:
     for r in records:
         latest[r["step"]] = max(latest.get(r["step"], 0.0), r["launch"])
     return [r for r in records if r["launch"] == latest[r["step"]]]
+
+
+@contextlib.contextmanager
+def network_namespace(subnet: str = "10.213.0"):
+    """A network namespace joined to this one by a veth pair: a "node" whose link can be cut
+    (``ip link set HOST_IF down``). Yields a dict (ns, host_if, ns_if, host_ip, ns_ip), or a
+    string saying why it cannot be made here (needs root and iproute2). Removed on exit."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield "needs root and iproute2 (`ip netns`) to make a node with its own network"
+        return
+    tag = f"{os.getpid() % 10000}"
+    ns, host_if, ns_if = f"ftl-ns{tag}", f"ftlh{tag}", f"ftlp{tag}"
+    host_ip, ns_ip = f"{subnet}.1", f"{subnet}.2"
+    steps = [["ip", "netns", "add", ns], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", ns], ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                yield f"cannot build a network namespace here: {' '.join(step)}: {done.stderr.strip()}"
+                return
+        yield {"ns": ns, "host_if": host_if, "ns_if": ns_if, "host_ip": host_ip, "ns_ip": ns_ip}
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
 
 
 DIGITS_TRAIN_SAMPLES = 1438  # sklearn's digits: 1,797 minus the 20% test split

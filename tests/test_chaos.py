@@ -22,7 +22,7 @@ def test_chaos_smoke(tmp_path):
     episodes = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == SMOKE_EPISODES, result.tail()
     kinds = {e["kind"] for e in episodes if "skipped" not in e}
-    assert len(kinds) == 13, kinds  # every kind, a whole node killed included
+    assert len(kinds) == 14, kinds  # every kind: a whole node killed and a network cut included
     assert {e["script"] for e in episodes} == {"train", "plain"}
     bad = [e for e in episodes if e.get("violations")]
     assert not bad, "\n".join(f"{e['kind']} ({e['script']}): {e['violations']}" for e in bad) + "\n" + result.tail()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from procs import (REPO, assert_each_sample_once, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
+from procs import (REPO, assert_each_sample_once, network_namespace, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
                    start, wait_for_event, wait_for_file)
 
 TRAIN_SAMPLES, STEPS_PER_EPOCH, EPOCHS = 1438, 23, 6
@@ -143,33 +143,13 @@ def test_node_killed_during_a_save_never_leaves_a_loaded_partial(rendezvous, tmp
 
 
 @pytest.fixture
-def netns_node(tmp_path):
+def netns_node():
     """A network namespace joined to this one by a veth pair: a "node" whose link we can cut.
     Needs root and iproute2; skipped with the reason elsewhere."""
-    import os
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 (`ip netns`) to make a node with its own network")
-    tag = f"{os.getpid() % 10000}"
-    ns, host_if, ns_if = f"ftl-ns{tag}", f"ftlh{tag}", f"ftlp{tag}"
-    host_ip, ns_ip = "10.213.0.1", "10.213.0.2"
-    steps = [["ip", "netns", "add", ns], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-             ["ip", "link", "set", ns_if, "netns", ns], ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
-             ["ip", "link", "set", host_if, "up"],
-             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
-             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
-             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
-    try:
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.skip(f"cannot build a network namespace here: {' '.join(step)}: {done.stderr.strip()}")
-        yield {"ns": ns, "host_if": host_if, "ns_if": ns_if, "host_ip": host_ip, "ns_ip": ns_ip}
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        subprocess.run(["ip", "link", "delete", host_if], capture_output=True)
+    with network_namespace() as net:
+        if isinstance(net, str):
+            pytest.skip(net)
+        yield net
 
 
 def test_node_whose_link_is_cut_is_detected_and_the_group_recovers(netns_node, tmp_path):
