@@ -55,3 +55,31 @@ def test_children_of_a_failed_generation_do_not_survive_the_restart(tmp_path):
     assert result.returncode == 0, result.tail()
     leftover = int((children / "gen0.pid").read_text())
     assert not wait_gone([leftover], timeout=10), "generation 0's child outlived its worker"
+
+
+def test_cluster_kill_checks_the_process_identity(tmp_path):
+    """A pid file names a pid *and* its start time: when the node is gone and its pid now
+    belongs to another process, `ftlaunch cluster kill` refuses instead of killing it."""
+    import json
+    import subprocess
+    import sys
+
+    from launcher.proctree import ProcessId
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (tmp_path / "cluster.json").write_text(json.dumps({"dir": str(tmp_path), "nodes": 1, "min_nodes": 1, "port": 1,
+                                                           "run_id": "x", "agent_args": []}))
+        real = ProcessId.of(stranger.pid)
+        (tmp_path / "node0.pid").write_text(ProcessId(real.pid, real.started - 50).to_text())  # same pid, older process
+        result = run([sys.executable, "-m", "launcher.cli", "cluster", "kill", "--dir", str(tmp_path), "--node", "0"],
+                     timeout=60)
+        assert result.returncode != 0 and "node 0 is not running" in result.output, result.output
+        assert stranger.poll() is None, "a process that merely reuses the node's pid was killed"
+        (tmp_path / "node0.pid").write_text(real.to_text())
+        assert run([sys.executable, "-m", "launcher.cli", "cluster", "kill", "--dir", str(tmp_path), "--node", "0"],
+                   timeout=60).returncode == 0
+        assert stranger.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        stranger.kill()
+        stranger.wait()
