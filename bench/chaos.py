@@ -149,6 +149,16 @@ def leftover_processes(episode_dir: Path, grace: float = 10.0) -> list[tuple[psu
     return found
 
 
+def wait_or_kill(proc: subprocess.Popen, started: float, what: str, violations: list[str]) -> int:
+    """``proc``'s exit code; past the episode's time limit a violation, and its tree killed."""
+    try:
+        return proc.wait(timeout=max(1, EPISODE_TIMEOUT - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        violations.append(f"hang: {what} did not end within the episode's {EPISODE_TIMEOUT} s")
+        kill_tree(proc.pid)
+        return proc.wait()
+
+
 # -- damage ------------------------------------------------------------------------------------
 def flip_byte(path: Path, rng: random.Random) -> None:
     data = bytearray(path.read_bytes())
@@ -243,12 +253,7 @@ def run_episode(index: int, seed: int, kind: str, script: str, out: Path, refs: 
                     shard.mkdir()
                 os.kill(target, signal.SIGKILL)
                 info["damaged"] = damaged
-        try:
-            rc = proc.wait(timeout=max(1, EPISODE_TIMEOUT - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            violations.append(f"hang: the job did not end within {EPISODE_TIMEOUT} s")
-            kill_tree(proc.pid)
-            rc = proc.wait()
+        rc = wait_or_kill(proc, started, "the job", violations)
         info["rc"] = rc
         if kind == "kill-ftlaunch":
             for leftover, cmdline in leftover_processes(d):
@@ -258,12 +263,7 @@ def run_episode(index: int, seed: int, kind: str, script: str, out: Path, refs: 
             if kind == "sigterm" and script == "train" and rc != 0:
                 violations.append(f"a preempted train.py run exited {rc}, not 0")
             relaunch = start(job_command(script, ckpt, run_dir, []), d / "log")
-            try:
-                rc = relaunch.wait(timeout=max(1, EPISODE_TIMEOUT - (time.monotonic() - started)))
-            except subprocess.TimeoutExpired:
-                violations.append("hang: the relaunch did not end in time")
-                kill_tree(relaunch.pid)
-                rc = relaunch.wait()
+            rc = wait_or_kill(relaunch, started, "the relaunch", violations)
             info["rc"] = rc
         violations += judge(kind, script, rc, ckpt, before, damaged, marker, refs[script], d)
         info.update(cost(script, run_dir, fault_time, step_at_fault))
@@ -417,12 +417,7 @@ def _node_episode(index: int, seed: int, out: Path, kind: str, net: dict | None)
         for node, proc in nodes.items():
             if node == victim:
                 continue
-            try:
-                rc = proc.wait(timeout=max(1, EPISODE_TIMEOUT - (time.monotonic() - started)))
-            except subprocess.TimeoutExpired:
-                violations.append(f"hang: node {node} did not finish in time")
-                kill_tree(proc.pid)
-                rc = proc.wait()
+            rc = wait_or_kill(proc, started, f"node {node}", violations)
             if rc != 0:
                 violations.append(f"surviving node {node} exited {rc} (see {d / f'node{node}.log'})")
         storage = Storage(d / "ckpt")
