@@ -57,8 +57,9 @@ class Policy:
     grace_period: float = 30.0  # after a stop request, workers must be done within this
 
     def limit_for(self, phase: str | None) -> float:
-        """Seconds without progress allowed in ``phase`` (None: the worker never beat); 0 = none."""
-        if phase is None:
+        """Seconds without progress allowed in ``phase`` (None: the worker never beat; joining:
+        it is in init_process_group, waiting for its peers); 0 = none."""
+        if phase is None or phase == contract.JOINING:
             return self.startup_timeout or 0.0
         if phase == "training":
             return self.hang_timeout
@@ -184,10 +185,12 @@ class FaultTolerantAgent(LocalElasticAgent):
                 if i == 0:
                     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
                     self.last_failure = f"rank {rank} {how} at step {beat.step if beat else None}"
-                    # A worker of this node that died before it ever trained: the node's own
-                    # fault (a broken device), not a peer's (a peer's death reaches a rank
-                    # that is already training, as a collective error).
-                    at_start = failure.exitcode != -signal.SIGTERM and (beat is None or beat.phase == "starting")
+                    # A worker of this node that died before it ever talked to its peers (no
+                    # beat at all: not even "joining", which launcher.bootstrap writes as it
+                    # enters init_process_group): the node's own fault, e.g. a broken
+                    # device. A worker that failed while joining or later may have been
+                    # brought down by a peer (a store or a gloo connection reset).
+                    at_start = failure.exitcode != -signal.SIGTERM and beat is None
                 self.event("worker_failed", rank=rank, exitcode=failure.exitcode,
                            signal=failure.signal_name() if failure.exitcode < 0 else None,
                            last_step=beat.step if beat else None, phase=beat.phase if beat else "starting")

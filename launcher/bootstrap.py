@@ -78,7 +78,8 @@ def silence_optimizer_beats() -> None:
 
 
 def watch_optimizer_steps(env=os.environ) -> None:
-    """Under ftlaunch, make every ``optimizer.step()`` of this process a heartbeat."""
+    """Under ftlaunch, make every ``optimizer.step()`` of this process a heartbeat, and mark
+    the moment it starts joining its process group (phase ``joining``)."""
     global _beats
     run_dir = env.get(contract.RUN_DIR_ENV)
     if not run_dir or "RANK" not in env or _beats is not None:
@@ -88,6 +89,29 @@ def watch_optimizer_steps(env=os.environ) -> None:
     _beats = _OptimizerBeats(run_dir, int(env["RANK"]), int(env.get(contract.WORKER_ID_ENV, os.getpid())),
                              int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
     register_optimizer_step_post_hook(_beats)
+    _mark_joining(_beats)
+
+
+def _mark_joining(beats: _OptimizerBeats) -> None:
+    """Wrap ``torch.distributed.init_process_group`` so that the worker's heartbeat says
+    ``joining`` before it first talks to its peers. The agent uses it to tell a worker that
+    failed on its own (before joining: a broken device) from one that failed because a peer
+    did (while or after joining)."""
+    import functools
+
+    import torch.distributed as dist
+
+    real = dist.init_process_group
+
+    @functools.wraps(real)
+    def init_process_group(*args, **kwargs):
+        if not beats.silenced and beats.steps == 0:
+            beats.writer.write(contract.Beat(rank=beats.rank, pid=beats.pid, generation=beats.generation, step=-1,
+                                             phase="joining", time=time.monotonic(), source="bootstrap",
+                                             os_pid=os.getpid()))
+        return real(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
 
 
 # -- running the script --------------------------------------------------------------------------

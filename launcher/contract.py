@@ -22,6 +22,7 @@ RUN_DIR_ENV = "FTLAUNCH_RUN_DIR"
 WORKER_ID_ENV = "FTLAUNCH_WORKER_ID"  # set by the pre-warm client: the pid TorchElastic knows
 
 PHASES = ("starting", "loading", "training", "saving", "stopping", "finishing")
+JOINING = "joining"  # written by launcher.bootstrap as a worker enters init_process_group
 
 
 def events_path(run_dir: str) -> str:
