@@ -106,12 +106,25 @@ def _mark_joining(beats: _OptimizerBeats) -> None:
     @functools.wraps(real)
     def init_process_group(*args, **kwargs):
         if not beats.silenced and beats.steps == 0:
-            beats.writer.write(contract.Beat(rank=beats.rank, pid=beats.pid, generation=beats.generation, step=-1,
-                                             phase="joining", time=time.monotonic(), source="bootstrap",
-                                             os_pid=os.getpid()))
+            _write_phase(beats, "joining", -1)
         return real(*args, **kwargs)
 
+    real_destroy = dist.destroy_process_group
+
+    @functools.wraps(real_destroy)
+    def destroy_process_group(*args, **kwargs):
+        # Training is over: teardown and exit get the I/O limit, not the step limit.
+        if not beats.silenced:
+            _write_phase(beats, "finishing", beats.steps)
+        return real_destroy(*args, **kwargs)
+
     dist.init_process_group = init_process_group
+    dist.destroy_process_group = destroy_process_group
+
+
+def _write_phase(beats: _OptimizerBeats, phase: str, step: int) -> None:
+    beats.writer.write(contract.Beat(rank=beats.rank, pid=beats.pid, generation=beats.generation, step=step,
+                                     phase=phase, time=time.monotonic(), source="bootstrap", os_pid=os.getpid()))
 
 
 # -- running the script --------------------------------------------------------------------------

@@ -57,12 +57,12 @@ def test_restarts_used_up_by_hangs_is_a_failure(tmp_path):
 def test_sigstopped_plain_worker_is_found_by_its_optimizer_steps(tmp_path, prewarm):
     run_dir = tmp_path / "run"
     flags = [] if prewarm else ["--no-prewarm"]
-    result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--hang-timeout", "3", "--max-restarts", "1", *flags,
+    result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--hang-timeout", "4", "--max-restarts", "1", *flags,
                               script=PLAIN, script_args=("300", "--optimizer", "--stop-rank", "1",
                                                          "--stop-step", "50")), timeout=TIMEOUT)
     assert result.returncode == 0, result.tail()
     hang = events_of(run_dir, "hang_detected")[0]
     assert (hang["rank"], hang["phase"], hang["step"]) == (1, "training", 50), hang
-    assert 3 <= hang["silent_seconds"] <= 3 + 10, hang
+    assert 4 <= hang["silent_seconds"] <= 4 + 10, hang
     assert "plain done rank 1 generation 1" in result.output
     assert re.search(r"rank 1 hang \(training\) at step 50: restarted; steps and time lost unknown", result.output)
