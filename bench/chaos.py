@@ -228,6 +228,11 @@ def run_episode(index: int, seed: int, kind: str, script: str, out: Path, refs: 
             step_at_fault = max(b.step for b in seen.values())
             fault_time = time.time()
             target = seen[rank].os_pid
+            if kind in ("kill-worker", "sigstop", *DAMAGE) and not psutil.pid_exists(target):
+                # A restart replaced the worker between our reads (a false alarm on a loaded
+                # machine): no fault can land on it; say so instead of judging the episode.
+                kill_tree(proc.pid)
+                return {**info, "skipped": f"the rank {rank} worker (pid {target}) was replaced before the fault"}
             if kind == "kill-worker":
                 os.kill(target, signal.SIGKILL)
             elif kind == "sigstop":
