@@ -56,10 +56,11 @@ class Policy:
     backoff: float = 1.0  # first wait after a restart that made no progress; doubles, <= 60 s
     grace_period: float = 30.0  # after a stop request, workers must be done within this
 
-    def limit_for(self, phase: str | None) -> float:
-        """Seconds without progress allowed in ``phase`` (None: the worker never beat; joining:
-        it is in init_process_group, waiting for its peers); 0 = none."""
-        if phase is None or phase == contract.JOINING:
+    def limit_for(self, phase: str | None, source: str | None = None) -> float:
+        """Seconds without progress allowed in ``phase`` (None: the worker never beat; starting
+        from launcher.bootstrap: its script has begun; joining: it is in init_process_group,
+        waiting for its peers); 0 = none. ``source`` is the beat's writer."""
+        if phase is None or phase == contract.JOINING or (phase == "starting" and source == "bootstrap"):
             return self.startup_timeout or 0.0
         if phase == "training":
             return self.hang_timeout
@@ -186,11 +187,12 @@ class FaultTolerantAgent(LocalElasticAgent):
                     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
                     self.last_failure = f"rank {rank} {how} at step {beat.step if beat else None}"
                     # A worker of this node that died before it ever talked to its peers (no
-                    # beat at all: not even "joining", which launcher.bootstrap writes as it
-                    # enters init_process_group): the node's own fault, e.g. a broken
-                    # device. A worker that failed while joining or later may have been
-                    # brought down by a peer (a store or a gloo connection reset).
-                    at_start = failure.exitcode != -signal.SIGTERM and beat is None
+                    # beat but the bootstrap's "starting": not even "joining", which
+                    # launcher.bootstrap writes as it enters init_process_group): the node's
+                    # own fault, e.g. a broken device. A worker that failed while joining or
+                    # later may have been brought down by a peer (a store or a gloo
+                    # connection reset).
+                    at_start = failure.exitcode != -signal.SIGTERM and _before_joining(beat)
                 self.event("worker_failed", rank=rank, exitcode=failure.exitcode,
                            signal=failure.signal_name() if failure.exitcode < 0 else None,
                            last_step=beat.step if beat else None, phase=beat.phase if beat else "starting")
@@ -242,8 +244,10 @@ class FaultTolerantAgent(LocalElasticAgent):
             if not _running(worker.id):
                 continue  # finished already (its peers may still be working)
             beat = beats.get(worker.global_rank)
+            # No beat: the worker has not reached its script yet (a pre-warmed one may be
+            # waiting for the fork server to finish importing torch): the generation's clock.
             phase, since, step = (beat.phase, beat.time, beat.step) if beat else (None, self._generation_started, -1)
-            limit = self.policy.limit_for(phase)
+            limit = self.policy.limit_for(phase, beat.source if beat else None)
             phase = phase or "starting"
             if limit and now - since > limit:
                 stopped = beat is not None and _stopped(beat.os_pid)
@@ -300,6 +304,12 @@ class FaultTolerantAgent(LocalElasticAgent):
             self.event("stop_requested", reason=reason, grace_period=self.policy.grace_period)
             log.warning("%s: asking workers to stop at the next step and commit it (grace period %g s)",
                         reason, self.policy.grace_period)
+
+
+def _before_joining(beat: contract.Beat | None) -> bool:
+    """The worker had not begun to join its process group: no beat, or only the bootstrap's
+    mark that its script started."""
+    return beat is None or (beat.source == "bootstrap" and beat.phase == "starting")
 
 
 def _stopped(pid: int) -> bool:

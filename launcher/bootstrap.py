@@ -79,7 +79,8 @@ def silence_optimizer_beats() -> None:
 
 def watch_optimizer_steps(env=os.environ) -> None:
     """Under ftlaunch, make every ``optimizer.step()`` of this process a heartbeat, and mark
-    the moment it starts joining its process group (phase ``joining``)."""
+    the moments its script starts (phase ``starting``) and it starts joining its process
+    group (phase ``joining``)."""
     global _beats
     run_dir = env.get(contract.RUN_DIR_ENV)
     if not run_dir or "RANK" not in env or _beats is not None:
@@ -89,6 +90,9 @@ def watch_optimizer_steps(env=os.environ) -> None:
     _beats = _OptimizerBeats(run_dir, int(env["RANK"]), int(env.get(contract.WORKER_ID_ENV, os.getpid())),
                              int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
     register_optimizer_step_post_hook(_beats)
+    # The script starts now: the startup clock counts from here, not from the wait for the
+    # interpreter (or the fork server) to import torch, which a loaded machine can stretch.
+    _write_phase(_beats, "starting", -1)
     _mark_joining(_beats)
 
 

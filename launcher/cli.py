@@ -67,7 +67,7 @@ def build_parser():
                       help="seconds a worker may take to its first heartbeat. Default: 300 s for scripts that "
                            "report with launcher.worker.Reporter (they announce themselves at start), and no "
                            "limit for any other script, which is watched from its first optimizer.step() on "
-                           "(0: off for all)")
+                           "(0: off for all). Counted from the moment the script begins (torch already imported)")
     ours.add_argument("--io-timeout", type=float, default=600.0,
                       help="seconds a rank may spend loading, saving, stopping or finishing (eval, final save, exit) before it counts as hung (0: off)")
     ours.add_argument("--crash-loop-limit", type=int, default=3,

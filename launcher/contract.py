@@ -48,8 +48,9 @@ class Beat:
     hung); the agent compares it with its own monotonic clock on the same node.
 
     ``source`` says who wrote it: ``"reporter"`` (the script's own ``Reporter``: steps and
-    phases) or ``"optimizer"`` (``launcher.bootstrap``: every ``optimizer.step()`` of any
-    script)."""
+    phases), ``"optimizer"`` (``launcher.bootstrap``: every ``optimizer.step()`` of any
+    script) or ``"bootstrap"`` (``launcher.bootstrap``'s marks: the script is ``starting``,
+    ``joining`` its process group, or ``finishing``)."""
 
     rank: int
     pid: int
