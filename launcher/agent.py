@@ -57,16 +57,24 @@ class Policy:
     grace_period: float = 30.0  # after a stop request, workers must be done within this
 
     def limit_for(self, phase: str | None, source: str | None = None) -> float:
-        """Seconds without progress allowed in ``phase`` (None: the worker never beat; starting
-        from launcher.bootstrap: its script has begun; joining: it is in init_process_group,
-        waiting for its peers); 0 = none. ``source`` is the beat's writer."""
-        if phase is None or phase == contract.JOINING or (phase == "starting" and source == "bootstrap"):
+        """Seconds without progress allowed in ``phase`` (written by ``source``); 0 = none.
+
+        - None: a worker that never beat and is not run by launcher.bootstrap
+          (``--no-python``, ``--run-path``): the startup limit, if set.
+        - launching: a bootstrapped worker whose interpreter, or the fork server, is still
+          importing torch: the launcher's own start-up, I/O bound, so the I/O limit.
+        - starting (bootstrap's mark: the script began) and joining (in
+          init_process_group, waiting for its peers): the startup limit, if set.
+        - starting from a Reporter (the script announced itself): the startup limit, 300 s
+          when not set.
+        """
+        if phase is None or phase == contract.JOINING or (phase == contract.STARTING and source != contract.REPORTER):
             return self.startup_timeout or 0.0
         if phase == "training":
             return self.hang_timeout
-        if phase == "starting":
+        if phase == contract.STARTING:
             return REPORTER_STARTUP_TIMEOUT if self.startup_timeout is None else self.startup_timeout
-        return self.io_timeout
+        return self.io_timeout  # launching, loading, saving, stopping, finishing
 
     def backoff_for(self, streak: int) -> float:
         """Wait before a restart; ``streak`` = failures in a row without progress."""
@@ -74,11 +82,12 @@ class Policy:
 
 
 class FaultTolerantAgent(LocalElasticAgent):
-    def __init__(self, spec, logs_specs, *, run_dir: str, policy: Policy, event_log_handler: str = "null",
-                 **kwargs):
+    def __init__(self, spec, logs_specs, *, run_dir: str, policy: Policy, bootstrapped: bool = False,
+                 event_log_handler: str = "null", **kwargs):
         super().__init__(spec, logs_specs, **kwargs)
         self.run_dir = run_dir
         self.policy = policy
+        self.bootstrapped = bootstrapped  # workers run through launcher.bootstrap (they beat from their script's start)
         self.event_log_handler = event_log_handler
         self.last_failure: str | None = None  # the newest failure, in words
         self.leaving = False  # this node gives up alone; the rendezvous stays open for the others
@@ -195,7 +204,7 @@ class FaultTolerantAgent(LocalElasticAgent):
                     at_start = failure.exitcode != -signal.SIGTERM and _before_joining(beat)
                 self.event("worker_failed", rank=rank, exitcode=failure.exitcode,
                            signal=failure.signal_name() if failure.exitcode < 0 else None,
-                           last_step=beat.step if beat else None, phase=beat.phase if beat else "starting")
+                           last_step=beat.step if beat else None, phase=beat.phase if beat else self._phase_without_beat())
             self._start_failures = self._start_failures + 1 if at_start else 0
             self._on_failure(beats)
         elif result.state == WorkerState.HEALTHY:
@@ -244,15 +253,18 @@ class FaultTolerantAgent(LocalElasticAgent):
             if not _running(worker.id):
                 continue  # finished already (its peers may still be working)
             beat = beats.get(worker.global_rank)
-            # No beat: the worker has not reached its script yet (a pre-warmed one may be
-            # waiting for the fork server to finish importing torch): the generation's clock.
-            phase, since, step = (beat.phase, beat.time, beat.step) if beat else (None, self._generation_started, -1)
-            limit = self.policy.limit_for(phase, beat.source if beat else None)
-            phase = phase or "starting"
+            if beat:
+                phase, since, step, limit = beat.phase, beat.time, beat.step, self.policy.limit_for(beat.phase, beat.source)
+            else:  # not at its script yet (a pre-warmed one may wait for the fork server's imports)
+                phase, since, step = self._phase_without_beat(), self._generation_started, -1
+                limit = self.policy.limit_for(phase if self.bootstrapped else None)
             if limit and now - since > limit:
                 stopped = beat is not None and _stopped(beat.os_pid)
                 hung.append((not stopped, worker.global_rank, phase, step, now - since))
         return [h[1:] for h in sorted(hung, key=lambda h: (h[0], -h[4]))]
+
+    def _phase_without_beat(self) -> str:
+        return contract.LAUNCHING if self.bootstrapped else contract.STARTING
 
     def _peer_node_left(self, worker_group: WorkerGroup) -> tuple[int, int] | None:
         """(nodes now, nodes in this generation) when the rendezvous shows fewer live nodes than
@@ -309,7 +321,7 @@ class FaultTolerantAgent(LocalElasticAgent):
 def _before_joining(beat: contract.Beat | None) -> bool:
     """The worker had not begun to join its process group: no beat, or only the bootstrap's
     mark that its script started."""
-    return beat is None or (beat.source == "bootstrap" and beat.phase == "starting")
+    return beat is None or (beat.source == contract.BOOTSTRAP and beat.phase == contract.STARTING)
 
 
 def _stopped(pid: int) -> bool:

@@ -64,7 +64,7 @@ class _OptimizerBeats:
             return
         self.steps += 1
         self.writer.write(contract.Beat(rank=self.rank, pid=self.pid, generation=self.generation, step=self.steps,
-                                        phase="training", time=time.monotonic(), source="optimizer",
+                                        phase="training", time=time.monotonic(), source=contract.OPTIMIZER,
                                         os_pid=os.getpid()))
 
 
@@ -92,7 +92,7 @@ def watch_optimizer_steps(env=os.environ) -> None:
     register_optimizer_step_post_hook(_beats)
     # The script starts now: the startup clock counts from here, not from the wait for the
     # interpreter (or the fork server) to import torch, which a loaded machine can stretch.
-    _write_phase(_beats, "starting", -1)
+    _write_phase(_beats, contract.STARTING, -1)
     _mark_joining(_beats)
 
 
@@ -110,7 +110,7 @@ def _mark_joining(beats: _OptimizerBeats) -> None:
     @functools.wraps(real)
     def init_process_group(*args, **kwargs):
         if not beats.silenced and beats.steps == 0:
-            _write_phase(beats, "joining", -1)
+            _write_phase(beats, contract.JOINING, -1)
         return real(*args, **kwargs)
 
     real_destroy = dist.destroy_process_group
@@ -128,7 +128,7 @@ def _mark_joining(beats: _OptimizerBeats) -> None:
 
 def _write_phase(beats: _OptimizerBeats, phase: str, step: int) -> None:
     beats.writer.write(contract.Beat(rank=beats.rank, pid=beats.pid, generation=beats.generation, step=step,
-                                     phase=phase, time=time.monotonic(), source="bootstrap", os_pid=os.getpid()))
+                                     phase=phase, time=time.monotonic(), source=contract.BOOTSTRAP, os_pid=os.getpid()))
 
 
 # -- running the script --------------------------------------------------------------------------

@@ -67,9 +67,10 @@ def build_parser():
                       help="seconds a worker may take to its first heartbeat. Default: 300 s for scripts that "
                            "report with launcher.worker.Reporter (they announce themselves at start), and no "
                            "limit for any other script, which is watched from its first optimizer.step() on "
-                           "(0: off for all). Counted from the moment the script begins (torch already imported)")
+                           "(0: off for all). Counted from the moment the script begins; importing torch before "
+                           "that is under --io-timeout")
     ours.add_argument("--io-timeout", type=float, default=600.0,
-                      help="seconds a rank may spend loading, saving, stopping or finishing (eval, final save, exit) before it counts as hung (0: off)")
+                      help="seconds a rank may spend launching (importing torch before its script starts), loading, saving, stopping or finishing (eval, final save, exit) before it counts as hung (0: off)")
     ours.add_argument("--crash-loop-limit", type=int, default=3,
                       help="stop after this many restarts in a row that did not advance the committed checkpoint "
                            "(as reported in heartbeats; a script without launcher.worker.Reporter never advances)")
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy(hang_timeout=args.hang_timeout, startup_timeout=args.startup_timeout, io_timeout=args.io_timeout,
                     crash_loop_limit=args.crash_loop_limit, backoff=args.restart_backoff,
                     grace_period=args.grace_period)
-    agent = launch_agent(config, entrypoint, cmd_args, run_dir, policy)
+    agent = launch_agent(config, entrypoint, cmd_args, run_dir, policy, bootstrapped=entrypoint == sys.executable)
     try:
         return run(agent, run_dir)
     finally:
@@ -199,7 +200,7 @@ def start_fork_server(run_dir: str, extra_modules: list[str], cmd_args: list[str
     return server, ["-m", "launcher.prewarm", "run", "--socket", socket_path, *cmd_args]
 
 
-def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy) -> FaultTolerantAgent:
+def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy, bootstrapped: bool) -> FaultTolerantAgent:
     """The WorkerSpec and agent that ``torch.distributed.launcher.api.launch_agent`` builds,
     with our agent class in place of LocalElasticAgent. Every ``LaunchConfig`` field goes
     where torch's own ``launch_agent`` puts it (``tests/test_cli.py`` walks torchrun's parser
@@ -221,7 +222,7 @@ def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy) -> 
                           nproc_per_node=config.nproc_per_node, nnodes=f"{config.min_nodes}:{config.max_nodes}",
                           max_restarts=config.max_restarts, rdzv_backend=config.rdzv_backend)
     metrics.initialize_metrics(metrics.MetricsConfig(config.metrics_cfg))
-    return FaultTolerantAgent(spec, config.logs_specs, run_dir=run_dir, policy=policy,
+    return FaultTolerantAgent(spec, config.logs_specs, run_dir=run_dir, policy=policy, bootstrapped=bootstrapped,
                               start_method=config.start_method,
                               log_line_prefix_template=config.log_line_prefix_template,
                               shutdown_timeout=config.shutdown_timeout,

@@ -23,6 +23,9 @@ WORKER_ID_ENV = "FTLAUNCH_WORKER_ID"  # set by the pre-warm client: the pid Torc
 
 PHASES = ("starting", "loading", "training", "saving", "stopping", "finishing")
 JOINING = "joining"  # written by launcher.bootstrap as a worker enters init_process_group
+STARTING = "starting"  # launcher.bootstrap: the script begins (torch imported); Reporter: it exists
+LAUNCHING = "launching"  # no beat yet from a bootstrapped worker: its interpreter (or the fork server) imports torch
+BOOTSTRAP, OPTIMIZER, REPORTER = "bootstrap", "optimizer", "reporter"  # who wrote a beat (Beat.source)
 
 
 def events_path(run_dir: str) -> str:
@@ -59,7 +62,7 @@ class Beat:
     phase: str
     time: float
     committed: int | None = None  # newest committed checkpoint step this worker knows of
-    source: str = "reporter"
+    source: str = REPORTER
     os_pid: int = 0  # the process that trains (a pre-warmed worker's pid differs from ``pid``)
 
     def to_json(self) -> str:

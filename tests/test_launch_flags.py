@@ -94,7 +94,7 @@ def test_torchrun_flag_reaches_the_agent(dest, tmp_path, monkeypatch):
     flags, script, check = CHECKS[dest]
     args = cli.parse_args([*flags, script, "--lr", "1"])
     config, entrypoint, cmd_args = config_from_args(args)
-    agent = cli.launch_agent(config, entrypoint, cmd_args, str(tmp_path), Policy())
+    agent = cli.launch_agent(config, entrypoint, cmd_args, str(tmp_path), Policy(), bootstrapped=True)
     try:
         assert check(agent, config), f"--{dest.replace('_', '-')} did not reach the agent"
     finally:
