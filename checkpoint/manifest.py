@@ -35,6 +35,23 @@ DCP_METADATA_NAME = ".metadata"
 VERIFY_MODES = ("size", "hash")
 
 _UNCOMMITTED = "no commit record, the save did not finish (uncommitted)"
+
+
+class Rejection(str):
+    """Why a checkpoint does not verify: the message (a ``str``, as logged) and its ``kind``:
+
+    - ``"uncommitted"``: no commit record (a save that did not finish);
+    - ``"unreadable"``: an ``OSError`` (EIO, EACCES) that may pass: do not judge the files;
+    - ``"invalid"``: corrupt, truncated, forged or unsigned: it must never be loaded.
+    """
+
+    kind: str
+
+    def __new__(cls, message: str, kind: str = "invalid"):
+        rejection = super().__new__(cls, message)
+        rejection.kind = kind
+        return rejection
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -110,23 +127,27 @@ class Manifest:
 
 
 def verify(storage: Storage, dirname: str, mode: str, allowed_globals: list | None = None,
-           key: bytes | None = None) -> tuple[Manifest | None, str | None]:
-    """Check one checkpoint directory. Returns ``(manifest, None)`` or ``(None, reason)``.
+           key: bytes | None = None) -> tuple[Manifest | None, Rejection | None]:
+    """Check one checkpoint directory. Returns ``(manifest, None)`` or ``(None, rejection)``.
 
     After the sizes (and, with ``"hash"``, the crc32s), DCP's ``.metadata`` and every
     non-tensor item are read the way loading will read them (``safe_load.check_checkpoint``):
     a file that passes its checksums but asks to run code is refused here, so discovery falls
     back to an older checkpoint. The reason names the bad file so an operator can look at it.
-    An ``OSError`` on any file (EIO, EACCES) is a reason too, never an exception.
+    An ``OSError`` on any file (EIO, EACCES) is a rejection too (kind ``"unreadable"``),
+    never an exception.
 
     With ``key`` (keyed mode) the record must carry a valid HMAC-SHA256 signature made with
     that key, and ``"hash"`` checks every file's SHA-256 instead of its crc32: someone who can
     write the directory but does not hold the key cannot make a checkpoint that passes.
     """
     try:
-        return _verify(storage, dirname, mode, allowed_globals, key)
+        manifest, reason = _verify(storage, dirname, mode, allowed_globals, key)
     except OSError as e:
-        return None, f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})"
+        return None, Rejection(f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})", "unreadable")
+    if reason is not None and not isinstance(reason, Rejection):
+        reason = Rejection(reason)
+    return manifest, reason
 
 
 def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> tuple[Manifest | None, str | None]:
@@ -134,7 +155,7 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> 
         raise ValueError(f"verify must be one of {VERIFY_MODES}, not {mode!r}")
     record = storage.join(dirname, MANIFEST_NAME)
     if not storage.exists(record):
-        return None, f"{record}: {_UNCOMMITTED}"
+        return None, Rejection(f"{record}: {_UNCOMMITTED}", "uncommitted")
     try:
         manifest = Manifest.from_json(storage.read_bytes(record))
     except ValueError as e:
@@ -193,10 +214,10 @@ def find_latest(storage: Storage, mode: str = "hash", allowed_globals: list | No
     for step in reversed(list_steps(storage)):
         manifest, reason = verify(storage, step_dir_name(step), mode, allowed_globals, key)
         if manifest is not None and manifest.step != step:
-            manifest, reason = None, f"{storage.join(step_dir_name(step), MANIFEST_NAME)}: record says step {manifest.step}"
+            manifest, reason = None, Rejection(f"{storage.join(step_dir_name(step), MANIFEST_NAME)}: record says step {manifest.step}")
         if manifest is not None:
             return manifest
         log.warning("skipping checkpoint %s", reason)
-        if rejected is not None and not reason.endswith(_UNCOMMITTED):
+        if rejected is not None and reason.kind != "uncommitted":
             rejected.append((step, reason))
     return None

@@ -9,7 +9,8 @@ were taken while writing).
 
 A committed checkpoint that fails verification is *quarantined*: moved under
 ``ROOT/quarantine/`` (logged once, never deleted, never loaded), so an operator can look at it
-and retention does not count it.
+and retention does not count it. One that cannot be read (an ``OSError``: EIO, EACCES, which
+may pass) is neither counted nor touched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .manifest import MANIFEST_NAME, Manifest, list_steps, step_dir_name, verify
+from .manifest import MANIFEST_NAME, Manifest, Rejection, list_steps, step_dir_name, verify
 from .storage import Storage
 
 log = logging.getLogger("checkpoint")
@@ -62,12 +63,13 @@ class VerifiedCache:
         try:
             signature = self._signature(storage, path)
         except OSError as e:
-            return None, f"{path}: cannot list it ({type(e).__name__}: {e})"
+            return None, Rejection(f"{path}: cannot list it ({type(e).__name__}: {e})", "unreadable")
         cached = self._results.get(path)
         if cached is not None and cached[0] == signature:
             return cached[1], cached[2]
         manifest, reason = verify(storage, dirname, mode, allowed_globals, key)
-        self._results[path] = (signature, manifest, reason)
+        if reason is None or reason.kind != "unreadable":  # an I/O error may pass: ask again next time
+            self._results[path] = (signature, manifest, reason)
         return manifest, reason
 
     def remember_good(self, storage: Storage, dirname: str, manifest: Manifest) -> None:
@@ -128,6 +130,9 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
         manifest, reason = cache.verify(storage, dirname, mode, allowed_globals, key)
         if manifest is not None and manifest.step == step:
             verified.append(step)
+        elif step != newest and reason is not None and reason.kind == "unreadable":
+            # EIO or EACCES may be passing (a flaky disk, NFS): neither counted nor touched.
+            log.warning("retention leaves checkpoint step %d alone: %s", step, reason)
         elif step != newest:
             quarantine(storage, step, reason or f"its record says step {manifest.step}")
     for step in sorted(steps_to_delete(verified, newest, keep_last, keep_every) | stale_uncommitted(uncommitted, newest)):

@@ -99,10 +99,13 @@ def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) 
         text = str(e)
         # torch's message opens with advice to use weights_only=False; keep only what it found.
         found = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
-        detail = found.group(1) if found else next(
-            (line for line in text.splitlines()[1:] if line.strip() and "documentation" not in line), "an unknown type")
-        raise UnsafeCheckpointError(f"{what}: not loaded, it refers to {detail}, which loading does not allow; "
-                                    "a type of your own can be allowed with CheckpointManager(safe_globals=[...])") from None
+        if found:
+            raise UnsafeCheckpointError(f"{what}: not loaded, it refers to {found.group(1)}, which loading does not "
+                                        "allow; a type of your own can be allowed with "
+                                        "CheckpointManager(safe_globals=[...])") from None
+        detail = text.rpartition("WeightsUnpickler error:")[2].strip() or "no detail"
+        raise UnsafeCheckpointError(f"{what}: not loaded, its pickle is damaged or holds an operation that loading "
+                                    f"does not allow (torch: {detail.splitlines()[0]})") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -87,8 +87,11 @@ def _supervise(conn: socket.socket) -> None:
     while True:
         ready, _, _ = select.select([pidfd, conn], [], [])
         if pidfd in ready:
+            # What it started dies with it, as TorchElastic's killpg does for plain workers:
+            # before the worker is reaped, while its pid cannot belong to anyone else.
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT)
+            _kill_session(pid)
             _, status = os.waitpid(pid, 0)
-            _kill_session(pid)  # what it started dies with it, as TorchElastic's killpg does for plain workers
             conn.sendall(json.dumps({"status": status}).encode() + b"\n")
             return
         data = conn.recv(64)

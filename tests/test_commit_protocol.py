@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 
 from checkpoint import CheckpointError, CheckpointManager, CheckpointMismatchError, Storage, find_latest
+from checkpoint.manifest import verify
 
 from procs import load_checkpoint
 
@@ -71,10 +73,18 @@ def shard_files(step_dir: Path) -> list[Path]:
     return sorted(step_dir.glob("*.distcp"))
 
 
-def flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def flip_a_tensor_byte(step_dir: Path) -> Path:
+    """A same-size corruption only a checksum sees: one byte flipped inside a model tensor of
+    the step's shard (a byte of a pickled item, e.g. the RNG state, would also fail the
+    safe-load check that every verification runs). Returns the shard."""
+    metadata = FileSystemReader(str(step_dir)).read_metadata()  # our own file: plain pickle is fine here
+    info = next(info for index, info in sorted(metadata.storage_data.items(), key=lambda kv: kv[0].fqn)
+                if index.fqn.startswith("model."))
+    shard = step_dir / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset + info.length // 2] ^= 0xFF
+    shard.write_bytes(data)
+    return shard
 
 
 def test_round_trip_restores_everything_bitwise(tmp_path):
@@ -124,8 +134,7 @@ def test_truncated_shard_falls_back(tmp_path, caplog, verify):
 
 def test_checksum_mismatch_falls_back(tmp_path, caplog):
     save_steps(tmp_path, [10, 20])
-    shard = shard_files(tmp_path / "step-00000020")[0]
-    flip_a_byte(shard)  # same size, one flipped byte
+    shard = flip_a_tensor_byte(tmp_path / "step-00000020")  # same size, one flipped byte
     with caplog.at_level(logging.WARNING):
         step, _ = loaded_step(tmp_path, verify="hash")
     assert step == 10
@@ -203,7 +212,7 @@ def test_retention_keeps_last_k_and_sweeps_stale(tmp_path):
 def test_retention_never_deletes_newest(tmp_path):
     save_steps(tmp_path, [10, 20, 30])
     for step in (20, 30):  # same-size corruption: their records still pass the size check
-        flip_a_byte(shard_files(tmp_path / f"step-{step:08d}")[0])
+        flip_a_tensor_byte(tmp_path / f"step-{step:08d}")
     mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2)
     assert mgr.load().step == 10
     train_step(model, opt, sched, counter)
@@ -215,7 +224,7 @@ def test_retention_never_deletes_newest(tmp_path):
 
 def test_resaving_a_step_whose_commit_fails_verification(tmp_path, caplog):
     save_steps(tmp_path, [10, 20])
-    flip_a_byte(shard_files(tmp_path / "step-00000020")[0])
+    flip_a_tensor_byte(tmp_path / "step-00000020")
     mgr, model, opt, sched, counter = make_job(tmp_path)
     assert mgr.load().step == 10
     train_step(model, opt, sched, counter)
@@ -305,7 +314,7 @@ def test_retention_counts_only_verified_checkpoints_and_quarantines_corrupt(tmp_
     retention deleted the good checkpoints around them."""
     save_steps(tmp_path, [10, 20, 30], keep_last=3)
     for step in (20, 30):
-        flip_a_byte(shard_files(tmp_path / f"step-{step:08d}")[0])
+        flip_a_tensor_byte(tmp_path / f"step-{step:08d}")
     mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2)
     assert mgr.load().step == 10
     train_step(model, opt, sched, counter)
@@ -348,10 +357,33 @@ def test_unreadable_newest_checkpoint_is_skipped(tmp_path, caplog):
                for r in caplog.records if r.levelno == logging.WARNING)
 
 
+def test_retention_leaves_an_unreadable_checkpoint_alone(tmp_path, caplog):
+    """An I/O error (EIO, EACCES; here EISDIR on its record) may pass: retention must neither
+    quarantine the checkpoint nor count it; it stays where it is, skipped with a warning."""
+    save_steps(tmp_path, [10, 20, 30], keep_last=3)
+    record = tmp_path / "step-00000020" / "manifest.json"
+    saved_record = record.read_bytes()
+    record.unlink()
+    record.mkdir()
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2)
+    assert mgr.load().step == 30
+    train_step(model, opt, sched, counter)
+    with caplog.at_level(logging.WARNING):
+        mgr.save(40)
+    assert not (tmp_path / "quarantine").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == \
+        ["step-00000020", "step-00000030", "step-00000040"]  # 10 deleted: 30 and 40 are the two kept
+    assert any("leaves checkpoint step 20 alone" in r.getMessage() for r in caplog.records)
+    record.rmdir()
+    record.write_bytes(saved_record)  # the disk recovers: the checkpoint is whole again
+    assert find_latest(Storage(tmp_path), "hash").step == 40
+    assert verify(Storage(tmp_path), "step-00000020", "hash")[1] is None
+
+
 def test_all_corrupt_refuses_fresh_start_unless_allowed(tmp_path):
     save_steps(tmp_path, [10, 20])
     for step in (10, 20):
-        flip_a_byte(shard_files(tmp_path / f"step-{step:08d}")[0])
+        flip_a_tensor_byte(tmp_path / f"step-{step:08d}")
     with pytest.raises(CheckpointError, match=r"none verifies: step-00000020 \(.*crc32.*step-00000010 .*"
                                               r"allow_fresh_start=True; train.py --allow-fresh-start"):
         loaded_step(tmp_path)
