@@ -64,6 +64,7 @@ class Lease:
         self.ttl = ttl
         self.record = {**_me(), "token": uuid.uuid4().hex, "since": time.time()}
         self.lost: str | None = None
+        self._renewed = 0.0  # when we last wrote the lease (time.time(), as its readers compare)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -161,10 +162,19 @@ class Lease:
                 log.warning("could not renew the lease on %s: %s", self.root, e)
 
     def _write_renewed(self) -> None:
+        # Late (this process was stopped or starved near the TTL): another job may have taken
+        # the lease between our check and our write, and writing now would clobber its record.
+        # Give it up instead; the next commit refuses with this reason.
+        late = time.time() - self._renewed
+        if late > self.ttl * 0.8:
+            self.lost = f"this process did not renew it for {late:.0f} s (stopped or starved; the TTL is {self.ttl:g} s)"
+            self.check()  # raises
         tmp = f"{self.path}.{self.record['token']}.tmp"
+        renewed = time.time()
         with open(tmp, "w") as f:
-            f.write(self._text())
+            f.write(self._text(renewed))
         os.rename(tmp, self.path)
+        self._renewed = renewed
 
     def release(self) -> None:
         self._stop.set()
@@ -176,8 +186,9 @@ class Lease:
             pass
 
     # -- helpers -----------------------------------------------------------------------
-    def _text(self) -> str:
-        return json.dumps({**self.record, "renewed": time.time()})
+    def _text(self, renewed: float | None = None) -> str:
+        self._renewed = time.time() if renewed is None else renewed
+        return json.dumps({**self.record, "renewed": self._renewed})
 
     def _read(self) -> dict | None:
         try:

@@ -75,6 +75,21 @@ def test_frozen_holder_that_lost_its_lease_does_not_commit(tmp_path):
     taker.release()
 
 
+def test_late_renewal_gives_the_lease_up_instead_of_clobbering_a_taker(tmp_path):
+    """A holder stopped near its TTL (between its check and its write) must not write its
+    record over one that another job may have written meanwhile: it gives the lease up."""
+    lease = Lease(str(tmp_path), ttl=60).acquire()
+    lease._stop.set()
+    lease._renewed -= 50  # as if this process had been stopped for 50 s of its 60 s TTL
+    before = (tmp_path / "lease.json").read_text()
+    with pytest.raises(LeaseHeldError, match="did not renew it for 50 s"):
+        lease._write_renewed()
+    assert (tmp_path / "lease.json").read_text() == before  # not written
+    with pytest.raises(LeaseHeldError, match="no longer holds the lease"):
+        lease.check()
+    lease.release()
+
+
 def test_second_job_on_the_same_root_gets_one_line_and_the_first_is_unharmed(tmp_path):
     ckpt, run_dir, log = tmp_path / "ckpt", tmp_path / "run", tmp_path / "first.log"
     first = start(ftlaunch_cmd(1, "--run-dir", str(run_dir), script=TRAIN,
