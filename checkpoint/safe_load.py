@@ -171,8 +171,13 @@ def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
         if not isinstance(item, BytesStorageMetadata):
             continue
         info = (metadata.storage_data or {}).get(dcp_metadata.MetadataIndex(fqn))
-        if info is None or info.transform_descriptors:
-            continue  # no location, or stored through a transform: DCP's own load path checks it
+        # Neither is ever written by this library: refuse here, so discovery falls back to an
+        # older checkpoint instead of every restart failing the same load.
+        if info is None:
+            raise UnsafeCheckpointError(f"{path}: item {fqn} has no location in any shard (damaged or forged)")
+        if info.transform_descriptors:
+            raise UnsafeCheckpointError(f"{path}: item {fqn} is stored through transforms "
+                                        f"{list(info.transform_descriptors)}, which this library never writes")
         shard = f"{directory}/{info.relative_path}"
         with fs.open(shard, "rb") as f:
             f.seek(info.offset)

@@ -75,6 +75,31 @@ def test_forged_checkpoint_never_runs_and_falls_back(tmp_path, caplog, forge, ve
     assert "system" in warning and "not loaded" in warning, warning
 
 
+@pytest.mark.parametrize("damage", ["transforms", "no-location"])
+def test_item_that_load_could_not_read_is_refused_at_discovery(tmp_path, caplog, damage):
+    """Metadata of DCP's own classes that loading would fail on (an item stored through a
+    transform this library never writes, or with no location): refused when the checkpoint
+    is verified, so the job falls back instead of failing the same load on every restart."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    root = tmp_path / "ckpt"
+    save_steps(root, [10, 20])
+    step_dir = root / "step-00000020"
+    metadata = pickle.loads((step_dir / ".metadata").read_bytes())
+    index = MetadataIndex("counter.value")
+    info = metadata.storage_data.pop(index)
+    if damage == "transforms":
+        metadata.storage_data[index] = _StorageInfo(info.relative_path, info.offset, info.length, ["zstd"])
+    rerecord(step_dir, ".metadata", pickle.dumps(metadata))
+    with caplog.at_level(logging.WARNING):
+        step, _ = loaded_step(root, verify="size")
+    assert step == 10
+    warning = next(r.getMessage() for r in caplog.records
+                   if r.levelno == logging.WARNING and "step-00000020" in r.getMessage())
+    assert "counter.value" in warning and ("transforms ['zstd']" in warning or "no location" in warning), warning
+
+
 def test_forged_only_checkpoint_refuses_a_silent_fresh_start(tmp_path):
     root, marker = tmp_path / "ckpt", tmp_path / "MARKER"
     save_steps(root, [10])
