@@ -34,15 +34,19 @@ def rdzv(agent):
 
 # flag dest -> (extra argv before the script, the script, check(agent, config) -> bool)
 CHECKS = {
-    "nnodes": (["--nnodes", "1"], SCRIPT, lambda a, c: (rdzv(a).settings.min_nodes, rdzv(a).settings.max_nodes) == (1, 1)),
+    # Each value differs from what ftlaunch would choose without the flag.
+    "nnodes": (["--nnodes", "1:2", "--rdzv-endpoint", f"localhost:{FREE_PORT}", "--rdzv-conf", "is_host=true"], SCRIPT,
+               lambda a, c: (rdzv(a).settings.min_nodes, rdzv(a).settings.max_nodes) == (1, 2)),
     "nproc_per_node": (["--nproc-per-node", "3"], SCRIPT, lambda a, c: a._worker_group.spec.local_world_size == 3),
-    "rdzv_backend": (["--rdzv-backend", "c10d"], SCRIPT, lambda a, c: type(rdzv(a)).__name__ == "DynamicRendezvousHandler"),
+    "rdzv_backend": (["--rdzv-backend", "static", "--master-port", "29911"], SCRIPT,
+                     lambda a, c: type(rdzv(a)).__name__ == "StaticTCPRendezvous"),
     "rdzv_endpoint": (["--rdzv-endpoint", f"localhost:{FREE_PORT}", "--rdzv-conf", "is_host=true"], SCRIPT,
                       lambda a, c: rdzv(a)._store.port == FREE_PORT),
     "rdzv_id": (["--rdzv-id", "job7"], SCRIPT, lambda a, c: rdzv(a).settings.run_id == "job7"),
     "rdzv_conf": (["--rdzv-conf", "join_timeout=77"], SCRIPT,
                   lambda a, c: rdzv(a).settings.timeout.join == timedelta(seconds=77)),
-    "standalone": (["--standalone"], SCRIPT, lambda a, c: c.rdzv_endpoint == "localhost:0"),
+    "standalone": (["--standalone", "--rdzv-backend", "static", "--rdzv-endpoint", "10.9.9.9:5"], SCRIPT,
+                   lambda a, c: c.rdzv_endpoint == "localhost:0" and type(rdzv(a)).__name__ == "DynamicRendezvousHandler"),
     "max_restarts": (["--max-restarts", "7"], SCRIPT, lambda a, c: a._worker_group.spec.max_restarts == 7),
     "monitor_interval": (["--monitor-interval", "0.7"], SCRIPT, lambda a, c: a._worker_group.spec.monitor_interval == 0.7),
     "start_method": (["--start-method", "fork"], SCRIPT, lambda a, c: a._start_method == "fork"),
@@ -63,7 +67,8 @@ CHECKS = {
     "duplicate_stderr_filters": (["--duplicate-stderr-filters", "plum"], SCRIPT,
                                  lambda a, c: a._worker_group.spec.duplicate_stderr_filters == ["plum"]),
     # node_rank, master_addr and master_port only mean something to the static rendezvous.
-    "node_rank": (["--rdzv-backend", "static", "--node-rank", "0", "--master-port", "29911"], SCRIPT, lambda a, c: rdzv(a).rank == 0),
+    "node_rank": (["--rdzv-backend", "static", "--nnodes", "2", "--node-rank", "1", "--master-port", "29911"], SCRIPT,
+                  lambda a, c: rdzv(a).rank == 1),
     "master_addr": (["--rdzv-backend", "static", "--master-addr", "127.0.0.2", "--master-port", "29911"], SCRIPT,
                     lambda a, c: c.rdzv_endpoint.startswith("127.0.0.2:")),
     "master_port": (["--rdzv-backend", "static", "--master-port", "29911"], SCRIPT,
