@@ -530,7 +530,11 @@ def main(argv=None) -> int:
             if kind in NODE_KINDS:
                 result = run_node_episode(index, args.seed, out, kind)
             else:
-                result = run_episode(index, args.seed, kind, script, out, refs)
+                for attempt in range(3):  # same draw; a worker replaced before the fault is timing, so again
+                    result = run_episode(index, args.seed, kind, script, out, refs)
+                    if "was replaced before the fault" not in result.get("skipped", ""):
+                        break
+                    print(f"episode {index} {kind} ({script}): {result['skipped']}; running it again", flush=True)
             done[index] = result
             log.write(json.dumps(result) + "\n")
             log.flush()

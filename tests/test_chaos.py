@@ -6,6 +6,7 @@ no forged one run, no process left). `make chaos` runs the full campaign."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from procs import REPO, run
 SMOKE_EPISODES = 16
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="two kinds need root: a tmpfs (disk full) and a network namespace (net cut)")
 @pytest.mark.timeout(1800)  # about 16 x 25 s here; the suite's default per-test limit is 300 s
 def test_chaos_smoke(tmp_path):
     result = run([sys.executable, str(REPO / "bench" / "chaos.py"), "--episodes", str(SMOKE_EPISODES), "--seed", "7",
