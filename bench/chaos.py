@@ -11,8 +11,8 @@ on disk and the processes on the machine alone:
 
 - the exit status is honest: 0 only if the final step is committed and verifies;
 - the final state is bitwise equal to an uninterrupted run of the same script;
-- every checkpoint that verified before the fault still verifies (or was quarantined intact
-  by retention... we keep them all here: keep_last=0), except the one we damaged;
+- every checkpoint that verified before the fault still verifies, except the one we damaged
+  (retention deletes nothing here: keep_last=0);
 - a checkpoint that fails verification was never loaded, and a forged one never ran code;
 - no process of the episode is left running;
 - nothing hung past the episode's time limit.
@@ -27,15 +27,12 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import psutil
@@ -165,23 +162,6 @@ def flip_byte(path: Path, rng: random.Random) -> None:
     data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     path.write_bytes(bytes(data))
 
-
-class Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def forge_metadata(step_dir: Path, marker: Path) -> None:
-    """What someone who can write the directory does: a code-running .metadata, and a commit
-    record rewritten to match it."""
-    data = pickle.dumps(Payload(str(marker)))
-    (step_dir / ".metadata").write_bytes(data)
-    record = json.loads((step_dir / "manifest.json").read_text())
-    record["files"][".metadata"] = {"size": len(data), "crc32": f"{zlib.crc32(data) & 0xffffffff:08x}"}
-    (step_dir / "manifest.json").write_text(json.dumps(record))
 
 
 # -- one episode -------------------------------------------------------------------------------
@@ -316,11 +296,11 @@ def judge(kind, script, rc, ckpt: Path, before: dict, damaged, marker: Path, ref
     if marker.exists():
         problems.append("a forged checkpoint ran code")
     if damaged is not None:
-        intact = damaged_intact
-        loaded = [e.get("step") for e in read_events(str(d / "run")) if e.get("event") == "resumed"]
         if script == "plain":
             loaded = resumed_steps_from_log(d / "run" / "steps")
-        if damaged in loaded and not intact:
+        else:
+            loaded = [e.get("step") for e in read_events(str(d / "run")) if e.get("event") == "resumed"]
+        if damaged in loaded and not damaged_intact:
             problems.append(f"the damaged checkpoint of step {damaged} was loaded")
     return problems
 

@@ -48,6 +48,13 @@ def die_with_parent(expected_parent: int | None = None) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def die_with_agent() -> None:
+    """``die_with_parent``, for a process whose parent is ftlaunch's agent (its pid is in the
+    environment): exit at once if the agent is gone already."""
+    agent = os.environ.get(contract.AGENT_PID_ENV, "")
+    die_with_parent(int(agent) if agent.isdigit() else None)
+
+
 # -- the optimizer-step heartbeat --------------------------------------------------------------
 class _OptimizerBeats:
     """Writes a heartbeat after every ``optimizer.step()`` of this process (a 512-byte pwrite,
@@ -132,14 +139,14 @@ def _write_phase(beats: _OptimizerBeats, phase: str, step: int) -> None:
 
 
 # -- running the script --------------------------------------------------------------------------
-def split_interpreter_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``["-u", "-m", "pkg.mod", "-u", "x"]`` -> (``["-u"]``, ``["-m", "pkg.mod", "-u", "x"]``):
-    the interpreter's options (which ftlaunch's workers already have: unbuffered) and the
+def strip_interpreter_args(argv: list[str]) -> list[str]:
+    """``["-u", "-m", "pkg.mod", "-u", "x"]`` -> ``["-m", "pkg.mod", "-u", "x"]``: drop the
+    interpreter's options (ftlaunch's workers have them already: unbuffered) and keep the
     script or ``-m module`` with its own arguments, untouched."""
     for i, arg in enumerate(argv):
         if arg == "-m" or not arg.startswith("-") or arg == "-":
-            return argv[:i], argv[i:]
-    return argv, []
+            return argv[i:]
+    return []
 
 
 def run_as_main(argv: list[str]) -> int:
@@ -195,9 +202,8 @@ def exit_like_python(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -u -m launcher.bootstrap [interpreter options] script args...``"""
     argv = sys.argv[1:] if argv is None else argv
-    agent = os.environ.get("FTLAUNCH_AGENT_PID")
-    die_with_parent(int(agent) if agent and agent.isdigit() else None)
-    _, script = split_interpreter_args(argv)
+    die_with_agent()
+    script = strip_interpreter_args(argv)
     if not script:
         print("usage: python -m launcher.bootstrap [-u] (script | -m module) [args...]", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from torch.distributed.run import config_from_args, get_args_parser, parse_min_m
 
 from . import contract, prewarm
 from .agent import FaultTolerantAgent, Policy
-from .faults import AGENT_PID_ENV, INJECT_ENV, parse_fault
+from .faults import INJECT_ENV, parse_fault
 from .summary import format_summary, summarize
 
 log = logging.getLogger("ftlaunch")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[contract.RUN_DIR_ENV] = run_dir
     if args.inject:
         os.environ[INJECT_ENV] = ",".join(args.inject)
-    os.environ[AGENT_PID_ENV] = str(os.getpid())
+    os.environ[contract.AGENT_PID_ENV] = str(os.getpid())
     nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # a fresh store per generation
@@ -203,7 +203,7 @@ def start_fork_server(run_dir: str, extra_modules: list[str], cmd_args: list[str
 def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy, bootstrapped: bool) -> FaultTolerantAgent:
     """The WorkerSpec and agent that ``torch.distributed.launcher.api.launch_agent`` builds,
     with our agent class in place of LocalElasticAgent. Every ``LaunchConfig`` field goes
-    where torch's own ``launch_agent`` puts it (``tests/test_cli.py`` walks torchrun's parser
+    where torch's own ``launch_agent`` puts it (``tests/test_launch_flags.py`` walks torchrun's parser
     to keep it so)."""
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,

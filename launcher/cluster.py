@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 
 from .proctree import ProcessId, kill_tree
 
@@ -44,7 +43,7 @@ def _node_process(state: dict, node: int) -> ProcessId | None:
     try:
         with open(os.path.join(state["dir"], f"node{node}.pid")) as f:
             proc = ProcessId.from_text(f.read())
-    except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
+    except (FileNotFoundError, ValueError):
         return None
     return proc if proc.alive() else None
 

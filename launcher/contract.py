@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 RUN_DIR_ENV = "FTLAUNCH_RUN_DIR"
 WORKER_ID_ENV = "FTLAUNCH_WORKER_ID"  # set by the pre-warm client: the pid TorchElastic knows
+AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: its agent's pid (workers die with it; a node kill starts there)
 
 PHASES = ("starting", "loading", "training", "saving", "stopping", "finishing")
 JOINING = "joining"  # written by launcher.bootstrap as a worker enters init_process_group

@@ -32,7 +32,6 @@ from typing import Callable
 KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
          "raise", "fail-at-start")
 INJECT_ENV = "FTLAUNCH_INJECT"
-AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: the process a node kill starts from
 
 
 @dataclass(frozen=True)
@@ -126,6 +125,7 @@ class FaultInjector:
 def _kill_node() -> None:
     """SIGKILL the ftlaunch agent and every process under it (TorchElastic puts workers in
     sessions of their own, so a process-group kill would miss them), this worker last."""
+    from .contract import AGENT_PID_ENV
     from .proctree import kill_tree
 
     agent_pid = os.environ.get(AGENT_PID_ENV)

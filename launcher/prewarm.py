@@ -152,8 +152,7 @@ def _become_worker(request: dict, fds: list[int], supervisor: int) -> None:
 
 # -- client ---------------------------------------------------------------------------------
 def client(socket_path: str, argv: list[str], connect_timeout: float = 10.0) -> int:
-    agent = os.environ.get("FTLAUNCH_AGENT_PID")
-    bootstrap.die_with_parent(int(agent) if agent and agent.isdigit() else None)  # ftlaunch dies -> so do we
+    bootstrap.die_with_agent()  # ftlaunch dies -> so do we
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deadline = time.monotonic() + connect_timeout
     while True:
@@ -172,7 +171,7 @@ def client(socket_path: str, argv: list[str], connect_timeout: float = 10.0) -> 
     umask = os.umask(0)
     os.umask(umask)
     rlimits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
-    _, script = bootstrap.split_interpreter_args(argv)  # the server's workers are unbuffered already (-u)
+    script = bootstrap.strip_interpreter_args(argv)  # the server's workers are unbuffered already (-u)
     request = {"argv": script, "env": env, "cwd": os.getcwd(), "affinity": sorted(os.sched_getaffinity(0)),
                "umask": umask, "rlimits": rlimits}
     socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 import psutil
 
 
-def kill_tree(pid: int, *, spare: int | None = None, timeout: float = 10.0) -> list[psutil.Process]:
+def kill_tree(pid: int, *, spare: int | None = None, timeout: float = 10.0) -> None:
     """SIGKILL ``pid`` and every descendant (except ``spare``, e.g. the caller itself), then
-    the process group ``pid`` leads, if any; wait up to ``timeout`` s for them to go. Returns
-    the processes that were signalled."""
+    the process group ``pid`` leads, if any; wait up to ``timeout`` s for them to go."""
     try:
         root = psutil.Process(pid)
         procs = [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
-        return []
+        return
     procs = [p for p in procs if p.pid != spare]
     for proc in procs:
         try:
@@ -37,7 +36,6 @@ def kill_tree(pid: int, *, spare: int | None = None, timeout: float = 10.0) -> l
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return procs
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
                 lines.append(f"{where}: resumed from step {f['resumed_step']}, {f['steps_lost']} steps and "
                              f"{f['seconds_lost']} s lost")
         lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
-                     "(failure -> first step of the next generation)")
+                     "(failure, or a hung rank's last progress, -> first step of the next generation)")
     else:
         lines.append("failures: none")
     lines.append(f"last committed step: {summary['last_committed']}")

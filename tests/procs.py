@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.proctree import kill_tree  # noqa: F401  (the one tree kill, shared)
+from launcher import contract
+from launcher.proctree import kill_tree  # the one tree kill, shared (bench/chaos.py imports it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "train.py")
@@ -86,40 +87,58 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> Result:
 def wait_for_event(run_dirs, name: str, timeout: float, procs=()) -> dict:
     """Block until an ``events.jsonl`` in ``run_dirs`` (one dir or several) has an event
     ``name``; fail on timeout or when one of ``procs`` exits first."""
-    import json
-    import time
-
     dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
-    procs = [procs] if isinstance(procs, subprocess.Popen) else list(procs)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in (d / "events.jsonl" for d in dirs):
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    event = json.loads(line)
-                    if event["event"] == name:
-                        return event
-        exited = [p for p in procs if p.poll() is not None]
-        if exited:
-            raise AssertionError(f"process exited ({exited[0].returncode}) before event {name!r}")
-        time.sleep(0.05)  # sleep-ok: polling a file with a deadline, not synchronizing processes
-    raise AssertionError(f"no {name!r} event in {dirs} within {timeout}s")
+    found: list[dict] = []
+
+    def seen() -> bool:
+        found.extend(e for d in dirs for e in events_of(d, name))
+        return bool(found)
+
+    wait_until(seen, timeout, procs, f"event {name!r} in {[str(d) for d in dirs]}")
+    return found[0]
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
-    import time
+    wait_until(Path(path).exists, timeout, proc, f"file {path}")
 
-    deadline = time.monotonic() + timeout
-    while not Path(path).exists():
-        assert proc.poll() is None, f"process exited ({proc.returncode}) before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
-        time.sleep(0.05)  # sleep-ok: polling a file with a deadline
+
+# -- what a forger does (tests/test_safe_load.py, bench/chaos.py) ---------------------------------
+class Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def rerecord(step_dir: Path, name: str, data: bytes) -> None:
+    """Write ``data`` as ``name`` and make the commit record agree (sizes and crc32s are no
+    secret: someone who can write the directory can rewrite them)."""
+    import json
+    import zlib
+
+    (Path(step_dir) / name).write_bytes(data)
+    record = json.loads((Path(step_dir) / "manifest.json").read_text())
+    record["files"][name] = {"size": len(data), "crc32": f"{zlib.crc32(data) & 0xffffffff:08x}"}
+    (Path(step_dir) / "manifest.json").write_text(json.dumps(record))
+
+
+def forge_metadata(step_dir: Path, marker: Path) -> None:
+    """A code-running ``.metadata`` with a commit record rewritten to match it."""
+    import pickle
+
+    rerecord(step_dir, ".metadata", pickle.dumps(Payload(marker)))
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    import json
+    return contract.read_events(str(run_dir))
 
-    return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
+
+def events_of(run_dir: Path, name: str) -> list[dict]:
+    """The events called ``name`` in ``run_dir``'s events.jsonl, oldest first."""
+    return [e for e in read_events(run_dir) if e["event"] == name]
 
 
 def effective_steps(records: list[dict]) -> list[dict]:
@@ -211,7 +230,8 @@ def compare_training_state(a: dict, b: dict) -> list[str]:
     for part in ("model", "optim"):
         flat_a.update(_flatten(a.get(part, {}), f"{part}."))
         flat_b.update(_flatten(b.get(part, {}), f"{part}."))
-    assert any(isinstance(v, torch.Tensor) for v in flat_a.values()), "no tensors to compare"
+    for flat in (flat_a, flat_b):
+        assert any(isinstance(v, torch.Tensor) for v in flat.values()), "no tensors to compare"
     diffs = sorted(set(flat_a) ^ set(flat_b))
     for key in sorted(set(flat_a) & set(flat_b)):
         x, y = flat_a[key], flat_b[key]
@@ -228,15 +248,17 @@ def assert_training_state_equal(a: dict, b: dict) -> None:
     assert not diffs, f"differs: {diffs[:5]}"
 
 
-def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition",
-               poll: float = 0.05) -> None:
-    """Poll ``predicate`` until it is true; fail on timeout or when ``proc`` exits first."""
+def wait_until(predicate, timeout: float, procs=(), what: str = "condition", poll: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail on timeout or when one of ``procs`` (a
+    process, several, or None) exits first."""
     import time
 
+    procs = [procs] if isinstance(procs, subprocess.Popen) else [p for p in (procs or ()) if p is not None]
     deadline = time.monotonic() + timeout
     while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        exited = [p for p in procs if p.poll() is not None]
+        if exited:
+            raise AssertionError(f"process exited ({exited[0].returncode}) before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout}s")
         time.sleep(poll)  # sleep-ok: polling files with a deadline, not synchronizing processes

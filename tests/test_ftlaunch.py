@@ -12,7 +12,7 @@ import time
 import pytest
 
 from procs import (REPO, assert_training_state_equal, finish, ftlaunch_cmd, latest_committed, load_checkpoint,
-                   read_events, run, start, wait_for_event)
+                   events_of, read_events, run, start, wait_for_event)
 
 # Synchronous saves: these tests assert which step each restart resumes from (an async save
 # may still be in flight when a worker dies a few steps later; see tests/test_async_save.py).
@@ -31,10 +31,6 @@ def ftl_reference(tmp_path_factory):
     assert result.returncode == 0, result.tail()
     assert "failures: none" in result.output
     return load_checkpoint(base / "ckpt" / "step-00000050", tmp_path_factory.mktemp("ftl-reference-pt"))
-
-
-def events_of(run_dir, name):
-    return [e for e in read_events(run_dir) if e["event"] == name]
 
 
 @pytest.mark.parametrize("faults, failed_rank, kind, resumes", [

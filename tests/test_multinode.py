@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from procs import (REPO, assert_each_sample_once, network_namespace, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
-                   start, wait_for_event, wait_for_file)
+from procs import (DIGITS_TRAIN_SAMPLES, REPO, assert_each_sample_once, network_namespace, effective_steps, finish, kill_tree, latest_committed, load_checkpoint, read_events, read_trace,
+                   start, wait_for_event, wait_for_file, wait_until)
 
-TRAIN_SAMPLES, STEPS_PER_EPOCH, EPOCHS = 1438, 23, 6
+STEPS_PER_EPOCH, EPOCHS = 23, 6
 
 
 @pytest.fixture
@@ -57,11 +57,11 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
     assert resumed and resumed[-1]["world_size"] == 2
 
     records = effective_steps(read_trace(tmp_path / "shared"))
-    assert_each_sample_once(records, EPOCHS, TRAIN_SAMPLES)
+    assert_each_sample_once(records, EPOCHS)
     final = latest_committed(tmp_path / "ckpt")
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
     state = load_checkpoint(tmp_path / "ckpt" / f"step-{final.step:08d}", tmp_path)  # it loads
-    assert state["progress"]["samples_seen"] == EPOCHS * TRAIN_SAMPLES
+    assert state["progress"]["samples_seen"] == EPOCHS * DIGITS_TRAIN_SAMPLES
 
 
 def test_cluster_command_kill_and_restart_a_node(tmp_path):
@@ -89,7 +89,7 @@ def test_cluster_command_kill_and_restart_a_node(tmp_path):
     sizes = world_sizes(node_dirs)
     assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, sizes
     records = effective_steps(read_trace(shared))
-    assert_each_sample_once(records, epochs, TRAIN_SAMPLES)
+    assert_each_sample_once(records, epochs)
     final = latest_committed(ckpt)
     assert final.step == epochs * STEPS_PER_EPOCH and final.world_size == 3
 
@@ -110,13 +110,7 @@ def world_sizes(node_dirs) -> list[int]:
 
 
 def wait_for(condition, proc, timeout=120):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, "the cluster exited early"
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)  # sleep-ok: polling event files with a deadline
+    wait_until(condition, timeout, proc, "the condition", poll=0.1)
 
 
 def test_node_killed_during_a_save_never_leaves_a_loaded_partial(rendezvous, tmp_path):
@@ -214,6 +208,6 @@ def test_node_with_a_broken_device_leaves_and_the_others_go_on(rendezvous, tmp_p
     assert any(e["event"] == "node_left" for e in events), "the survivors never noticed node 2 leave"
     resumed = [e for e in events if e["event"] in ("resumed", "fresh_start")]
     assert resumed[-1]["world_size"] == 2
-    assert_each_sample_once(effective_steps(read_trace(tmp_path / "shared")), EPOCHS, TRAIN_SAMPLES)
+    assert_each_sample_once(effective_steps(read_trace(tmp_path / "shared")), EPOCHS)
     final = latest_committed(tmp_path / "ckpt")
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import pickle
 import zlib
 
@@ -17,29 +16,8 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError
+from procs import forge_metadata, Payload, rerecord
 from test_commit_protocol import loaded_step, make_job, save_steps
-
-
-class Payload:
-    """Unpickling this runs ``touch MARKER``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def rerecord(step_dir, name, data: bytes) -> None:
-    """Write ``data`` as ``name`` and make the commit record agree (what a forger does)."""
-    (step_dir / name).write_bytes(data)
-    record = json.loads((step_dir / "manifest.json").read_text())
-    record["files"][name] = {"size": len(data), "crc32": f"{zlib.crc32(data) & 0xffffffff:08x}"}
-    (step_dir / "manifest.json").write_text(json.dumps(record))
-
-
-def forge_metadata(step_dir, marker) -> None:
-    rerecord(step_dir, ".metadata", pickle.dumps(Payload(marker)))
 
 
 def forge_item(step_dir, marker, fqn="counter.value") -> None:

@@ -8,14 +8,10 @@ import re
 
 import pytest
 
-from procs import REPO, ftlaunch_cmd, read_events, run
+from procs import REPO, events_of, ftlaunch_cmd, run
 
 PLAIN = str(REPO / "tests" / "scripts" / "plain_ddp.py")
 TIMEOUT = 180
-
-
-def events_of(run_dir, name):
-    return [e for e in read_events(run_dir) if e["event"] == name]
 
 
 def test_plain_script_with_optimizer_steps_outlives_the_startup_timeout(tmp_path):

@@ -3,9 +3,8 @@ sample of the epoch is trained on exactly once, summed over both runs and all ra
 
 from __future__ import annotations
 
-from procs import assert_each_sample_once, effective_steps, latest_committed, load_checkpoint, read_trace, run, torchrun_cmd
+from procs import DIGITS_TRAIN_SAMPLES, assert_each_sample_once, effective_steps, latest_committed, load_checkpoint, read_trace, run, torchrun_cmd
 
-TRAIN_SAMPLES = 1438  # digits: 1,797 minus the 20% test split
 STEPS_PER_EPOCH = 23  # ceil(1438 / 64)
 
 
@@ -24,7 +23,7 @@ def test_two_workers_then_one_sees_every_sample_once(tmp_path):
     all_records = read_trace(tmp_path / "ckpt")
     assert max(r["step"] for r in all_records if r["resumed_from"] == 0) == 33  # 31..33 were lost
     records = effective_steps(all_records)
-    assert_each_sample_once(records, 3, TRAIN_SAMPLES)
+    assert_each_sample_once(records, 3)
     # The epoch that changed world size really was split across both runs and world sizes.
     assert {r["resumed_from"] for r in records if r["epoch"] == 1} == {0, 30}
     assert {r["step"] for r in records} == set(range(1, total + 1))
@@ -32,5 +31,5 @@ def test_two_workers_then_one_sees_every_sample_once(tmp_path):
     final = latest_committed(ckpt)
     assert final.step == total and final.world_size == 1
     state = load_checkpoint(ckpt / f"step-{final.step:08d}", tmp_path)
-    assert state["progress"]["samples_seen"] == 3 * TRAIN_SAMPLES
+    assert state["progress"]["samples_seen"] == 3 * DIGITS_TRAIN_SAMPLES
     assert (state["data"]["epoch"], state["data"]["position"]) == (3, 0)
