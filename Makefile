@@ -31,7 +31,9 @@ demo: $(STAMP)
 	@echo; echo "== what happened (full log: runs/demo.log, events: runs/demo/run/events.jsonl) =="
 	@grep -E "injecting|made no progress|exitcode: -9|resumed from step|final test accuracy" runs/demo.log
 
+# pyflakes first (an undefined name in a rarely taken branch, an unused import), then the suite.
 test: $(STAMP)
+	$(PY) -m pyflakes train.py checkpoint trainer launcher tests bench
 	$(PY) -m pytest -v tests
 
 # Checkpoint stall / durability / load / training overhead: torch.save, DCP sync, DCP

@@ -42,7 +42,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the shared fault-scenario harness
 
-from procs import (assert_each_sample_once, compare_training_state, effective_steps, load_checkpoint,  # noqa: E402
+from procs import (assert_each_sample_once, compare_training_state, effective_steps, forge_metadata, load_checkpoint,  # noqa: E402
                    network_namespace, read_trace, wait_until)
 
 from checkpoint import Storage, verify  # noqa: E402
