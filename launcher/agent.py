@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import psutil
 
@@ -43,18 +43,35 @@ REPORTER_STARTUP_TIMEOUT = 300.0
 
 @dataclass
 class Policy:
-    """Watchdog and restart policy (seconds; 0 disables a timeout)."""
+    """Watchdog and restart policy (seconds; 0 disables a timeout). ``ftlaunch``'s flags are
+    generated from these fields (``--hang-timeout`` for ``hang_timeout``...), their help from
+    the metadata."""
 
-    hang_timeout: float = 120.0  # training: no new step for this long = hung
-    # Before a worker's first heartbeat. None (not set by the user): REPORTER_STARTUP_TIMEOUT
-    # for a worker that announced itself through Reporter, no limit for a silent one (any
-    # script is watched from its first optimizer.step() on, and never killed for silence
-    # by a timer its user did not ask for).
-    startup_timeout: float | None = None
-    io_timeout: float = 600.0  # loading, saving, stopping or finishing for this long = hung
-    crash_loop_limit: int = 3  # restarts in a row without a new committed checkpoint
-    backoff: float = 1.0  # first wait after a restart that made no progress; doubles, <= 60 s
-    grace_period: float = 30.0  # after a stop request, workers must be done within this
+    hang_timeout: float = field(default=120.0, metadata={"help": (
+        "seconds a training rank may go without a step before the group is restarted (0: off). A step is a "
+        "Reporter.beat() or, for any other Python script, an optimizer.step() (torch's global optimizer hook, no "
+        "code change); such a script that goes longer without a step (a long eval) needs a larger value")})
+    startup_timeout: float | None = field(default=None, metadata={"help": (
+        "seconds a worker may take from the start of its script to its first heartbeat. Default: 300 s for scripts "
+        "that report with launcher.worker.Reporter (they announce themselves at start), and no limit for any other "
+        "script, which is watched from its first optimizer.step() on (0: off for all). Importing torch before the "
+        "script starts is under --io-timeout")})
+    io_timeout: float = field(default=600.0, metadata={"help": (
+        "seconds a rank may spend launching (importing torch before its script starts), loading, saving, stopping "
+        "or finishing (eval, final save, exit) before it counts as hung (0: off)")})
+    crash_loop_limit: int = field(default=3, metadata={"help": (
+        "stop after this many restarts in a row that did not advance the committed checkpoint (as reported in "
+        "heartbeats; a script without launcher.worker.Reporter never advances)")})
+    restart_backoff: float = field(default=1.0, metadata={"help": (
+        "first wait before a restart after one that made no progress; doubles each time, at most 60 s")})
+    grace_period: float = field(default=30.0, metadata={"help": (
+        "on SIGTERM/SIGINT: seconds the workers get to agree on a step, commit it and exit")})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {value}")
 
     def limit_for(self, phase: str | None, source: str | None = None) -> float:
         """Seconds without progress allowed in ``phase`` (written by ``source``); 0 = none.
@@ -78,7 +95,7 @@ class Policy:
 
     def backoff_for(self, streak: int) -> float:
         """Wait before a restart; ``streak`` = failures in a row without progress."""
-        return 0.0 if streak == 0 else min(60.0, self.backoff * 2 ** (streak - 1))
+        return 0.0 if streak == 0 else min(60.0, self.restart_backoff * 2 ** (streak - 1))
 
 
 class FaultTolerantAgent(LocalElasticAgent):

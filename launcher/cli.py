@@ -17,27 +17,23 @@ Every torchrun flag keeps its meaning (the parser is torchrun's own). What diffe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from dataclasses import fields
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.rendezvous import RendezvousParameters
-from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
-from torch.distributed.elastic import metrics
-from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
-from torch.distributed.launcher.api import _get_addr_and_port
+from torch.distributed.elastic.agent.server.api import WorkerState
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
 from . import contract, prewarm
 from .agent import FaultTolerantAgent, Policy
+from .launch import launch_agent
 from .faults import INJECT_ENV, parse_fault
 from .summary import format_summary, summarize
 
@@ -58,26 +54,9 @@ def build_parser():
     ours = parser.add_argument_group("ftlaunch")
     ours.add_argument("--run-dir", default="", help="run directory: events.jsonl, heartbeats, per-attempt logs "
                       "(default: runs/ftlaunch/<time>-<pid>)")
-    ours.add_argument("--hang-timeout", type=float, default=120.0,
-                      help="seconds a training rank may go without a step before the group is restarted (0: off). "
-                           "A step is a Reporter.beat() or, for any other Python script, an optimizer.step() "
-                           "(torch's global optimizer hook, no code change); such a script that goes longer "
-                           "without a step (a long eval) needs a larger value")
-    ours.add_argument("--startup-timeout", type=float, default=None,
-                      help="seconds a worker may take to its first heartbeat. Default: 300 s for scripts that "
-                           "report with launcher.worker.Reporter (they announce themselves at start), and no "
-                           "limit for any other script, which is watched from its first optimizer.step() on "
-                           "(0: off for all). Counted from the moment the script begins; importing torch before "
-                           "that is under --io-timeout")
-    ours.add_argument("--io-timeout", type=float, default=600.0,
-                      help="seconds a rank may spend launching (importing torch before its script starts), loading, saving, stopping or finishing (eval, final save, exit) before it counts as hung (0: off)")
-    ours.add_argument("--crash-loop-limit", type=int, default=3,
-                      help="stop after this many restarts in a row that did not advance the committed checkpoint "
-                           "(as reported in heartbeats; a script without launcher.worker.Reporter never advances)")
-    ours.add_argument("--restart-backoff", type=float, default=1.0,
-                      help="first wait before a restart after one that made no progress; doubles each time, at most 60 s")
-    ours.add_argument("--grace-period", type=float, default=30.0,
-                      help="on SIGTERM/SIGINT: seconds the workers get to agree on a step, commit it and exit")
+    for f in fields(Policy):  # --hang-timeout ... --grace-period, defaults and help from the dataclass
+        ours.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type in (int, "int") else float, default=f.default,
+                          help=f.metadata["help"])
     ours.add_argument("--no-prewarm", action="store_true",
                       help="start every worker as a fresh interpreter instead of forking it from a server that "
                            "has imported torch already (restarts then pay for `import torch` again)")
@@ -107,11 +86,12 @@ def with_defaults(rdzv_conf: str, defaults: dict[str, str]) -> str:
 def parse_args(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("hang_timeout", "startup_timeout", "io_timeout", "restart_backoff", "grace_period"):
-        if (getattr(args, name) or 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.crash_loop_limit < 0 or args.max_restarts < 0:
-        parser.error("--crash-loop-limit and --max-restarts must be >= 0")
+    try:
+        args.policy = Policy(**{f.name: getattr(args, f.name) for f in fields(Policy)})
+    except ValueError as e:
+        parser.error(str(e))
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
     for spec in args.inject:
         try:
             parse_fault(spec)
@@ -172,61 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # torchrun's own checks (endpoint, nproc, ...) raise ValueError
         print(f"ftlaunch: error: {e} (see --help)", file=sys.stderr)
         return 2
-    fork_server = None
-    if entrypoint == sys.executable and not args.no_prewarm:
-        fork_server, cmd_args = start_fork_server(run_dir, args.prewarm_import, cmd_args)
-    elif entrypoint == sys.executable:  # plain interpreters, through the same bootstrap
-        cmd_args = ["-u", "-m", "launcher.bootstrap", *cmd_args]
-    policy = Policy(hang_timeout=args.hang_timeout, startup_timeout=args.startup_timeout, io_timeout=args.io_timeout,
-                    crash_loop_limit=args.crash_loop_limit, backoff=args.restart_backoff,
-                    grace_period=args.grace_period)
-    agent = launch_agent(config, entrypoint, cmd_args, run_dir, policy, bootstrapped=entrypoint == sys.executable)
-    try:
+    with contextlib.ExitStack() as stack:
+        if entrypoint == sys.executable and not args.no_prewarm:
+            cmd_args = [*stack.enter_context(prewarm.fork_server(run_dir, args.prewarm_import)), *cmd_args]
+        elif entrypoint == sys.executable:  # plain interpreters, through the same bootstrap
+            cmd_args = ["-u", "-m", "launcher.bootstrap", *cmd_args]
+        agent = launch_agent(config, entrypoint, cmd_args, run_dir, args.policy,
+                             bootstrapped=entrypoint == sys.executable)
         return run(agent, run_dir)
-    finally:
-        if fork_server is not None:
-            fork_server.kill()
-            fork_server.wait()
-            shutil.rmtree(os.path.dirname(fork_server.args[-1]), ignore_errors=True)
-
-
-def start_fork_server(run_dir: str, extra_modules: list[str], cmd_args: list[str]):
-    """Start the pre-warm fork server; returns it and the worker command that goes through it."""
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="ftl-"), "fork.sock")  # short: AF_UNIX paths <= 107 bytes
-    modules = ",".join([*prewarm.WARM_MODULES, *extra_modules])
-    log_file = open(os.path.join(run_dir, "fork-server.log"), "ab")
-    server = subprocess.Popen([sys.executable, "-u", "-m", "launcher.prewarm", "serve", "--modules", modules,
-                               "--socket", socket_path], stdout=log_file, stderr=subprocess.STDOUT)
-    return server, ["-m", "launcher.prewarm", "run", "--socket", socket_path, *cmd_args]
-
-
-def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy, bootstrapped: bool) -> FaultTolerantAgent:
-    """The WorkerSpec and agent that ``torch.distributed.launcher.api.launch_agent`` builds,
-    with our agent class in place of LocalElasticAgent. Every ``LaunchConfig`` field goes
-    where torch's own ``launch_agent`` puts it (``tests/test_launch_flags.py`` walks torchrun's parser
-    to keep it so)."""
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
-    params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
-                                  run_id=config.run_id, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
-                                  local_addr=config.local_addr, **config.rdzv_configs)
-    master_addr, master_port = _get_addr_and_port(params)
-    spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
-                      args=tuple(cmd_args), rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
-                      max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
-                      master_addr=master_addr, master_port=master_port, local_addr=config.local_addr,
-                      event_log_handler=config.event_log_handler, numa_options=config.numa_options,
-                      duplicate_stdout_filters=config.duplicate_stdout_filters,
-                      duplicate_stderr_filters=config.duplicate_stderr_filters,
-                      virtual_local_rank=config.virtual_local_rank)
-    contract.append_event(run_dir, "launch", agent=True, attempt=0, entrypoint=" ".join([str(entrypoint), *cmd_args]),
-                          nproc_per_node=config.nproc_per_node, nnodes=f"{config.min_nodes}:{config.max_nodes}",
-                          max_restarts=config.max_restarts, rdzv_backend=config.rdzv_backend)
-    metrics.initialize_metrics(metrics.MetricsConfig(config.metrics_cfg))
-    return FaultTolerantAgent(spec, config.logs_specs, run_dir=run_dir, policy=policy, bootstrapped=bootstrapped,
-                              start_method=config.start_method,
-                              log_line_prefix_template=config.log_line_prefix_template,
-                              shutdown_timeout=config.shutdown_timeout,
-                              event_log_handler=config.event_log_handler)
 
 
 def run(agent: FaultTolerantAgent, run_dir: str) -> int:

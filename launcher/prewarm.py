@@ -27,14 +27,18 @@ RNGs from the OS, as a fresh interpreter would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -148,6 +152,26 @@ def _become_worker(request: dict, fds: list[int], supervisor: int) -> None:
         traceback.print_exc()
     finally:
         bootstrap.exit_like_python(code)  # never returns
+
+
+# -- the server's lifetime, from ftlaunch -------------------------------------------------------
+@contextlib.contextmanager
+def fork_server(run_dir: str, extra_modules: list[str]):
+    """Start a fork server for this launch (its output in RUN_DIR/fork-server.log); yield the
+    interpreter arguments that run a worker through it (the script and its arguments follow);
+    on exit kill it and remove its socket's folder."""
+    folder = tempfile.mkdtemp(prefix="ftl-")  # short: AF_UNIX paths <= 107 bytes
+    socket_path = os.path.join(folder, "fork.sock")
+    modules = ",".join([*WARM_MODULES, *extra_modules])
+    with open(os.path.join(run_dir, "fork-server.log"), "ab") as log_file:
+        server = subprocess.Popen([sys.executable, "-u", "-m", "launcher.prewarm", "serve", "--modules", modules,
+                                   "--socket", socket_path], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        yield ["-m", "launcher.prewarm", "run", "--socket", socket_path]
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- client ---------------------------------------------------------------------------------

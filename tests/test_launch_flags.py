@@ -104,3 +104,12 @@ def test_torchrun_flag_reaches_the_agent(dest, tmp_path, monkeypatch):
         assert check(agent, config), f"--{dest.replace('_', '-')} did not reach the agent"
     finally:
         agent._worker_group.spec.rdzv_handler.shutdown()
+
+
+def test_policy_flags_come_from_the_dataclass():
+    """Each Policy field is a flag with the field's default, and the flags build the Policy."""
+    from dataclasses import fields
+
+    assert cli.parse_args([SCRIPT]).policy == Policy()
+    args = cli.parse_args([*(f"--{f.name.replace('_', '-')}={i + 2}" for i, f in enumerate(fields(Policy))), SCRIPT])
+    assert [getattr(args.policy, f.name) for f in fields(Policy)] == [i + 2 for i in range(len(fields(Policy)))]
