@@ -415,17 +415,18 @@ class CheckpointManager:
         # Ranks beyond the saved world size have no RNG state of their own to restore.
         state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
         reader = self._reader(dirname)
-        error = None
+        error = None  # (error class, message): the kind travels with the message
         try:
             saved = {k: v.size for k, v in reader.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
             check_compatible(state, saved, where)
         except CheckpointMismatchError as e:
-            error = str(e)
+            error = (CheckpointMismatchError, str(e))
         except Exception as e:
-            error = f"cannot read {where}/{DCP_METADATA_NAME}: {_short(e)}"
+            error = (CheckpointError, f"cannot read {where}/{DCP_METADATA_NAME}: {_short(e)}")
         errors = [e for e in _dist.all_gather(error, self._group) if e]
         if errors:  # the same error on every rank, before any rank enters DCP's collectives
-            raise CheckpointMismatchError(errors[0]) if "different model" in errors[0] else CheckpointError(errors[0])
+            kind, message = errors[0]
+            raise kind(message)
         if self.before_load is not None:
             self.before_load(manifest.step)
         try:
