@@ -48,6 +48,15 @@ def die_with_parent(expected_parent: int | None = None) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def outlive_parent() -> None:
+    """Undo ``die_with_parent`` for this process: a node-kill fault must go on killing its
+    node after its own parent (the agent, or the fork server) is gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def die_with_agent() -> None:
     """``die_with_parent``, for a process whose parent is ftlaunch's agent (its pid is in the
     environment): exit at once if the agent is gone already."""

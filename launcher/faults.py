@@ -125,10 +125,12 @@ class FaultInjector:
 def _kill_node() -> None:
     """SIGKILL the ftlaunch agent and every process under it (TorchElastic puts workers in
     sessions of their own, so a process-group kill would miss them), this worker last."""
+    from .bootstrap import outlive_parent
     from .contract import AGENT_PID_ENV
     from .proctree import kill_tree
 
     agent_pid = os.environ.get(AGENT_PID_ENV)
     if not agent_pid:
         raise RuntimeError("kill-node-before-commit needs ftlaunch (FTLAUNCH_AGENT_PID is not set)")
+    outlive_parent()  # else the kernel kills this worker with its parent, before the agent is hit
     kill_tree(int(agent_pid), spare=os.getpid(), timeout=0)

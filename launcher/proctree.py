@@ -18,10 +18,11 @@ import psutil
 
 def kill_tree(pid: int, *, spare: int | None = None, timeout: float = 10.0) -> None:
     """SIGKILL ``pid`` and every descendant (except ``spare``, e.g. the caller itself), then
-    the process group ``pid`` leads, if any; wait up to ``timeout`` s for them to go."""
+    the process group ``pid`` leads, if any; wait up to ``timeout`` s for them to go. The root
+    goes first: a live parent (an agent) would react to its children's deaths by starting more."""
     try:
         root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
+        procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
     procs = [p for p in procs if p.pid != spare]
