@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import CheckpointManager
+from checkpoint import CheckpointManager, Observer
 
 ARMS = {"A": "torch.save, rank 0", "B": "DCP save (sync)", "C": "DCP async_save",
         "D": "ours, sync", "E": "ours, async"}
@@ -74,9 +74,14 @@ class Arm:
         self.last = None
         self.ckpt = None
         if name in "DE":
-            self.ckpt = CheckpointManager(root, model=ddp, optimizer=opt, keep_last=2,
+            arm = self
+
+            class CommitTime(Observer):
+                def committed(self, _manifest) -> None:
+                    arm._committed(None)
+
+            self.ckpt = CheckpointManager(root, model=ddp, optimizer=opt, keep_last=2, observer=CommitTime(),
                                           async_mode="thread" if name == "E" else "off")
-            self.ckpt.on_commit = self._committed
 
     def _committed(self, _manifest) -> None:
         self.done_at = time.monotonic()
@@ -225,7 +230,7 @@ def main() -> None:
             r["stalls_s"].append(stall)
             r["durables_s"].append(durable)
             if name == "E":
-                r["background_cpu_s"].append(wall_max(arm.ckpt.last_background_cpu_seconds))
+                r["background_cpu_s"].append(wall_max(arm.ckpt.stats.last_background_cpu_seconds))
 
     for name in arms:
         results["arms"][name]["loads_s"] = []
@@ -242,7 +247,7 @@ def main() -> None:
         r = results["arms"][name]
         r["load_s"] = statistics.median(r["loads_s"])
         r["bytes"] = dir_bytes(arm.path(arm.last)) if name != "A" else os.path.getsize(arm.path(arm.last) + ".pt")
-        r["staging_bytes"] = arm.ckpt._stager.nbytes if name == "E" else 0
+        r["staging_bytes"] = arm.ckpt.stats.staging_bytes if name == "E" else 0
         r["stall_s"], r["durable_s"] = statistics.median(r["stalls_s"]), statistics.median(r["durables_s"])
         r["background_cpu_s"] = statistics.median(r["background_cpu_s"]) if r["background_cpu_s"] else 0.0
         if rank == 0:

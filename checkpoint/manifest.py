@@ -11,6 +11,20 @@ A checkpoint is committed iff ``manifest.json`` exists and validates: it parses,
 version is known, and every file it lists exists with the listed size (and, with
 ``verify="hash"``, the listed crc32). Nothing else counts: a directory with shards and even
 DCP's ``.metadata`` but no record is a save that died before its commit.
+
+The save protocol that produces a commit (``CheckpointManager.save``; every rank calls it at
+the same step)::
+
+    rank 0: skip if step is validly committed; else clear what a failed save of it left
+    all:    dcp.save -> shard files + DCP .metadata (checksums taken while writing, fsynced)
+    all:    observer.before_commit (a hook for fault injection and tests)
+    all:    gather sizes + checksums + any error   <- the barrier: nobody commits unless
+                                                       every rank reported success
+    rank 0: write manifest.json atomically          <- the commit; the outcome is broadcast
+                                                       so every rank returns or raises the same
+    rank 0: retention (logs its failures, never raises)
+
+Retention deletes the record first, so a half-deleted checkpoint is never one that counts.
 """
 
 from __future__ import annotations
@@ -85,6 +99,11 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)  # user data: loss, metrics, config
     format_version: int = FORMAT_VERSION
     signature: str = ""  # keyed mode: HMAC-SHA256 of the record without this field
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every file the checkpoint holds, all ranks together."""
+        return sum(f.size for f in self.files.values())
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()

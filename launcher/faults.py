@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Callable
 
 KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
          "raise", "fail-at-start")
@@ -77,6 +76,7 @@ class FaultInjector:
     def __init__(self, faults: list[Fault], rank: int, marker_dir: str):
         self.faults = [f for f in faults if f.rank == rank]
         self.marker_dir = marker_dir
+        self._kill_after_save: int | None = None
 
     def after_step(self, step: int) -> None:
         for fault in self.faults:
@@ -93,12 +93,17 @@ class FaultInjector:
             if fault.step == step and fault.kind in ("kill-before-commit", "kill-node-before-commit"):
                 self._fire(fault)
 
-    def before_save(self, step: int) -> Callable[[], None]:
-        """Call before saving ``step``; call what it returns right after ``save`` returns."""
+    def before_save(self, step: int) -> None:
+        """A save of ``step`` begins: claim a ``kill-while-writing`` fault now, so that
+        ``after_save`` kills at once (no marker write between the hand-off and the kill)."""
         for fault in self.faults:
             if fault.step == step and fault.kind == "kill-while-writing" and self._claim(fault):
-                return lambda: os.kill(os.getpid(), signal.SIGKILL)
-        return lambda: None
+                self._kill_after_save = step
+
+    def after_save(self, step: int) -> None:
+        """``save`` of ``step`` returned (an async one has handed its write to the background)."""
+        if self._kill_after_save == step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _claim(self, fault: Fault) -> bool:
         """Create the fault's marker; False if an earlier generation of this run fired it."""

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from checkpoint import CheckpointError, CheckpointManager, Storage, find_latest
+from checkpoint import SKIPPED, CheckpointError, CheckpointManager, Observer, Storage, find_latest
 from conftest import REFERENCE_ARGS, REFERENCE_TIMEOUT
 from procs import assert_training_state_equal, latest_committed, load_checkpoint, run, torchrun_cmd
 
@@ -85,12 +85,13 @@ def test_background_write_failure_is_reported_and_commits_nothing(can_go_read_on
     twin = copy.deepcopy(model)  # trained identically, never checkpointed
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
 
-    def before_commit(step: int) -> None:  # runs in the background thread, shards written
-        if step == 4:
-            make_read_only()
+    class ReadOnlyAtStep4(Observer):
+        def before_commit(self, step: int) -> None:  # runs in the background thread, shards written
+            if step == 4:
+                make_read_only()
 
     ckpt = CheckpointManager(root, model=model, optimizer=opt, async_mode="thread", save_every_steps=2,
-                             keep_last=0, before_commit=before_commit)
+                             keep_last=0, observer=ReadOnlyAtStep4())
     caplog.set_level(logging.ERROR, logger="checkpoint")
     failure = None
     for step in range(1, 11):
@@ -145,7 +146,7 @@ def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
         peak = max(peak, proc.memory_info().rss)
     end = proc.memory_info().rss
     ckpt.close()
-    assert ckpt._stager.nbytes <= 1.01 * state_bytes  # one copy of the state, reused
+    assert ckpt.stats.staging_bytes <= 1.01 * state_bytes  # one copy of the state, reused
     # A leak of even 5% of the state per save would add 100% over 20 saves; allocator noise
     # after other tests in this process is a few MB.
     assert end - warm < 0.2 * state_bytes, f"grew {(end - warm) / 1e6:.1f} MB over 20 saves"
@@ -159,12 +160,13 @@ def test_a_save_due_while_one_is_in_flight_waits_or_skips(tmp_path, caplog, if_b
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     release = threading.Event()
 
-    def before_commit(step: int) -> None:
-        if step == 1:
-            assert release.wait(60), "the test never released step 1"
+    class HoldStep1(Observer):
+        def before_commit(self, step: int) -> None:
+            if step == 1:
+                assert release.wait(60), "the test never released step 1"
 
     ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread", if_busy=if_busy,
-                             save_every_steps=1, before_commit=before_commit)
+                             save_every_steps=1, observer=HoldStep1())
     ckpt.maybe_save(1)  # held in the background until released
     assert ckpt.poll() is None  # still in flight: nothing to report, nothing raised
     if if_busy == "wait":
@@ -174,7 +176,7 @@ def test_a_save_due_while_one_is_in_flight_waits_or_skips(tmp_path, caplog, if_b
         assert ckpt.wait().step == 2
     else:
         with caplog.at_level(logging.WARNING, logger="checkpoint"):
-            assert ckpt.maybe_save(2) is None
+            assert ckpt.maybe_save(2).outcome == SKIPPED
         assert "skipping the save of step 2: step 1 is still being written" in caplog.text
         assert not (tmp_path / "step-00000002").exists()
         threading.Timer(0.2, release.set).start()
@@ -215,7 +217,7 @@ def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_pa
     at_save = copy.deepcopy({"model": model.state_dict(), "optim": opt.state_dict()})
     ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread")
     gate = threading.Event()
-    ckpt._executor.submit(gate.wait, 60)  # the writer thread is busy until the gate opens
+    ckpt._background._executor.submit(gate.wait, 60)  # the writer thread is busy until the gate opens
     ckpt.save(1)
     for step in (2, 3):
         _train_step(model, opt, step)  # the live tensors change in place

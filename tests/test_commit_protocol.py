@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
-from checkpoint import CheckpointError, CheckpointManager, CheckpointMismatchError, Storage, find_latest
+from checkpoint import (ALREADY_COMMITTED, CheckpointError, CheckpointManager, CheckpointMismatchError, Storage,
+                        find_latest)
 from checkpoint.manifest import verify
 
 from procs import load_checkpoint
@@ -175,11 +176,11 @@ def test_nothing_committed_loads_nothing(tmp_path):
 def test_committed_step_is_never_overwritten(tmp_path):
     mgr, model, opt, sched, counter = make_job(tmp_path)
     train_step(model, opt, sched, counter)
-    first = mgr.save(5)
+    first = mgr.save(5).manifest
     step_dir = tmp_path / "step-00000005"
     before = {p.name: p.read_bytes() for p in step_dir.iterdir()}
     train_step(model, opt, sched, counter)  # different weights, same step number
-    assert mgr.save(5) is None
+    assert mgr.save(5).outcome == ALREADY_COMMITTED
     assert {p.name: p.read_bytes() for p in step_dir.iterdir()} == before
     assert find_latest(Storage(tmp_path)).files == first.files
 
@@ -190,7 +191,7 @@ def test_stale_uncommitted_save_of_same_step_is_replaced(tmp_path):
     stale.mkdir()
     (stale / "__7_0.distcp").write_bytes(b"left by a crashed generation")
     train_step(model, opt, sched, counter)
-    manifest = mgr.save(5)
+    manifest = mgr.save(5).manifest
     assert not (stale / "__7_0.distcp").exists()
     assert "__7_0.distcp" not in manifest.files
 
@@ -229,7 +230,7 @@ def test_resaving_a_step_whose_commit_fails_verification(tmp_path, caplog):
     assert mgr.load().step == 10
     train_step(model, opt, sched, counter)
     with caplog.at_level(logging.WARNING):
-        manifest = mgr.save(20)
+        manifest = mgr.save(20).manifest
     assert manifest is not None, "a corrupt commit must not block saving the step again"
     assert any("re-saving step 20" in r.getMessage() for r in caplog.records)
     assert find_latest(Storage(tmp_path), "hash").step == 20

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -23,6 +22,8 @@ from launcher.worker import Reporter, StopRequest, init_process_group
 from .config import ConfigError, TrainConfig
 from .data import DataCursor, Split, load_dataset
 from .model import CNN
+from .observe import TrainingObserver
+from .trace import NoTrace, SampleTrace
 
 log = logging.getLogger("trainer")
 
@@ -72,40 +73,42 @@ def evaluate(model: torch.nn.Module, split: Split, batch: int = 1024) -> float:
     return correct / len(split)
 
 
-def save(ckpt: CheckpointManager, reporter: Reporter, step: int, metrics: dict, io_phase: str = "saving",
-         wait: bool = False) -> None:
-    """Save ``step`` (committed in the background when async; ``wait`` for the commit), with
-    the events ftlaunch's run log shows.
+class LossLog:
+    """The progress bar (a terminal) or a line every ``log_every`` steps (logs), rank 0 only."""
 
-    All of it runs in ``io_phase``, so ftlaunch's watchdog gives it --io-timeout, not the step
-    limit: rank 0's preparation (re-verifying a committed step, deleting what a failed save
-    left), the first async staging (allocating a buffer for the whole state) and waiting for
-    the previous save are all checkpoint I/O."""
-    reporter.event("save_begin", step=step)
-    with reporter.phase(io_phase):
-        if ckpt.async_mode == "off":
-            ckpt.save(step, metrics)
-        else:
-            skip_if_busy = ckpt.if_busy == "skip" and not wait  # the last save, or one on preemption, must happen
-            ckpt.save(step, metrics, skip_if_busy=skip_if_busy)
-            if ckpt.last_staged_step == step:  # not skipped, not committed already
-                reporter.event("save_staged", step=step, stall_seconds=round(ckpt.last_stall_seconds, 4))
-        if wait:
-            ckpt.wait()
+    def __init__(self, rank: int, total_steps: int, initial: int, log_every: int):
+        self.rank, self.total_steps, self.log_every = rank, total_steps, log_every
+        self.bar = tqdm(total=total_steps, initial=initial, disable=rank != 0 or not sys.stderr.isatty(),
+                        unit="step", dynamic_ncols=True)
+        self.loss, self.samples, self.since = 0.0, 0, time.monotonic()
+
+    def update(self, step: int, epoch: int, loss_sum: float, samples: int) -> float:
+        """Record one step; returns this rank's mean loss for it (rank 0's goes in the checkpoint)."""
+        self.loss += loss_sum
+        self.samples += samples
+        self.bar.update(1)
+        if step % self.log_every == 0 and self.rank == 0:
+            rate = self.log_every / max(time.monotonic() - self.since, 1e-9)
+            loss = self.loss / max(self.samples, 1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            if self.bar.disable:
+                print(f"step {step}/{self.total_steps} epoch {epoch} loss {loss:.4f} ({rate:.1f} steps/s)", flush=True)
+            self.loss, self.samples, self.since = 0.0, 0, time.monotonic()
+        return round(loss_sum / max(samples, 1), 6)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def commit_event(reporter: Reporter):
-    def on_commit(manifest) -> None:  # in the background thread for async saves
-        reporter.event("save_commit", step=manifest.step, seconds=manifest.save_seconds,
-                       bytes=sum(f.size for f in manifest.files.values()))
-    return on_commit
+def _faults(cfg: TrainConfig) -> list:
+    try:
+        return [parse_fault(spec) for spec in cfg.inject] + faults_from_env()
+    except ValueError as e:
+        raise ConfigError(f"--inject: {e}") from None
 
 
 def train(cfg: TrainConfig) -> dict:
-    try:
-        faults = [parse_fault(spec) for spec in cfg.inject] + faults_from_env()
-    except ValueError as e:
-        raise ConfigError(f"--inject: {e}") from None
+    faults = _faults(cfg)
     fail_at_start(faults, int(os.environ.get("LOCAL_RANK", 0)))  # a simulated broken device
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     env = init_process_group()
@@ -129,45 +132,19 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     progress = Progress(total_steps, cfg.lr)
     injector = FaultInjector(faults, rank, os.path.join(cfg.run_dir, "faults"))
-
     ckpt = CheckpointManager(
         cfg.ckpt_dir, model=ddp, optimizer=optimizer, scheduler=scheduler,
-        state={"progress": progress, "data": cursor},
-        save_every_steps=cfg.save_every_steps, save_every_seconds=cfg.save_every_seconds,
-        keep_last=cfg.keep_last, verify=cfg.verify,
+        state={"progress": progress, "data": cursor}, config=cfg,
+        observer=TrainingObserver(reporter, injector),
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
-        before_commit=injector.before_commit, before_load=injector.before_load,
-        on_commit=commit_event(reporter), async_mode=cfg.async_save, if_busy=cfg.if_busy,
-        io_threads=cfg.io_threads, allow_fresh_start=cfg.allow_fresh_start,
         hmac_key=os.environ.get("FTLAUNCH_CKPT_KEY") or None)  # keyed mode: signed records, SHA-256 files
-    load_started = time.monotonic()
-    with reporter.phase("loading"):
-        resumed = ckpt.load()
-    resumed_from = resumed.step if resumed else 0
-    reporter.event("resumed" if resumed else "fresh_start", step=resumed_from, world_size=world,
-                   load_seconds=round(time.monotonic() - load_started, 4))
-    if rank == 0:
-        if resumed:
-            print(f"resumed from step {resumed.step} (committed checkpoint, saved at world size "
-                  f"{resumed.world_size}; now {world}); epoch {cursor.epoch}, position {cursor.position}", flush=True)
-        else:
-            print(f"starting from scratch: {total_steps} steps, world size {world}", flush=True)
 
-    trace = None
-    if cfg.trace_samples:
-        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-        trace = open(os.path.join(cfg.run_dir, "samples", f"rank{rank}.jsonl"), "a")
-        # One token per generation (rank 0's clock, shared): a later generation that redoes
-        # steps lost to a failure has a larger token, whatever its restart count says.
-        launch = [time.time()]
-        if dist.is_initialized():
-            dist.broadcast_object_list(launch, src=0)
-
-    bar = tqdm(total=total_steps, initial=progress.step, disable=rank != 0 or not sys.stderr.isatty(),
-               unit="step", dynamic_ncols=True)
-    window_loss, window_n, window_start = 0.0, 0, time.monotonic()
+    resumed_from = _resume(ckpt, reporter, rank, world, cursor, total_steps)
+    trace = SampleTrace(cfg.run_dir, rank, resumed_from) if cfg.trace_samples else NoTrace()
+    losses = LossLog(rank, total_steps, progress.step, cfg.log_every)
     train_loss = float("nan")
     while progress.step < total_steps:
+        # One optimizer step on the global batch, split across ranks.
         epoch = cursor.epoch
         idx, global_n = cursor.next_batch(rank, world)
         rows = idx.to(device)
@@ -181,53 +158,61 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         progress.step += 1
         progress.samples_seen += global_n
-        if trace is not None:
-            trace.write(json.dumps({"step": progress.step, "epoch": epoch, "launch": launch[0],
-                                    "resumed_from": resumed_from, "idx": idx.tolist()}) + "\n")
-            trace.flush()
-        injector.after_step(progress.step)
 
-        local_loss = loss_sum.item()
-        window_loss += local_loss
-        window_n += len(idx)
-        bar.update(1)
-        if progress.step % cfg.log_every == 0 and rank == 0:
-            rate = cfg.log_every / max(time.monotonic() - window_start, 1e-9)
-            loss = window_loss / max(window_n, 1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if bar.disable:
-                print(f"step {progress.step}/{total_steps} epoch {cursor.epoch} loss {loss:.4f} "
-                      f"({rate:.1f} steps/s)", flush=True)
-            window_loss, window_n, window_start = 0.0, 0, time.monotonic()
-        train_loss = round(local_loss / max(len(idx), 1), 6)  # rank 0's share of the batch
+        trace.record(progress.step, epoch, idx)
+        injector.after_step(progress.step)
+        train_loss = losses.update(progress.step, cursor.epoch, loss_sum.item(), len(idx))
         reporter.beat(progress.step, ckpt.last_committed)
         if progress.step == resumed_from + 1:
             reporter.event("first_step", step=progress.step)
         if stop.agreed():  # preemption: every rank stops after this same step, saved
-            save(ckpt, reporter, progress.step, {"train_loss": train_loss}, io_phase="stopping", wait=True)
-            reporter.event("preempted", step=progress.step, signal=stop.requested_by)
-            if rank == 0:
-                print(f"stopping at step {progress.step} on request ({stop.requested_by}); "
-                      f"checkpoint committed, resume with the same command", flush=True)
+            _save_and_stop(ckpt, reporter, stop, rank, progress.step, train_loss)
             break
-        if progress.step < total_steps and ckpt.should_save(progress.step):  # the last step: below
-            kill_now = injector.before_save(progress.step)
-            save(ckpt, reporter, progress.step, {"train_loss": train_loss})
-            kill_now()
-    bar.close()
+        if progress.step < total_steps:  # the last step's checkpoint comes after evaluation
+            ckpt.maybe_save(progress.step, {"train_loss": train_loss})
+    losses.close()
 
     stop.close()
     reporter.finish()
     accuracy = evaluate(model, test_split)
     if progress.step == total_steps:  # the final checkpoint is always committed
-        save(ckpt, reporter, progress.step, {"test_accuracy": accuracy, "train_loss": train_loss}, wait=True)
+        ckpt.save(progress.step, {"test_accuracy": accuracy, "train_loss": train_loss})
+        ckpt.wait()
         reporter.event("finished", step=progress.step, test_accuracy=accuracy)
     ckpt.close()  # a save still in flight (a stop before the last step) is committed before exit
-    if trace is not None:
-        trace.close()
+    trace.close()
     if rank == 0 and progress.step == total_steps:
         print(f"finished at step {progress.step}, epoch {cursor.epoch}; samples seen {progress.samples_seen}; "
               f"final test accuracy {accuracy:.4f}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"step": progress.step, "accuracy": accuracy, "resumed_from": resumed_from}
+
+
+def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, cursor: DataCursor,
+            total_steps: int) -> int:
+    """Load the newest committed checkpoint, if any; returns the step it holds (0: none)."""
+    started = time.monotonic()
+    resumed = ckpt.load()
+    step = resumed.step if resumed else 0
+    reporter.event("resumed" if resumed else "fresh_start", step=step, world_size=world,
+                   load_seconds=round(time.monotonic() - started, 4))
+    if rank == 0:
+        if resumed:
+            print(f"resumed from step {resumed.step} (committed checkpoint, saved at world size "
+                  f"{resumed.world_size}; now {world}); epoch {cursor.epoch}, position {cursor.position}", flush=True)
+        else:
+            print(f"starting from scratch: {total_steps} steps, world size {world}", flush=True)
+    return step
+
+
+def _save_and_stop(ckpt: CheckpointManager, reporter: Reporter, stop: StopRequest, rank: int, step: int,
+                   train_loss: float) -> None:
+    """On a stop request: save this step and wait for its commit (never skipped)."""
+    with reporter.phase("stopping"):
+        ckpt.save(step, {"train_loss": train_loss})
+        ckpt.wait()
+    reporter.event("preempted", step=step, signal=stop.requested_by)
+    if rank == 0:
+        print(f"stopping at step {step} on request ({stop.requested_by}); "
+              f"checkpoint committed, resume with the same command", flush=True)

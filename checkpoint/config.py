@@ -1,0 +1,58 @@
+"""What a CheckpointManager does and when: one dataclass, a docstring per field, validated on
+creation. The allowed values live here and nowhere else; ``trainer.config.TrainConfig``
+inherits these fields (and their help), so ``train.py``'s flags cannot drift from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .manifest import VERIFY_MODES
+
+ASYNC_MODES = ("off", "thread")
+IF_BUSY = ("wait", "skip")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_steps: int = field(default=0, metadata={
+        "help": "commit a checkpoint every N steps (0: off)"})
+    save_every_seconds: float = field(default=0.0, metadata={
+        "help": "also commit a checkpoint when T seconds passed since the last (rank 0's clock decides for "
+                "every rank; 0: off)"})
+    keep_last: int = field(default=3, metadata={
+        "help": "committed checkpoints to keep (0: keep all); the newest is always kept"})
+    keep_every: int = field(default=0, metadata={
+        "help": "also keep every checkpoint whose step is a multiple of M (0: off)"})
+    verify: str = field(default="hash", metadata={
+        "help": "how a checkpoint is checked before loading and before retention counts it: size (cheap) "
+                "or hash (crc32 of every file; SHA-256 in keyed mode)"})
+    async_mode: str = field(default="off", metadata={
+        "help": "off: each save returns once committed; thread: a save returns once the state is copied "
+                "into reused buffers, a background thread writes and commits it"})
+    if_busy: str = field(default="wait", metadata={
+        "help": "async only: when a scheduled save is due while the previous one is still being written, "
+                "wait for it, or skip this save (logged; rank 0 decides for all)"})
+    io_threads: int = field(default=1, metadata={
+        "help": "files each rank writes in parallel per checkpoint (DCP's thread_count)"})
+    allow_fresh_start: bool = field(default=False, metadata={
+        "help": "start from scratch even when the root holds committed checkpoints of which none verifies "
+                "(by default that is refused, naming them)"})
+
+    def __post_init__(self) -> None:
+        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every"):
+            if getattr(self, name) < 0:
+                self._invalid(name, "must be >= 0")
+        for name, allowed in (("verify", VERIFY_MODES), ("async_mode", ASYNC_MODES), ("if_busy", IF_BUSY)):
+            if getattr(self, name) not in allowed:
+                self._invalid(name, f"must be {' or '.join(allowed)}")
+        if self.io_threads < 1:
+            self._invalid("io_threads", "must be > 0")
+
+    def _invalid(self, name: str, rule: str):
+        """Raise the error for one field (a subclass names its own flags and error type)."""
+        raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def checkpoint_config(self) -> "CheckpointConfig":
+        """Just these fields (from a subclass that adds its own)."""
+        return CheckpointConfig(**{name: getattr(self, name) for name in self.__dataclass_fields__
+                                   if name in CheckpointConfig.__dataclass_fields__})
