@@ -7,8 +7,8 @@ hooks of that loop:
 
 - ``_monitor_workers`` also reads the workers' heartbeats (``launcher.contract``) and calls
   the group UNHEALTHY when a rank makes no progress for longer than its phase allows
-  (starting, training, loading/saving); the hung workers are SIGKILLed so the restart does
-  not wait on them.
+  (starting, training, loading/saving: ``launcher.policy``); the hung workers are SIGKILLed
+  so the restart does not wait on them.
 - ``_restart_workers`` waits an exponential backoff when restarts stop making progress, and
   refuses to restart after ``crash_loop_limit`` restarts that did not advance the newest
   committed checkpoint.
@@ -26,76 +26,15 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field, fields
-
-import psutil
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
 from . import contract
+from .policy import Policy
+from .proctree import is_running, is_stopped
 
 log = logging.getLogger("ftlaunch")
-
-
-REPORTER_STARTUP_TIMEOUT = 300.0
-
-
-@dataclass
-class Policy:
-    """Watchdog and restart policy (seconds; 0 disables a timeout). ``ftlaunch``'s flags are
-    generated from these fields (``--hang-timeout`` for ``hang_timeout``...), their help from
-    the metadata."""
-
-    hang_timeout: float = field(default=120.0, metadata={"help": (
-        "seconds a training rank may go without a step before the group is restarted (0: off). A step is a "
-        "Reporter.beat() or, for any other Python script, an optimizer.step() (torch's global optimizer hook, no "
-        "code change); such a script that goes longer without a step (a long eval) needs a larger value")})
-    startup_timeout: float | None = field(default=None, metadata={"help": (
-        "seconds a worker may take from the start of its script to its first heartbeat. Default: 300 s for scripts "
-        "that report with launcher.worker.Reporter (they announce themselves at start), and no limit for any other "
-        "script, which is watched from its first optimizer.step() on (0: off for all). Importing torch before the "
-        "script starts is under --io-timeout")})
-    io_timeout: float = field(default=600.0, metadata={"help": (
-        "seconds a rank may spend launching (importing torch before its script starts), loading, saving, stopping "
-        "or finishing (eval, final save, exit) before it counts as hung (0: off)")})
-    crash_loop_limit: int = field(default=3, metadata={"help": (
-        "stop after this many restarts in a row that did not advance the committed checkpoint (as reported in "
-        "heartbeats; a script without launcher.worker.Reporter never advances)")})
-    restart_backoff: float = field(default=1.0, metadata={"help": (
-        "first wait before a restart after one that made no progress; doubles each time, at most 60 s")})
-    grace_period: float = field(default=30.0, metadata={"help": (
-        "on SIGTERM/SIGINT: seconds the workers get to agree on a step, commit it and exit")})
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and value < 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {value}")
-
-    def limit_for(self, phase: str | None, source: str | None = None) -> float:
-        """Seconds without progress allowed in ``phase`` (written by ``source``); 0 = none.
-
-        - None: a worker that never beat and is not run by launcher.bootstrap
-          (``--no-python``, ``--run-path``): the startup limit, if set.
-        - launching: a bootstrapped worker whose interpreter, or the fork server, is still
-          importing torch: the launcher's own start-up, I/O bound, so the I/O limit.
-        - starting (bootstrap's mark: the script began) and joining (in
-          init_process_group, waiting for its peers): the startup limit, if set.
-        - starting from a Reporter (the script announced itself): the startup limit, 300 s
-          when not set.
-        """
-        if phase is None or phase == contract.JOINING or (phase == contract.STARTING and source != contract.REPORTER):
-            return self.startup_timeout or 0.0
-        if phase == "training":
-            return self.hang_timeout
-        if phase == contract.STARTING:
-            return REPORTER_STARTUP_TIMEOUT if self.startup_timeout is None else self.startup_timeout
-        return self.io_timeout  # launching, loading, saving, stopping, finishing
-
-    def backoff_for(self, streak: int) -> float:
-        """Wait before a restart; ``streak`` = failures in a row without progress."""
-        return 0.0 if streak == 0 else min(60.0, self.restart_backoff * 2 ** (streak - 1))
 
 
 class FaultTolerantAgent(LocalElasticAgent):
@@ -225,7 +164,7 @@ class FaultTolerantAgent(LocalElasticAgent):
             self._start_failures = self._start_failures + 1 if at_start else 0
             self._on_failure(beats)
         elif result.state == WorkerState.HEALTHY:
-            if any(b.phase == "training" for b in beats.values()):
+            if any(b.phase == contract.TRAINING for b in beats.values()):
                 self._start_failures = 0
             left = self._peer_node_left(worker_group)
             if left:
@@ -267,16 +206,16 @@ class FaultTolerantAgent(LocalElasticAgent):
         now = time.monotonic()
         hung = []
         for worker in worker_group.workers:
-            if not _running(worker.id):
+            if not is_running(worker.id):
                 continue  # finished already (its peers may still be working)
             beat = beats.get(worker.global_rank)
             if beat:
                 phase, since, step, limit = beat.phase, beat.time, beat.step, self.policy.limit_for(beat.phase, beat.source)
             else:  # not at its script yet (a pre-warmed one may wait for the fork server's imports)
                 phase, since, step = self._phase_without_beat(), self._generation_started, -1
-                limit = self.policy.limit_for(phase if self.bootstrapped else None)
+                limit = self.policy.limit_for(phase)
             if limit and now - since > limit:
-                stopped = beat is not None and _stopped(beat.os_pid)
+                stopped = beat is not None and is_stopped(beat.os_pid)
                 hung.append((not stopped, worker.global_rank, phase, step, now - since))
         return [h[1:] for h in sorted(hung, key=lambda h: (h[0], -h[4]))]
 
@@ -339,17 +278,3 @@ def _before_joining(beat: contract.Beat | None) -> bool:
     """The worker had not begun to join its process group: no beat, or only the bootstrap's
     mark that its script started."""
     return beat is None or (beat.source == contract.BOOTSTRAP and beat.phase == contract.STARTING)
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        return pid > 0 and psutil.Process(pid).status() == psutil.STATUS_STOPPED
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _running(pid: int | None) -> bool:
-    try:
-        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

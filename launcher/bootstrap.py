@@ -66,8 +66,8 @@ def die_with_agent() -> None:
 
 # -- the optimizer-step heartbeat --------------------------------------------------------------
 class _OptimizerBeats:
-    """Writes a heartbeat after every ``optimizer.step()`` of this process (a 512-byte pwrite,
-    about 7 us), unless the script reports through ``Reporter``."""
+    """Writes a heartbeat after every ``optimizer.step()`` of this process (one 512-byte
+    pwrite), unless the script reports through ``Reporter``."""
 
     def __init__(self, run_dir: str, rank: int, pid: int, generation: int):
         self.writer = contract.BeatWriter(run_dir, rank)
@@ -80,7 +80,7 @@ class _OptimizerBeats:
             return
         self.steps += 1
         self.writer.write(contract.Beat(rank=self.rank, pid=self.pid, generation=self.generation, step=self.steps,
-                                        phase="training", time=time.monotonic(), source=contract.OPTIMIZER,
+                                        phase=contract.TRAINING, time=time.monotonic(), source=contract.OPTIMIZER,
                                         os_pid=os.getpid()))
 
 
@@ -135,7 +135,7 @@ def _mark_joining(beats: _OptimizerBeats) -> None:
     def destroy_process_group(*args, **kwargs):
         # Training is over: teardown and exit get the I/O limit, not the step limit.
         if not beats.silenced:
-            _write_phase(beats, "finishing", beats.steps)
+            _write_phase(beats, contract.FINISHING, beats.steps)
         return real_destroy(*args, **kwargs)
 
     dist.init_process_group = init_process_group

@@ -32,7 +32,8 @@ from torch.distributed.elastic.agent.server.api import WorkerState
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
 from . import contract, prewarm
-from .agent import FaultTolerantAgent, Policy
+from .agent import FaultTolerantAgent
+from .policy import Policy
 from .launch import launch_agent
 from .faults import INJECT_ENV, parse_fault
 from .summary import format_summary, summarize

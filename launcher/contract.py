@@ -22,9 +22,11 @@ RUN_DIR_ENV = "FTLAUNCH_RUN_DIR"
 WORKER_ID_ENV = "FTLAUNCH_WORKER_ID"  # set by the pre-warm client: the pid TorchElastic knows
 AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: its agent's pid (workers die with it; a node kill starts there)
 
-PHASES = ("starting", "loading", "training", "saving", "stopping", "finishing")
-JOINING = "joining"  # written by launcher.bootstrap as a worker enters init_process_group
 STARTING = "starting"  # launcher.bootstrap: the script begins (torch imported); Reporter: it exists
+LOADING, TRAINING, SAVING, STOPPING = "loading", "training", "saving", "stopping"
+FINISHING = "finishing"  # training is over (Reporter.finish, bootstrap at destroy_process_group): eval, final save, exit
+PHASES = (STARTING, LOADING, TRAINING, SAVING, STOPPING, FINISHING)  # a Reporter's phases
+JOINING = "joining"  # written by launcher.bootstrap as a worker enters init_process_group
 LAUNCHING = "launching"  # no beat yet from a bootstrapped worker: its interpreter (or the fork server) imports torch
 BOOTSTRAP, OPTIMIZER, REPORTER = "bootstrap", "optimizer", "reporter"  # who wrote a beat (Beat.source)
 
@@ -83,9 +85,9 @@ BEAT_BYTES = 512  # a beat is rewritten in place, padded to this size
 
 
 class BeatWriter:
-    """Rewrites one rank's heartbeat file in place with a single pwrite (about 7 us, cheap
-    enough for every step; tmp file + rename cost about 240 us here). The agent reads a torn
-    beat as unparsable and keeps the previous one."""
+    """Rewrites one rank's heartbeat file in place with a single pwrite, cheap enough for
+    every step (a tmp file + rename per beat costs several system calls more). The agent
+    reads a torn beat as unparsable and keeps the previous one."""
 
     def __init__(self, run_dir: str, rank: int):
         os.makedirs(heartbeat_dir(run_dir), exist_ok=True)

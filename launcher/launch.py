@@ -14,7 +14,8 @@ from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 from torch.distributed.launcher.api import _get_addr_and_port
 
 from . import contract
-from .agent import FaultTolerantAgent, Policy
+from .agent import FaultTolerantAgent
+from .policy import Policy
 
 
 def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy, bootstrapped: bool) -> FaultTolerantAgent:

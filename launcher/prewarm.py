@@ -1,11 +1,11 @@
 """Pre-warmed workers: restart a worker without paying for ``import torch`` again.
 
-On this machine a restarted worker spends about 2 s before it runs a line of the training
-script, nearly all of it importing torch and torch.distributed.checkpoint. ftlaunch starts
-one fork server per node at launch, which imports those once. TorchElastic's entrypoint
-becomes a thin client (this module, which imports no torch) that hands the server its argv,
-environment, working directory and stdin/stdout/stderr (file descriptors passed over a Unix
-socket); the server forks a worker that runs the script exactly as ``python -u script`` would.
+A restarted worker spends most of the time before it runs a line of the training script
+importing torch and torch.distributed.checkpoint. ftlaunch starts one fork server per node
+at launch, which imports those once. TorchElastic's entrypoint becomes a thin client (this
+module, which imports no torch) that hands the server its argv, environment, working
+directory and stdin/stdout/stderr (file descriptors passed over a Unix socket); the server
+forks a worker that runs the script exactly as ``python -u script`` would.
 
     fork server (imported torch)          TorchElastic's worker process = the client
       `- supervisor (one per worker) <-- unix socket --> forwards signals, waits for the status
@@ -48,7 +48,7 @@ from .contract import WORKER_ID_ENV
 _server_pid = 0
 
 WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict",
-                "torch.nn.parallel", "torch.optim", "torch._dynamo", "numpy")  # torch._dynamo: the first optimizer imports it (0.6 s)
+                "torch.nn.parallel", "torch.optim", "torch._dynamo", "numpy")  # torch._dynamo: the first optimizer imports it
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 

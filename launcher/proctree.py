@@ -1,10 +1,12 @@
-"""Killing a process and everything under it, and knowing a process by more than its pid.
+"""Killing a process and everything under it, knowing a process by more than its pid, and
+its state.
 
 TorchElastic starts each worker in a session of its own, and a pre-warmed worker is a
 grandchild of the fork server, so neither a process-group kill nor a kill of one pid reaches
 a whole launch. ``kill_tree`` walks the tree with psutil instead. ``ProcessId`` pairs a pid
 with its start time, so a pid file left by a dead process never makes us kill a stranger
-that happens to have the same pid now.
+that happens to have the same pid now. ``is_running`` and ``is_stopped`` read a process's
+state (the agent's watchdog).
 """
 
 from __future__ import annotations
@@ -65,3 +67,19 @@ class ProcessId:
             return proc.create_time() == self.started and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
+
+
+def is_running(pid: int | None) -> bool:
+    """``pid`` exists and is not a zombie (it has not exited)."""
+    try:
+        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_stopped(pid: int) -> bool:
+    """``pid`` is stopped (SIGSTOP): the kernel, not its heartbeat, says it cannot progress."""
+    try:
+        return pid > 0 and psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False

@@ -89,7 +89,7 @@ class Reporter:
     def __init__(self, env: WorkerEnv):
         self.env = env
         self.run_dir = os.environ.get(contract.RUN_DIR_ENV) or None
-        self.phase_name = "starting"
+        self.phase_name = contract.STARTING
         self.step = -1
         self.committed: int | None = None
         self._writer = contract.BeatWriter(self.run_dir, env.rank) if self.run_dir else None
@@ -103,7 +103,7 @@ class Reporter:
 
     def beat(self, step: int, committed: int | None = None) -> None:
         """Call after every training step (a 512-byte pwrite)."""
-        self.step, self.phase_name = step, "training"
+        self.step, self.phase_name = step, contract.TRAINING
         if committed is not None:
             self.committed = committed
         self._write()
@@ -125,7 +125,7 @@ class Reporter:
     def finish(self) -> None:
         """Training is over: evaluation, the final save and teardown follow, each of which
         may take longer than a step; the agent gives this phase its I/O timeout."""
-        self.phase_name = "finishing"
+        self.phase_name = contract.FINISHING
         self._write()
 
     def event(self, name: str, **fields) -> None:
@@ -147,7 +147,7 @@ class StopRequest:
     A stop is requested by SIGTERM/SIGINT to this worker or by the agent's stop file. The
     ranks combine their flags with a small all_reduce (MAX), so all of them stop after the
     same step even when only one rank, or one node, was told. To cost nothing measurable
-    (a per-step all_reduce made the digits CNN 20-35% slower on 2 cores here), the
+    (a per-step all_reduce slows down a model whose steps are short), the
     all_reduce is asynchronous, read at the next check, and checks are spaced about
     ``check_seconds`` apart: each check also carries every rank's proposal for the number
     of steps to the next check, and the MAX of those is what all ranks use, so they stay in

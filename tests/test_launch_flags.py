@@ -14,7 +14,7 @@ from torch.distributed.elastic.multiprocessing import Std
 from torch.distributed.run import config_from_args, get_args_parser, run_script_path
 
 from launcher import cli
-from launcher.agent import Policy
+from launcher.policy import Policy
 
 SCRIPT = "train.py"
 
