@@ -6,7 +6,7 @@ CheckpointManager code serves ``python train.py`` and ``torchrun ... train.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -72,3 +72,21 @@ def gather_or_raise(value: Any, error: str | None, group: Any = None) -> list[An
     if errors:
         raise CheckpointError(errors[0])
     return [v for v, _ in gathered]
+
+
+def on_rank0(rank: int, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
+    """Run ``fn`` on rank 0 alone; every rank returns its result or raises the same
+    ``CheckpointError``, so no rank is left waiting in a collective."""
+    from .errors import CheckpointError, one_line
+
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # any backend's error type: fsspec, S3, OSError...
+            detail = str(e) if isinstance(e, CheckpointError) else one_line(e)
+            error = f"{what}: {detail}" if what else detail
+    result, error = broadcast((result, error), group)
+    if error:
+        raise CheckpointError(error)
+    return result

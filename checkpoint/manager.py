@@ -28,14 +28,13 @@ from . import _dist
 from . import retention
 from .background import BackgroundSaver
 from .config import CheckpointConfig
-from .errors import CheckpointError, CheckpointMismatchError
+from .errors import CheckpointError, one_line
 from .lease import Lease
-from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, find_latest, is_committed,
-                       step_dir_name, verify)
+from .manifest import DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, is_committed, step_dir_name, verify
 from .observer import ALREADY_COMMITTED, COMMITTED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import DirectFileSystemReader
 from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
-from .state import TrainingState, check_compatible
+from .state import TrainingState, incompatibility
 from .storage import Storage
 from .writer import WriteRecord, checksumming_writer
 
@@ -94,6 +93,9 @@ class CheckpointManager:
         self._lease: Lease | None = None
         if self.storage.is_local:
             self._on_rank0(self._take_lease, "")
+
+    def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
+        return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)
 
     def _take_lease(self) -> None:
         self._lease = Lease(self.storage.root).acquire()
@@ -198,7 +200,7 @@ class CheckpointManager:
                                                   io_threads=self.config.io_threads, sha256=self.hmac_key is not None)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-            raise CheckpointError(f"writing checkpoint {path} failed: {_short(e)}; "
+            raise CheckpointError(f"writing checkpoint {path} failed: {one_line(e)}; "
                                   "the previous committed checkpoint stays") from e
         written_at = time.monotonic()
 
@@ -208,7 +210,7 @@ class CheckpointManager:
         try:
             self.observer.before_commit(step)
         except Exception as e:
-            error = f"rank {self.rank} could not finish checkpoint {path}: {_short(e)}"
+            error = f"rank {self.rank} could not finish checkpoint {path}: {one_line(e)}"
         files: dict[str, FileRecord] = {}
         for part in _dist.gather_or_raise(dict(written.files), error, group):
             files.update(part)
@@ -239,7 +241,7 @@ class CheckpointManager:
         try:  # the commit happened; a failing observer on one rank must not say otherwise
             self.observer.committed(manifest)
         except Exception as e:
-            log.warning("the observer's committed() failed for step %d: %s", step, _short(e))
+            log.warning("the observer's committed() failed for step %d: %s", step, one_line(e))
         if self.rank == 0:  # after the commit, and never raises: no collective needed
             self._verified.remember_good(self.storage, dirname, manifest)
             retention.apply(self.storage, self._verified, step, keep_last=self.config.keep_last,
@@ -266,21 +268,6 @@ class CheckpointManager:
             return DirectFileSystemReader(self.storage.join(dirname))
         return fsspec_reader(self.storage.url_of(dirname))
 
-    def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
-        """Run ``fn`` on rank 0 alone; every rank returns its result or raises the same
-        ``CheckpointError``, so no rank is left waiting in a collective."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as e:  # any backend's error type: fsspec, S3, OSError...
-                detail = str(e) if isinstance(e, CheckpointError) else _short(e)
-                error = f"{what}: {detail}" if what else detail
-        result, error = _dist.broadcast((result, error), self._group if group is None else group)
-        if error:
-            raise CheckpointError(error)
-        return result
-
     # -- load ------------------------------------------------------------------------------
     def load(self) -> Manifest | None:
         """Load the newest committed, verified checkpoint into the live objects.
@@ -296,21 +283,9 @@ class CheckpointManager:
         started = time.monotonic()
 
         def discover():
-            rejected: list = []
-            try:
-                manifest = find_latest(self.storage, self.config.verify, self.safe_globals, rejected, self.hmac_key)
-            except OSError as e:
-                raise CheckpointError(f"cannot search {self.storage.url} for checkpoints: {_short(e)}") from e
-            if manifest is not None:
-                return manifest.to_json()
-            bad = [f"{step_dir_name(step)} ({reason})" for step, reason in rejected]
-            bad += [f"{retention.QUARANTINE_DIR}/{name}" for name in retention.quarantined(self.storage)]
-            if bad and not self.config.allow_fresh_start:
-                raise CheckpointError(
-                    f"{self.storage.url} holds committed checkpoints but none verifies: {'; '.join(bad)}. "
-                    "Not starting from scratch over them: repair or move them away, or allow a fresh start "
-                    "(allow_fresh_start=True; train.py --allow-fresh-start)")
-            return None
+            manifest = retention.find_loadable(self.storage, self.config.verify, self.safe_globals, self.hmac_key,
+                                               self.config.allow_fresh_start)
+            return None if manifest is None else manifest.to_json()
 
         found = self._on_rank0(discover, "")
         if found is None:
@@ -323,14 +298,7 @@ class CheckpointManager:
         # Ranks beyond the saved world size have no RNG state of their own to restore.
         state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
         reader = self._reader(dirname)
-        error = None  # (error class, message): the kind travels with the message
-        try:
-            saved = {k: v.size for k, v in reader.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
-            check_compatible(state, saved, where)
-        except CheckpointMismatchError as e:
-            error = (CheckpointMismatchError, str(e))
-        except Exception as e:
-            error = (CheckpointError, f"cannot read {where}/{DCP_METADATA_NAME}: {_short(e)}")
+        error = incompatibility(state, reader, where)
         errors = [e for e in _dist.all_gather(error, self._group) if e]
         if errors:  # the same error on every rank, before any rank enters DCP's collectives
             kind, message = errors[0]
@@ -340,7 +308,7 @@ class CheckpointManager:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where),
                      no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading checkpoint {where} failed: {_short(e)}") from e
+            raise CheckpointError(f"loading checkpoint {where} failed: {one_line(e)}") from e
         self.training.apply(state, self.rank)
         self.last_committed = manifest.step
         self._last_save_time = time.monotonic()
@@ -353,13 +321,3 @@ class CheckpointManager:
 # exactly that (``no_dist``), so the warning is noise. A filter for that one message (a
 # ``catch_warnings`` block would not be thread-safe in the writer thread).
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-
-
-def _short(e: BaseException) -> str:
-    """One line for an exception. DCP's CheckpointException (a BaseException) carries each
-    failed rank's own exception; the first one is the useful part."""
-    if isinstance(e, CheckpointException) and e.failures:
-        rank, (inner, _trace) = next(iter(sorted(e.failures.items(), key=lambda kv: kv[0])))
-        return f"rank {rank}: {_short(inner)}"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"

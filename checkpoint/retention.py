@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .manifest import MANIFEST_NAME, Manifest, Rejection, list_steps, step_dir_name, verify
+from .errors import CheckpointError, one_line
+from .manifest import MANIFEST_NAME, Manifest, Rejection, find_latest, list_steps, step_dir_name, verify
 from .storage import Storage
 
 log = logging.getLogger("checkpoint")
@@ -145,3 +146,26 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
             log.info("retention removed %s", path)
         except Exception as e:
             log.warning("retention could not remove %s: %s", path, e)
+
+
+def find_loadable(storage: Storage, mode: str, allowed_globals, key: bytes | None,
+                  allow_fresh_start: bool) -> Manifest | None:
+    """Rank 0, for ``load``: the newest committed checkpoint that verifies, or None for a
+    fresh start. When committed (or quarantined) checkpoints exist but none verifies, a
+    fresh start would silently throw that training away: refused, naming each, unless
+    ``allow_fresh_start``."""
+    rejected: list = []
+    try:
+        manifest = find_latest(storage, mode, allowed_globals, rejected, key)
+    except OSError as e:
+        raise CheckpointError(f"cannot search {storage.url} for checkpoints: {one_line(e)}") from e
+    if manifest is not None:
+        return manifest
+    bad = [f"{step_dir_name(step)} ({reason})" for step, reason in rejected]
+    bad += [f"{QUARANTINE_DIR}/{name}" for name in quarantined(storage)]
+    if bad and not allow_fresh_start:
+        raise CheckpointError(
+            f"{storage.url} holds committed checkpoints but none verifies: {'; '.join(bad)}. "
+            "Not starting from scratch over them: repair or move them away, or allow a fresh start "
+            "(allow_fresh_start=True; train.py --allow-fresh-start)")
+    return None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointError, CheckpointMismatchError, one_line
 
 
 def rng_key(rank: int) -> str:
@@ -139,3 +139,16 @@ def check_compatible(ours: Mapping[str, Any], saved_shapes: Mapping[str, torch.S
     raise CheckpointMismatchError(
         f"checkpoint {where} was saved from a different model or optimizer; " + "; ".join(parts)
         + ". Use a fresh checkpoint directory, or the model settings that wrote this one.")
+
+
+def incompatibility(state: Mapping[str, Any], reader, where: str) -> tuple[type, str] | None:
+    """Why ``state`` cannot be loaded from the checkpoint ``reader`` reads, as (error class,
+    message), or None: the kind travels with the message when ranks share their errors."""
+    try:
+        saved = {k: v.size for k, v in reader.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+        check_compatible(state, saved, where)
+    except CheckpointMismatchError as e:
+        return CheckpointMismatchError, str(e)
+    except Exception as e:
+        return CheckpointError, f"cannot read {where}/.metadata: {one_line(e)}"
+    return None
