@@ -1,10 +1,12 @@
 """What a CheckpointManager does and when: one dataclass, a docstring per field, validated on
-creation. The allowed values live here and nowhere else; ``trainer.config.TrainConfig``
-inherits these fields (and their help), so ``train.py``'s flags cannot drift from them."""
+creation. Every option is checked here (the verification modes themselves are defined where
+verification happens, ``manifest.VERIFY_MODES``); ``trainer.config.TrainConfig`` inherits these
+fields (and their help), so ``train.py``'s flags cannot drift from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass, field, fields
 
 from .manifest import VERIFY_MODES
 
@@ -39,6 +41,15 @@ class CheckpointConfig:
                 "(by default that is refused, naming them)"})
 
     def __post_init__(self) -> None:
+        for f in fields(CheckpointConfig):  # a numpy int is fine, 2.5 steps or "3" are not
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                self._invalid(f.name, "must be an integer")
+            elif f.type == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                self._invalid(f.name, "must be a number")
+            elif f.type in ("bool", "str") and not isinstance(value, {"bool": bool, "str": str}[f.type]):
+                self._invalid(f.name, f"must be a {f.type}")
+            setattr(self, f.name, {"int": int, "float": float}.get(f.type, lambda v: v)(value))
         for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every"):
             if getattr(self, name) < 0:
                 self._invalid(name, "must be >= 0")

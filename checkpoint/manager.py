@@ -67,6 +67,12 @@ class CheckpointManager:
                  state: Mapping[str, Any] | None = None, config: CheckpointConfig | None = None,
                  observer: Observer | None = None, metadata: Mapping[str, Any] | None = None,
                  safe_globals: list | tuple = (), hmac_key: bytes | str | None = None, **options):
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(CheckpointConfig)})
+        if unknown:
+            raise TypeError(f"CheckpointManager got unknown option(s) {', '.join(unknown)}; the options are "
+                            f"CheckpointConfig's fields: {', '.join(f.name for f in dataclasses.fields(CheckpointConfig))}"
+                            "; hooks (before_commit, committed, before_load...) are methods of a "
+                            "checkpoint.Observer passed as observer=")
         config = config.checkpoint_config() if config is not None else CheckpointConfig()
         self.config = dataclasses.replace(config, **options)  # validated again
         self.storage = Storage(root)
@@ -119,18 +125,23 @@ class CheckpointManager:
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, Any] | None = None, *,
-             skip_if_busy: bool = False) -> SaveResult:
+             skip_if_busy: bool = False, wait: bool = False) -> SaveResult:
         """Save ``step`` on every rank (all ranks call it at the same step); the result says
         what happened: committed (sync), staged (async: ``observer.committed``, ``wait`` and
         ``poll`` see the commit), skipped, or already committed (a committed checkpoint is
         never written again). An async save waits for the one in flight, unless
         ``skip_if_busy`` (what ``maybe_save`` passes for ``if_busy="skip"``): then it is
-        skipped while one is in flight. An explicit final save is never skipped."""
-        started = time.monotonic()
+        skipped while one is in flight. An explicit final save is never skipped. ``wait``:
+        also block until an async save is committed (a final save, one on preemption); the
+        result still says what the hand-off did."""
         self.observer.save_started(step)
+        started = time.monotonic()
         with self.observer.blocking("saving", step):
             result = self._save(step, metrics, skip_if_busy, started)
-        self.stats.last_stall_seconds = result.stall_seconds
+            if wait:
+                self.wait()
+        if result.outcome in (COMMITTED, STAGED):
+            self.stats.last_stall_seconds = result.stall_seconds
         self.observer.save_returned(result)
         return result
 

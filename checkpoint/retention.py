@@ -11,6 +11,9 @@ A committed checkpoint that fails verification is *quarantined*: moved under
 ``ROOT/quarantine/`` (logged once, never deleted, never loaded), so an operator can look at it
 and retention does not count it. One that cannot be read (an ``OSError``: EIO, EACCES, which
 may pass) is neither counted nor touched.
+
+``find_loadable`` is the rule load follows: the newest checkpoint that verifies, and never a
+silent fresh start over committed or quarantined checkpoints of which none verifies.
 """
 
 from __future__ import annotations

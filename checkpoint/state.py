@@ -22,6 +22,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict
 
 from .errors import CheckpointError, CheckpointMismatchError, one_line
+from .manifest import DCP_METADATA_NAME
 
 
 def rng_key(rank: int) -> str:
@@ -150,5 +151,5 @@ def incompatibility(state: Mapping[str, Any], reader, where: str) -> tuple[type,
     except CheckpointMismatchError as e:
         return CheckpointMismatchError, str(e)
     except Exception as e:
-        return CheckpointError, f"cannot read {where}/.metadata: {one_line(e)}"
+        return CheckpointError, f"cannot read {where}/{DCP_METADATA_NAME}: {one_line(e)}"
     return None

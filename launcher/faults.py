@@ -3,9 +3,10 @@
 Kinds:
     kill                 SIGKILL this worker right after it finishes step N
     kill-before-commit   SIGKILL after the shards of step N are written, before the commit record
-    kill-while-writing   SIGKILL the moment an async save of step N has handed its write to the
-                         background thread (the fault's marker is written before the save, so
-                         nothing delays the kill): the save is in flight, never committed
+    kill-while-writing   SIGKILL the moment a save of step N returns (scheduled, final or on
+                         stop): an async one has handed its write to the background thread,
+                         so it is in flight, never committed (the fault's marker is written
+                         before the save, so nothing delays the kill)
     kill-load            SIGKILL while loading the checkpoint of step N
     kill-node-before-commit  SIGKILL this worker's whole node (its ftlaunch agent and every
                          process under it) after the shards of step N are written

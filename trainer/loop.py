@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointManager
+from launcher import contract
 from launcher.faults import FaultInjector, fail_at_start, faults_from_env, parse_fault
 from launcher.worker import Reporter, StopRequest, init_process_group
 
@@ -24,9 +25,6 @@ from .data import DataCursor, Split, load_dataset
 from .model import CNN
 from .observe import TrainingObserver
 from .trace import NoTrace, SampleTrace
-
-log = logging.getLogger("trainer")
-
 
 class Progress:
     """Optimizer steps and samples trained on so far (global, summed over ranks), and the
@@ -176,8 +174,7 @@ def train(cfg: TrainConfig) -> dict:
     reporter.finish()
     accuracy = evaluate(model, test_split)
     if progress.step == total_steps:  # the final checkpoint is always committed
-        ckpt.save(progress.step, {"test_accuracy": accuracy, "train_loss": train_loss})
-        ckpt.wait()
+        ckpt.save(progress.step, {"test_accuracy": accuracy, "train_loss": train_loss}, wait=True)
         reporter.event("finished", step=progress.step, test_accuracy=accuracy)
     ckpt.close()  # a save still in flight (a stop before the last step) is committed before exit
     trace.close()
@@ -209,9 +206,8 @@ def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, 
 def _save_and_stop(ckpt: CheckpointManager, reporter: Reporter, stop: StopRequest, rank: int, step: int,
                    train_loss: float) -> None:
     """On a stop request: save this step and wait for its commit (never skipped)."""
-    with reporter.phase("stopping"):
-        ckpt.save(step, {"train_loss": train_loss})
-        ckpt.wait()
+    with reporter.phase(contract.STOPPING):
+        ckpt.save(step, {"train_loss": train_loss}, wait=True)
     reporter.event("preempted", step=step, signal=stop.requested_by)
     if rank == 0:
         print(f"stopping at step {step} on request ({stop.requested_by}); "

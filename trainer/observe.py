@@ -4,7 +4,10 @@ and the fault hooks of ``--inject``."""
 
 from __future__ import annotations
 
+import contextlib
+
 from checkpoint.observer import STAGED, Observer, SaveResult
+from launcher import contract
 from launcher.faults import FaultInjector
 from launcher.worker import Reporter
 
@@ -16,8 +19,11 @@ class TrainingObserver(Observer):
     def blocking(self, what: str, step: int | None):
         # All of it is checkpoint I/O: rank 0's preparation (re-verifying a committed step,
         # deleting what a failed save left), the first async staging (allocating a buffer
-        # for the whole state), waiting for the previous save, loading.
-        return self.reporter.phase(what)
+        # for the whole state), waiting for the previous save, loading. A save on a stop
+        # request stays in the stopping phase.
+        if self.reporter.phase_name == contract.STOPPING:
+            return contextlib.nullcontext()
+        return self.reporter.phase({"saving": contract.SAVING, "loading": contract.LOADING}[what])
 
     def save_started(self, step: int) -> None:
         self.reporter.event("save_begin", step=step)
