@@ -36,6 +36,12 @@ class CheckpointConfig:
                 "wait for it, or skip this save (logged; rank 0 decides for all)"})
     io_threads: int = field(default=1, metadata={
         "help": "files each rank writes in parallel per checkpoint (DCP's thread_count)"})
+    memory_every: int = field(default=0, metadata={
+        "help": "memory tier: snapshot the training state into node-local shared memory every N steps "
+                "(0: off); a restarted group resumes from the newest step every rank holds, without reading "
+                "the disk (two slots per rank, each the size of the rank's state)"})
+    memory_dir: str = field(default="/dev/shm", metadata={
+        "help": "memory tier: the tmpfs directory the snapshots live in (they outlive the worker, not the node)"})
     allow_fresh_start: bool = field(default=False, metadata={
         "help": "start from scratch even when the root holds committed checkpoints of which none verifies "
                 "(by default that is refused, naming them)"})
@@ -50,7 +56,7 @@ class CheckpointConfig:
             elif f.type in ("bool", "str") and not isinstance(value, {"bool": bool, "str": str}[f.type]):
                 self._invalid(f.name, f"must be a {f.type}")
             setattr(self, f.name, {"int": int, "float": float}.get(f.type, lambda v: v)(value))
-        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every"):
+        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every", "memory_every"):
             if getattr(self, name) < 0:
                 self._invalid(name, "must be >= 0")
         for name, allowed in (("verify", VERIFY_MODES), ("async_mode", ASYNC_MODES), ("if_busy", IF_BUSY)):

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import time
+import uuid
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -30,11 +31,14 @@ from .background import BackgroundSaver
 from .config import CheckpointConfig
 from .errors import CheckpointError, one_line
 from .lease import Lease
-from .manifest import DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, is_committed, step_dir_name, verify
+from . import memory
+from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, is_committed, list_steps, step_dir_name,
+                       verify)
+from .memory import MemorySnapshots, MemoryTierError
 from .observer import ALREADY_COMMITTED, COMMITTED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import DirectFileSystemReader
 from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
-from .state import TrainingState, incompatibility
+from .state import TrainingState, check_compatible, flatten_tensors, incompatibility
 from .storage import Storage
 from .writer import WriteRecord, checksumming_writer
 
@@ -92,6 +96,8 @@ class CheckpointManager:
         self.stats = SaveStats()
         self._background = (BackgroundSaver(self._write_and_commit, self.stats)
                             if self.config.async_mode == "thread" else None)
+        self.resumed_from_memory = False  # whether the last load() came from the memory tier
+        self._memory: MemorySnapshots | None = None
 
         # Fail before any training happens when the root cannot be written, or is another
         # live job's (rank 0 holds the root's lease while it may commit).
@@ -99,9 +105,20 @@ class CheckpointManager:
         self._lease: Lease | None = None
         if self.storage.is_local:
             self._on_rank0(self._take_lease, "")
+        if self.config.memory_every:
+            root_id = self._on_rank0(self._memory_root_id, f"cannot read or write {memory.ROOT_ID_NAME} in {self.storage.url}")
+            self._memory = MemorySnapshots(self.config.memory_dir, self.storage.url,
+                                           os.environ.get("TORCHELASTIC_RUN_ID", ""), self.rank, self.world_size, root_id)
 
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)
+
+    def _memory_root_id(self) -> str:
+        """The root's id for the memory tier: made once, so a root made again gets another."""
+        path = self.storage.join(memory.ROOT_ID_NAME)
+        if not self.storage.exists(path):
+            self.storage.write_atomic(path, uuid.uuid4().hex.encode())
+        return self.storage.fs.cat_file(path).decode().strip()
 
     def _take_lease(self) -> None:
         self._lease = Lease(self.storage.root).acquire()
@@ -118,10 +135,20 @@ class CheckpointManager:
         return due
 
     def maybe_save(self, step: int, metrics: Mapping[str, Any] | None = None) -> SaveResult | None:
-        """Call every step with the same ``step`` on every rank: saves when due (None when not)."""
+        """Call every step with the same ``step`` on every rank: takes the memory snapshot when
+        due, then saves when due (None when not)."""
+        if self._memory is not None and step % self.config.memory_every == 0:
+            self.snapshot(step)
         if not self.should_save(step):
             return None
         return self.save(step, metrics, skip_if_busy=self.config.if_busy == "skip")
+
+    def snapshot(self, step: int) -> None:
+        """Copy this rank's state into its memory slot (no collective; ``memory.py``)."""
+        try:
+            self._memory.snapshot(step, self.training.state_dict(self.rank))
+        except MemoryTierError as e:
+            raise CheckpointError(str(e)) from None
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, Any] | None = None, *,
@@ -193,10 +220,14 @@ class CheckpointManager:
         return self._background.wait() if self._background is not None else None
 
     def close(self) -> None:
-        """Wait for the save in flight, stop the background thread, give the root's lease up."""
+        """Wait for the save in flight, stop the background thread, give the root's lease up.
+        The memory snapshots go too: a job that closes its manager is done, or stopped with
+        its state committed."""
         try:
             if self._background is not None:
                 self._background.close()
+            if self._memory is not None:
+                self._memory.remove()
         finally:
             if self._lease is not None:
                 self._lease.release()
@@ -292,6 +323,10 @@ class CheckpointManager:
     def _load(self) -> Manifest | None:
         self.wait()  # a save in flight must not race the search
         started = time.monotonic()
+        if self._memory is not None:
+            resumed = self._load_from_memory(started)
+            if resumed is not None:
+                return resumed
 
         def discover():
             manifest = retention.find_loadable(self.storage, self.config.verify, self.safe_globals, self.hmac_key,
@@ -321,11 +356,42 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"loading checkpoint {where} failed: {one_line(e)}") from e
         self.training.apply(state, self.rank)
+        self.resumed_from_memory = False
         self.last_committed = manifest.step
         self._last_save_time = time.monotonic()
         log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
                  manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
         return manifest
+
+
+    def _load_from_memory(self, started: float) -> Manifest | None:
+        """Resume from the newest memory snapshot every rank holds, if it is not older than
+        the newest durable commit; None (with one line saying why) to load from disk."""
+        newest = self._on_rank0(lambda: max((s for s in list_steps(self.storage) if is_committed(self.storage, s)),
+                                            default=None), f"cannot list {self.storage.url}")
+        step, why = memory.agree(self._memory, lambda x: _dist.all_gather(x, self._group), newest)
+        error = None
+        if step is not None:
+            try:
+                state = self._memory.read(step, self.safe_globals)
+                check_compatible(self.training.state_dict(self.rank), flatten_tensors(state), self._memory.dir)
+            except Exception as e:
+                error = f"rank {self.rank}: {one_line(e)}"
+            errors = [e for e in _dist.all_gather(error, self._group) if e]
+            why = f"the memory snapshot of step {step} cannot be used: {errors[0]}" if errors else ""
+        if step is None or why:
+            if self.rank == 0 and (newest is not None or "hold none" not in why):
+                log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
+            self._memory.keep_only(None)
+            return None
+        self.training.apply(state, self.rank)
+        self._memory.keep_only(step)
+        self.resumed_from_memory = True
+        self.last_committed = newest
+        self._last_save_time = time.monotonic()
+        log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
+                 "checkpoint: step %s", step, time.monotonic() - started, newest)
+        return Manifest(step=step, world_size=self.world_size, files={}, metadata={"source": "memory"})
 
 
 # Without a process group DCP warns on every call that it assumes one process; we ask for

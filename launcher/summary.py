@@ -34,6 +34,7 @@ def summarize(events: list[dict]) -> dict:
         resumed = next((e for e in events if e["time"] > f["time"] and e["event"] in ("resumed", "fresh_start")), None)
         first = next((e for e in events if e["time"] > f["time"] and e["event"] == "first_step"), None)
         f["resumed_step"] = resumed["step"] if resumed else None
+        f["resumed_from"] = resumed.get("source") if resumed else None  # "memory", "disk" (None: not said)
         f["steps_lost"] = max(0, f["last_step"] - resumed["step"]) if resumed else None
         f["seconds_lost"] = round(first["time"] - f["since"], 2) if first else None
     commits = [e["step"] for e in events if e["event"] == "save_commit"]
@@ -68,7 +69,8 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
                                              "them through launcher.worker.Reporter)" if f["restarted"]
                                              else "not recovered (no restart followed)"))
             else:
-                lines.append(f"{where}: resumed from step {f['resumed_step']}, {f['steps_lost']} steps and "
+                source = f" ({f['resumed_from']})" if f.get("resumed_from") else ""
+                lines.append(f"{where}: resumed from step {f['resumed_step']}{source}, {f['steps_lost']} steps and "
                              f"{f['seconds_lost']} s lost")
         lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
                      "(failure, or a hung rank's last progress, -> first step of the next generation)")

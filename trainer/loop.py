@@ -193,10 +193,12 @@ def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, 
     resumed = ckpt.load()
     step = resumed.step if resumed else 0
     reporter.event("resumed" if resumed else "fresh_start", step=step, world_size=world,
-                   load_seconds=round(time.monotonic() - started, 4))
+                   load_seconds=round(time.monotonic() - started, 4),
+                   source="memory" if ckpt.resumed_from_memory else "disk")
     if rank == 0:
         if resumed:
-            print(f"resumed from step {resumed.step} (committed checkpoint, saved at world size "
+            source = "memory snapshot" if ckpt.resumed_from_memory else "committed checkpoint"
+            print(f"resumed from step {resumed.step} ({source}, saved at world size "
                   f"{resumed.world_size}; now {world}); epoch {cursor.epoch}, position {cursor.position}", flush=True)
         else:
             print(f"starting from scratch: {total_steps} steps, world size {world}", flush=True)

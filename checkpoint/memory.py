@@ -1,0 +1,256 @@
+"""The memory tier: each rank keeps a snapshot of its training state in node-local shared
+memory (tmpfs, ``/dev/shm``), so a restarted worker resumes from the step its predecessor
+reached instead of the last durable checkpoint, without reading the disk.
+
+Layout, one directory per run and rank (it outlives the worker process, not the node)::
+
+    /dev/shm/ftckpt-<key>/rank<R>/
+        slot0.data  slot0.json     two slots, written in turn: a kill in the middle of a
+        slot1.data  slot1.json     copy damages the slot being written, never the other
+
+A slot's ``.json`` header is its commit, written last (tmp file + rename): step, world size,
+where each tensor lies in ``.data``, and the crc32 of ``.data``. Before a slot is rewritten
+its header is removed, so a slot with a header is always complete. ``<key>`` names the run
+(TorchElastic's run id) and the durable root, so two jobs never read each other's
+snapshots; the header also records the id in the root's ``memory-tier-id`` file (made once,
+by the first job on the root), so a root deleted and made again (a fresh start) never
+resumes from an older job's memory.
+
+A snapshot is taken without any collective. Tensors are copied raw; everything else (step
+counters, RNG states, the data cursor) is a small ``torch.save`` blob read back with
+``weights_only=True`` and the same allow-list as disk checkpoints: loading never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import zlib
+from typing import Any, Iterable
+
+import torch
+
+from .safe_load import load_item
+
+log = logging.getLogger("checkpoint")
+
+FORMAT = 1
+_ALIGN = 64
+_TENSOR = "__ftckpt_shm_tensor__"  # marks where a tensor was in the pickled skeleton
+
+
+class MemoryTierError(RuntimeError):
+    """A snapshot cannot be taken (shared memory too small or not writable)."""
+
+
+def run_key(root: str, run_id: str) -> str:
+    return hashlib.sha1(f"{os.path.abspath(root)}\0{run_id}".encode()).hexdigest()[:16]
+
+
+ROOT_ID_NAME = "memory-tier-id"
+
+
+def _split(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """The state with every tensor replaced by a marker holding its index in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return (_TENSOR, len(tensors) - 1)
+    if isinstance(obj, dict):
+        return {k: _split(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_split(v, tensors) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_split(v, tensors) for v in obj)
+    return obj
+
+
+def _join(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _TENSOR:
+        return tensors[obj[1]]
+    if isinstance(obj, dict):
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_join(v, tensors) for v in obj)
+    return obj
+
+
+class MemorySnapshots:
+    """This rank's two snapshot slots."""
+
+    def __init__(self, base_dir: str, root: str, run_id: str, rank: int, world_size: int, root_id: str):
+        self.run_dir = os.path.join(base_dir, f"ftckpt-{run_key(root, run_id)}")
+        self.dir = os.path.join(self.run_dir, f"rank{rank}")
+        self.root_id = root_id
+        self.rank, self.world_size = rank, world_size
+        self._next_slot: int | None = None
+        self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (size, uint8 view of its file)
+
+    def _path(self, slot: int, ext: str) -> str:
+        return os.path.join(self.dir, f"slot{slot}.{ext}")
+
+    # -- taking one ------------------------------------------------------------------------
+    def snapshot(self, step: int, state: dict) -> int:
+        """Write ``state`` (this rank's ``TrainingState.state_dict``) as ``step`` into the
+        older slot; returns the bytes written. Raises ``MemoryTierError`` when it cannot."""
+        tensors: list[torch.Tensor] = []
+        skeleton = io.BytesIO()
+        torch.save(_split(state, tensors), skeleton)
+        blob = skeleton.getvalue()
+        layout, offset = [], 0
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes])
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        size = offset + len(blob)
+        slot = self._choose_slot()
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self._remove(self._path(slot, "json"))  # uncommit the slot before overwriting it
+            data = self._map(slot, size)
+            for t, (_, _, off, nbytes) in zip(tensors, layout):
+                if nbytes:
+                    data[off:off + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
+            data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            header = {"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
+                      "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
+                      "tensors": layout, "crc32": zlib.crc32(data.numpy())}
+            tmp = self._path(slot, "json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(header, f)
+            os.replace(tmp, self._path(slot, "json"))  # the slot's commit
+        except OSError as e:
+            free = shutil.disk_usage(os.path.dirname(self.run_dir)).free if os.path.isdir(os.path.dirname(self.run_dir)) else 0
+            raise MemoryTierError(
+                f"cannot write a memory snapshot of step {step} to {self.dir}: {e.strerror or e}. It needs "
+                f"2 x {size / 2**20:.1f} MiB per rank ({free / 2**20:.0f} MiB free there); give the container more "
+                "shared memory (docker run --shm-size=...), another --memory-dir, or --memory-every 0") from None
+        self._next_slot = 1 - slot
+        return size
+
+    def _choose_slot(self) -> int:
+        if self._next_slot is None:  # this process's first snapshot: keep the newest slot intact
+            steps = {slot: h.get("step", -1) for slot, h in self._headers().items()}
+            free = [slot for slot in (0, 1) if slot not in steps]
+            self._next_slot = free[0] if free else min(steps, key=lambda slot: steps[slot])
+        return self._next_slot
+
+    def _map(self, slot: int, size: int) -> torch.Tensor:
+        mapped = self._mapped.get(slot)
+        if mapped is None or mapped[0] != size:
+            path = self._path(slot, "data")
+            with open(path, "ab") as f:
+                f.truncate(size)
+            view = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+            self._mapped[slot] = mapped = (size, view)
+        return mapped[1]
+
+    # -- finding and reading -----------------------------------------------------------------
+    def _headers(self) -> dict[int, dict]:
+        out = {}
+        for slot in (0, 1):
+            try:
+                with open(self._path(slot, "json")) as f:
+                    out[slot] = json.load(f)
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def complete(self) -> dict[int, tuple[int, str | None]]:
+        """{step: (slot, None)} for every slot that holds a complete snapshot of this run at
+        this world size, or {step: (slot, why not)} for one that does not."""
+        found: dict[int, tuple[int, str | None]] = {}
+        for slot, h in self._headers().items():
+            step = h.get("step")
+            if not isinstance(step, int):
+                continue
+            found[step] = (slot, self._problem(slot, h))
+        return found
+
+    def _problem(self, slot: int, h: dict) -> str | None:
+        if h.get("format") != FORMAT or h.get("rank") != self.rank:
+            return "unknown format"
+        if h.get("world_size") != self.world_size:
+            return f"taken at world size {h.get('world_size')}, now {self.world_size}"
+        if h.get("root_id") != self.root_id:
+            return "taken for another checkpoint root (deleted and made again?)"
+        try:
+            if os.path.getsize(self._path(slot, "data")) < h["size"]:
+                return "data shorter than its header says"
+            if zlib.crc32(self._map(slot, h["size"]).numpy()) != h["crc32"]:
+                return "data does not match its crc32"
+        except (OSError, KeyError, RuntimeError) as e:
+            return f"unreadable: {e}"
+        return None
+
+    def read(self, step: int, allowed_globals: Iterable) -> dict:
+        """The state of ``step`` (its tensors copied out of shared memory)."""
+        slot, problem = self.complete()[step]
+        if problem:
+            raise MemoryTierError(f"memory snapshot of step {step} in {self.dir}: {problem}")
+        with open(self._path(slot, "json")) as f:
+            h = json.load(f)
+        data = self._map(slot, h["size"])
+        tensors = []
+        for dtype, shape, off, nbytes in h["tensors"]:
+            kind = getattr(torch, dtype)
+            tensors.append(data[off:off + nbytes].view(kind).view(shape).clone() if nbytes
+                           else torch.empty(shape, dtype=kind))
+        start, length = h["skeleton"]
+        skeleton = load_item(bytes(data[start:start + length].numpy()), allowed_globals,
+                             f"memory snapshot {self._path(slot, 'data')}")
+        return _join(skeleton, tensors)
+
+    # -- cleaning up -------------------------------------------------------------------------
+    def keep_only(self, step: int | None) -> None:
+        """Uncommit every slot but the one holding ``step``: after a resume, an older slot is
+        useless and a newer one is stale (the group went back to ``step``)."""
+        for slot, h in self._headers().items():
+            if h.get("step") != step:
+                self._remove(self._path(slot, "json"))
+        self._next_slot = None
+
+    def remove(self) -> None:
+        """This rank's slots; the run's directory too once no rank has any left."""
+        self._mapped.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.rmdir(self.run_dir)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) -> tuple[int | None, str]:
+    """The newest step every rank holds a complete snapshot of, and not older than the
+    newest durable commit; or (None, why not). ``all_gather`` is the group's (one call: the
+    only collective of the memory tier)."""
+    mine = snapshots.complete()
+    for step, (slot, problem) in sorted(mine.items()):
+        if problem:
+            log.warning("memory snapshot of step %d (%s, slot %d) not usable: %s", step, snapshots.dir, slot, problem)
+    good = sorted(step for step, (_, problem) in mine.items() if problem is None)
+    bad = {step: problem for step, (_, problem) in mine.items() if problem}
+    gathered = all_gather((good, bad))
+    common = set(gathered[0][0]).intersection(*(set(g) for g, _ in gathered[1:]))
+    if not common:
+        problems = [f"rank {r}: step {s}: {p}" for r, (_, b) in enumerate(gathered) for s, p in sorted(b.items())]
+        empty = [str(r) for r, (g, b) in enumerate(gathered) if not g and not b]
+        why = "; ".join(problems) or (f"rank(s) {', '.join(empty)} hold none" if empty
+                                      else "the ranks hold no step in common")
+        return None, why
+    step = max(common)
+    if newest_durable is not None and newest_durable > step:
+        return None, f"the newest durable checkpoint (step {newest_durable}) is newer than the memory snapshot (step {step})"
+    return step, ""

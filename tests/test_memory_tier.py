@@ -1,0 +1,176 @@
+"""The memory tier: snapshots in node-local shared memory that a restarted group resumes
+from, bit-exactly, without reading the disk; and that are never trusted when torn, corrupt
+or another root's."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import CheckpointManager
+from checkpoint.memory import MemorySnapshots
+from conftest import REFERENCE_ARGS, REFERENCE_TIMEOUT
+from procs import (REPO, assert_training_state_equal, events_of, ftlaunch_cmd, kill_tree, latest_committed, load_checkpoint,
+                   run, torchrun_cmd)
+from test_exact_resume import resumed_steps
+
+
+def test_killed_workers_resume_from_memory_bit_exactly(reference, tmp_path):
+    """Durable saves only at the end; two SIGKILLs. Each restart resumes from the step before
+    the kill (the kill fires after a step, before that step's snapshot), from memory, and the
+    run ends bit-equal to the uninterrupted reference."""
+    _, expected = reference
+    ckpt, shm = tmp_path / "ckpt", tmp_path / "shm"
+    faults = ["kill:rank=1:step=23", "kill:rank=0:step=41"]
+    cmd = torchrun_cmd(2, "--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--save-every-steps", "200",
+                       "--memory-every", "1", "--memory-dir", str(shm),
+                       *[a for f in faults for a in ("--inject", f)], max_restarts=len(faults))
+    result = run(cmd, timeout=REFERENCE_TIMEOUT)
+    assert result.returncode == 0, result.tail()
+    assert result.output.count("exitcode: -9") == 2, result.tail()
+    assert resumed_steps(result.output) == [22, 40], result.tail()
+    assert result.output.count("resumed from the memory snapshot") == 2, result.tail()
+    assert "loaded checkpoint" not in result.output  # no disk read
+    manifest = latest_committed(ckpt)
+    assert manifest.step == 50 and manifest.restart_generation == 2
+    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
+    assert not any(shm.iterdir()), "shared memory left behind after the run finished"
+
+
+def test_ftlaunch_summary_says_the_restart_came_from_memory(reference, tmp_path):
+    _, expected = reference
+    ckpt, shm, run_dir = tmp_path / "ckpt", tmp_path / "shm", tmp_path / "run"
+    result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--max-restarts", "1",
+                              script_args=("--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--save-every-steps", "200",
+                                           "--memory-every", "1", "--memory-dir", str(shm),
+                                           "--inject", "kill:rank=1:step=23")), timeout=REFERENCE_TIMEOUT)
+    assert result.returncode == 0, result.tail()
+    assert "rank 1 signal SIGKILL at step 23: resumed from step 22 (memory), 1 steps and" in result.output, result.tail()
+    assert [(e["step"], e["source"]) for e in events_of(run_dir, "resumed")] == [(22, "memory")]
+    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
+    assert not any(shm.iterdir())
+
+
+def _job(root, shm, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    ckpt = CheckpointManager(root, model=model, optimizer=opt, memory_every=1, memory_dir=str(shm), **options)
+    return model, opt, ckpt
+
+
+def _train(model, opt, ckpt, steps) -> dict:
+    """Train ``steps`` with a snapshot (and a durable save every 2 steps) per step; the
+    weights after each step."""
+    after = {}
+    for step in steps:
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.maybe_save(step)
+        after[step] = copy.deepcopy(model.state_dict())
+    return after
+
+
+def _equal(model, weights) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights.values()))
+
+
+def _flip_data_byte(snapshots: MemorySnapshots, step: int) -> None:
+    slot = snapshots.complete()[step][0]
+    path = os.path.join(snapshots.dir, f"slot{slot}.data")
+    with open(path, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_corrupt_slot_is_skipped_and_both_corrupt_fall_back_to_disk(tmp_path, caplog):
+    root, shm = tmp_path / "ckpt", tmp_path / "shm"
+    model, opt, ckpt = _job(root, shm, save_every_steps=2)
+    after = _train(model, opt, ckpt, range(1, 6))  # durable 2 and 4; memory 4 and 5
+    _flip_data_byte(ckpt._memory, 5)  # the process "dies" here (no close)
+
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    model, opt, again = _job(root, shm, save_every_steps=2)
+    assert again.load().step == 4 and again.resumed_from_memory
+    assert _equal(model, after[4])
+    assert "memory snapshot of step 5" in caplog.text and "does not match its crc32" in caplog.text
+
+    after = _train(model, opt, again, range(5, 7))  # memory 5 and 6 (4 was kept until 6 replaced it)
+    for step in (5, 6):
+        _flip_data_byte(again._memory, step)
+    caplog.clear()
+    model, opt, third = _job(root, shm, save_every_steps=2)
+    assert third.load().step == 6 and not third.resumed_from_memory  # the durable commit of step 6
+    assert _equal(model, after[6])
+    line = [r.getMessage() for r in caplog.records if "not resuming from memory" in r.getMessage()]
+    assert len(line) == 1 and "does not match its crc32" in line[0], caplog.text
+    third.close()
+    assert not any(shm.iterdir())
+
+
+def test_a_root_made_again_never_resumes_from_an_older_jobs_memory(tmp_path, caplog):
+    root, shm = tmp_path / "ckpt", tmp_path / "shm"
+    model, opt, ckpt = _job(root, shm)
+    _train(model, opt, ckpt, range(1, 4))
+    ckpt._lease.release()  # the job is gone, its memory is not; the user starts afresh
+    import shutil
+    shutil.rmtree(root)
+    root.mkdir()
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    model, opt, fresh = _job(root, shm)
+    assert fresh.load() is None and not fresh.resumed_from_memory
+    assert "taken for another checkpoint root" in caplog.text
+    fresh.close()
+
+
+KILLED_MID_COPY = r"""
+import sys, torch
+from checkpoint.memory import MemorySnapshots
+snapshots = MemorySnapshots(sys.argv[1], "/nonexistent-root", "run", 0, 1, "id")
+state = {"w": torch.zeros(20_000_000), "step": 0}
+for step in range(1, 1000):
+    state["w"].fill_(step)
+    state["step"] = step
+    snapshots.snapshot(step, state)
+    print(step, flush=True)
+"""
+
+
+def test_a_kill_in_the_middle_of_a_copy_leaves_the_other_slot_whole(tmp_path):
+    """A real SIGKILL while an 80 MB snapshot is being copied: every slot that still has a
+    header holds exactly the state of its step, and at least one does."""
+    script = tmp_path / "snap.py"
+    script.write_text(KILLED_MID_COPY)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "shm")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 3:
+                os.kill(proc.pid, signal.SIGKILL)  # copying step 4 (the copy is most of a step)
+                break
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        kill_tree(proc.pid)
+    snapshots = MemorySnapshots(str(tmp_path / "shm"), "/nonexistent-root", "run", 0, 1, "id")
+    complete = {step: problem for step, (_, problem) in snapshots.complete().items()}
+    good = [step for step, problem in complete.items() if problem is None]
+    assert good, complete
+    for step in good:
+        state = snapshots.read(step, [])
+        assert state["step"] == step and bool((state["w"] == step).all())
+
+
+@pytest.mark.parametrize("value, message", [("-1", "--memory-every must be >= 0, got -1")])
+def test_memory_flags_are_validated(tmp_path, value, message):
+    result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--memory-every", value], timeout=60)
+    assert result.returncode == 2 and message in result.output, result.output
