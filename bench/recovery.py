@@ -4,8 +4,10 @@
 
 Each trial trains the digits CNN on 2 workers (``train.py``) and SIGKILLs rank 1 right after
 step 25 (``--inject kill:rank=1:step=25``; the last commit is step 20). Arms, interleaved:
-  stock: ``torchrun --standalone --max-restarts=1`` (TorchElastic defaults)
-  ours:  ``ftlaunch`` (defaults)
+  stock:  ``torchrun --standalone --max-restarts=1`` (TorchElastic defaults)
+  ours:   ``ftlaunch`` (defaults): resumes from the durable commit of step 20
+  memory: ``ftlaunch`` and ``train.py --memory-every 1``: resumes from the memory snapshot of
+          step 24 (the kill fires after step 25, before its snapshot)
 The time from the kill to the first completed step of the new group is split into phases:
   detection   kill -> the agent logs the failure        (kill time: the fault marker's mtime)
   stop        -> the agent starts the next rendezvous    (survivors stopped)
@@ -54,6 +56,7 @@ def after(times, needle: str, t0: float) -> float:
 
 
 def trial(arm: str, work: str) -> dict:
+    extra = ["--memory-every", "1"] if arm == "memory" else []
     run_dir, ckpt = os.path.join(work, "run"), os.path.join(work, "ckpt")
     env = {**os.environ, "LOGLEVEL": "INFO", "OMP_NUM_THREADS": "1", "FTLAUNCH_RUN_DIR": run_dir}
     os.makedirs(run_dir)
@@ -61,7 +64,7 @@ def trial(arm: str, work: str) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
     else:
         cmd = [sys.executable, "-m", "launcher.cli", "--nproc-per-node=2", "--run-dir", run_dir]
-    done = subprocess.run(cmd + TRAIN + ["--ckpt-dir", ckpt], cwd=REPO, env=env, capture_output=True, text=True,
+    done = subprocess.run(cmd + TRAIN + extra + ["--ckpt-dir", ckpt], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     if done.returncode != 0:
         raise SystemExit(f"{arm} trial failed:\n{(done.stdout + done.stderr)[-3000:]}")
@@ -72,16 +75,17 @@ def trial(arm: str, work: str) -> dict:
     points = [kill, after(times, "failed (exitcode", kill), after(times, "Rendezvous'ing worker group", kill),
               after(times, "Starting worker group", kill), ev("worker_ready", 1), ev("resumed", 1), ev("first_step", 1)]
     first_start = after(times, "Starting worker group", 0)
-    load = next(e["load_seconds"] for e in events if e["event"] == "resumed")
+    resumed = next(e for e in events if e["event"] == "resumed")
     return {"phases": [b - a for a, b in zip(points, points[1:])], "total": points[-1] - points[0],
-            "floor": ev("first_step", 0) - first_start + load}
+            "floor": ev("first_step", 0) - first_start + resumed["load_seconds"], "redone": 25 - resumed["step"],
+            "source": resumed.get("source", "disk")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
-    results = {"stock": [], "ours": []}
+    results = {"stock": [], "ours": [], "memory": []}
     for i in range(args.trials):
         for arm in results:
             work = tempfile.mkdtemp(prefix=f"recovery-{arm}-")
@@ -90,18 +94,26 @@ def main() -> None:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             results[arm].append(r)
-            print(f"trial {i + 1} {arm:5s}: kill -> first step {r['total']:.2f} s  "
+            print(f"trial {i + 1} {arm:6s}: kill -> first step {r['total']:.2f} s, {r['redone']} steps redone "
+                  f"(from {r['source']})  "
                   + "  ".join(f"{p} {x:.2f}" for p, x in zip(PHASES, r["phases"])), flush=True)
     med = {arm: {"phases": [statistics.median(r["phases"][k] for r in rs) for k in range(len(PHASES))],
-                 "total": statistics.median(r["total"] for r in rs)} for arm, rs in results.items()}
-    floor = statistics.median(r["floor"] for rs in results.values() for r in rs)
-    print(f"\nmedian of {args.trials} trials, seconds\n\n| phase | stock torchrun | ftlaunch |\n|---|---|---|")
+                 "total": statistics.median(r["total"] for r in rs),
+                 "range": (min(r["total"] for r in rs), max(r["total"] for r in rs)),
+                 "redone": statistics.median(r["redone"] for r in rs)} for arm, rs in results.items()}
+    floor = statistics.median(r["floor"] for arm in ("stock", "ours") for r in results[arm])
+    print(f"\nmedian of {args.trials} trials, seconds\n\n| phase | stock torchrun | ftlaunch | ftlaunch + memory tier |"
+          "\n|---|---|---|---|")
     for k, phase in enumerate(PHASES):
-        print(f"| {phase} | {med['stock']['phases'][k]:.2f} | {med['ours']['phases'][k]:.2f} |")
-    print(f"| **kill -> first step** | **{med['stock']['total']:.2f}** | **{med['ours']['total']:.2f}** |")
-    print(f"\nfloor (worker start + load + one step, same trials): {floor:.2f} s")
+        print(f"| {phase} | " + " | ".join(f"{med[arm]['phases'][k]:.2f}" for arm in results) + " |")
+    print("| **kill -> first step** | " + " | ".join(
+        f"**{med[arm]['total']:.2f}** ({med[arm]['range'][0]:.2f}-{med[arm]['range'][1]:.2f})" for arm in results) + " |")
+    print("| steps redone | " + " | ".join(f"{med[arm]['redone']:g}" for arm in results) + " |")
+    print(f"\nfloor (worker start + disk load + one step, same trials): {floor:.2f} s")
     print(f"ftlaunch / stock = {med['ours']['total'] / med['stock']['total']:.2f}  (goal <= 0.5)")
     print(f"ftlaunch / floor = {med['ours']['total'] / floor:.2f}  (goal <= 1.3)")
+    print(f"memory tier: kill -> first step {med['memory']['total']:.2f} s (goal <= 0.5 s), "
+          f"{med['memory']['total'] / med['stock']['total']:.2f}x stock (goal <= 0.2x)")
 
 
 if __name__ == "__main__":

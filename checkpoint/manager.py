@@ -109,6 +109,11 @@ class CheckpointManager:
             root_id = self._on_rank0(self._memory_root_id, f"cannot read or write {memory.ROOT_ID_NAME} in {self.storage.url}")
             self._memory = MemorySnapshots(self.config.memory_dir, self.storage.url,
                                            os.environ.get("TORCHELASTIC_RUN_ID", ""), self.rank, self.world_size, root_id)
+            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.training.state_dict(self.rank)))
+            error = self._memory.check_space(state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            errors = [e for e in _dist.all_gather(error, self._group) if e]
+            if errors:  # every rank fails alike, before training
+                raise CheckpointError(errors[0])
 
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)
@@ -392,6 +397,13 @@ class CheckpointManager:
         log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
                  "checkpoint: step %s", step, time.monotonic() - started, newest)
         return Manifest(step=step, world_size=self.world_size, files={}, metadata={"source": "memory"})
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return [t for v in values for t in _tensors(v)]
 
 
 # Without a process group DCP warns on every call that it assumes one process; we ask for

@@ -91,6 +91,24 @@ class MemorySnapshots:
         self._next_slot: int | None = None
         self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (size, uint8 view of its file)
 
+    def check_space(self, state_bytes: int, ranks_on_node: int) -> str | None:
+        """Why two slots of ``state_bytes`` for each rank of this node will not fit, or None."""
+        slot = state_bytes + 2**20  # and the pickled non-tensor part
+        need = 2 * slot * ranks_on_node
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            held = sum(os.path.getsize(os.path.join(self.dir, n)) for n in os.listdir(self.dir) if n.endswith(".data"))
+            free = shutil.disk_usage(self.dir).free + held * ranks_on_node  # our own slots get reused
+        except OSError as e:
+            return f"the memory tier cannot use {self.dir}: {e.strerror or e}; give another --memory-dir " \
+                   "(memory_dir=), or turn it off (--memory-every 0)"
+        if free < need:
+            return (f"the memory tier needs 2 slots x {slot / 2**20:.1f} MiB per rank x {ranks_on_node} rank(s) on this "
+                    f"node = {need / 2**20:.0f} MiB in {os.path.dirname(self.run_dir)}, which has {free / 2**20:.0f} MiB "
+                    f"free: give the container more shared memory (docker run --shm-size={int(need * 1.25 / 2**20) + 64}m), "
+                    "another --memory-dir, or turn it off (--memory-every 0)")
+        return None
+
     def _path(self, slot: int, ext: str) -> str:
         return os.path.join(self.dir, f"slot{slot}.{ext}")
 

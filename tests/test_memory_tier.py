@@ -170,6 +170,34 @@ def test_a_kill_in_the_middle_of_a_copy_leaves_the_other_slot_whole(tmp_path):
         assert state["step"] == step and bool((state["w"] == step).all())
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 1 MiB tmpfs (needs root and mount; skipped where the machine has neither)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_shared_memory_too_small_for_two_slots_is_one_line_before_training(tiny_tmpfs, tmp_path):
+    result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--width", "64", "--max-steps", "3",
+                  "--memory-every", "1", "--memory-dir", str(tiny_tmpfs)], timeout=120)
+    assert result.returncode == 2, result.output
+    lines = [line for line in result.output.splitlines() if "error" in line]
+    assert len(lines) == 1 and "the memory tier needs 2 slots x" in lines[0] and "--shm-size=" in lines[0], result.output
+    assert "step 1/" not in result.output and "Traceback" not in result.output
+
+
+def test_an_unusable_memory_dir_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--max-steps", "3",
+                  "--memory-every", "1", "--memory-dir", str(tmp_path / "a-file")], timeout=120)
+    assert result.returncode == 2 and "the memory tier cannot use" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("value, message", [("-1", "--memory-every must be >= 0, got -1")])
 def test_memory_flags_are_validated(tmp_path, value, message):
     result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--memory-every", value], timeout=60)
