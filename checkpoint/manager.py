@@ -108,8 +108,9 @@ class CheckpointManager:
         if self.config.memory_every:
             root_id = self._on_rank0(self._memory_root_id, f"cannot read or write {memory.ROOT_ID_NAME} in {self.storage.url}")
             self._memory = MemorySnapshots(self.config.memory_dir, self.storage.url,
-                                           os.environ.get("TORCHELASTIC_RUN_ID", ""), self.rank, self.world_size, root_id)
-            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.training.state_dict(self.rank)))
+                                           os.environ.get("TORCHELASTIC_RUN_ID", ""), self.rank, self.world_size, root_id,
+                                           self.safe_globals)
+            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.training.state_dict(self.rank)))  # DCP's layout: the optimizer state exists
             error = self._memory.check_space(state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             errors = [e for e in _dist.all_gather(error, self._group) if e]
             if errors:  # every rank fails alike, before training
@@ -151,7 +152,7 @@ class CheckpointManager:
     def snapshot(self, step: int) -> None:
         """Copy this rank's state into its memory slot (no collective; ``memory.py``)."""
         try:
-            self._memory.snapshot(step, self.training.state_dict(self.rank))
+            self._memory.snapshot(step, self.training.state_dict(self.rank, dcp=False))
         except MemoryTierError as e:
             raise CheckpointError(str(e)) from None
 
@@ -378,8 +379,10 @@ class CheckpointManager:
         error = None
         if step is not None:
             try:
-                state = self._memory.read(step, self.safe_globals)
-                check_compatible(self.training.state_dict(self.rank), flatten_tensors(state), self._memory.dir)
+                state = self._memory.read(step)
+                saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
+                check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
+                                 self._memory.dir)  # the optimizer's own load_state_dict checks the rest
             except Exception as e:
                 error = f"rank {self.rank}: {one_line(e)}"
             errors = [e for e in _dist.all_gather(error, self._group) if e]
@@ -389,7 +392,7 @@ class CheckpointManager:
                 log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
             self._memory.keep_only(None)
             return None
-        self.training.apply(state, self.rank)
+        self.training.apply(state, self.rank, dcp=False)
         self._memory.keep_only(step)
         self.resumed_from_memory = True
         self.last_committed = newest

@@ -71,9 +71,17 @@ class TrainingState:
         if optimizer is not None and model is None:
             raise ValueError("an optimizer needs its model: pass model= too")
 
-    def state_dict(self, rank: int, with_rng: bool = True) -> dict[str, Any]:
+    def state_dict(self, rank: int, with_rng: bool = True, dcp: bool = True) -> dict[str, Any]:
+        """DCP's layout (``dcp``: optimizer state keyed by parameter name, any sharding), or
+        the objects' own ``state_dict()``s, a tenth of the time, for the memory tier (the same
+        process layout loads them back)."""
         out: dict[str, Any] = {}
-        if self.model is not None and self.optimizer is not None:
+        if not dcp:
+            if self.model is not None:
+                out["model"] = self.model.state_dict()
+            if self.optimizer is not None:
+                out["optim"] = self.optimizer.state_dict()
+        elif self.model is not None and self.optimizer is not None:
             out["model"], out["optim"] = get_state_dict(self.model, self.optimizer)
         elif self.model is not None:
             out["model"] = get_model_state_dict(self.model)
@@ -85,9 +93,14 @@ class TrainingState:
             out["rng"] = {rng_key(rank): capture_rng()}
         return out
 
-    def apply(self, loaded: dict[str, Any], rank: int) -> None:
-        """Put a loaded state dict (same shape as ``state_dict()`` made) into the live objects."""
-        if self.model is not None and self.optimizer is not None:
+    def apply(self, loaded: dict[str, Any], rank: int, dcp: bool = True) -> None:
+        """Put a loaded state dict (same shape as ``state_dict(dcp=...)`` made) into the live objects."""
+        if not dcp:
+            if self.model is not None:
+                self.model.load_state_dict(loaded["model"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(loaded["optim"])
+        elif self.model is not None and self.optimizer is not None:
             set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"],
                            optim_state_dict=loaded["optim"])
         elif self.model is not None:

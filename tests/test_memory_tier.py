@@ -17,7 +17,7 @@ import torch
 from checkpoint import CheckpointManager
 from checkpoint.memory import MemorySnapshots
 from conftest import REFERENCE_ARGS, REFERENCE_TIMEOUT
-from procs import (REPO, assert_training_state_equal, events_of, ftlaunch_cmd, kill_tree, latest_committed, load_checkpoint,
+from procs import (REPO, Payload, assert_training_state_equal, events_of, ftlaunch_cmd, kill_tree, latest_committed, load_checkpoint,
                    run, torchrun_cmd)
 from test_exact_resume import resumed_steps
 
@@ -118,6 +118,34 @@ def test_a_corrupt_slot_is_skipped_and_both_corrupt_fall_back_to_disk(tmp_path, 
     assert not any(shm.iterdir())
 
 
+def test_a_forged_snapshot_never_runs_code(tmp_path, caplog):
+    """The newest slot rewritten by someone who can write shared memory: its non-tensor part
+    replaced by a pickle that runs a command, the header's size and crc32 made to match."""
+    import json
+    import pickle
+    import zlib
+
+    root, shm, marker = tmp_path / "ckpt", tmp_path / "shm", tmp_path / "pwned"
+    model, opt, ckpt = _job(root, shm)
+    after = _train(model, opt, ckpt, range(1, 4))
+    slot = ckpt._memory.complete()[3][0]
+    header_path = os.path.join(ckpt._memory.dir, f"slot{slot}.json")
+    header = json.load(open(header_path))
+    start, _ = header["skeleton"]
+    data = open(os.path.join(ckpt._memory.dir, f"slot{slot}.data"), "rb").read()[:start] + pickle.dumps(Payload(marker))
+    open(os.path.join(ckpt._memory.dir, f"slot{slot}.data"), "wb").write(data)
+    header.update(size=len(data), skeleton=[start, len(data) - start], crc32=zlib.crc32(data))
+    json.dump(header, open(header_path, "w"))
+
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    model, opt, again = _job(root, shm)
+    assert again.load().step == 2 and again.resumed_from_memory  # the other slot
+    assert not marker.exists()
+    assert _equal(model, after[2])
+    assert "refers to posix.system" in caplog.text
+    again.close()
+
+
 def test_a_root_made_again_never_resumes_from_an_older_jobs_memory(tmp_path, caplog):
     root, shm = tmp_path / "ckpt", tmp_path / "shm"
     model, opt, ckpt = _job(root, shm)
@@ -166,7 +194,7 @@ def test_a_kill_in_the_middle_of_a_copy_leaves_the_other_slot_whole(tmp_path):
     good = [step for step, problem in complete.items() if problem is None]
     assert good, complete
     for step in good:
-        state = snapshots.read(step, [])
+        state = snapshots.read(step)
         assert state["step"] == step and bool((state["w"] == step).all())
 
 
