@@ -8,8 +8,9 @@
         ckpt.maybe_save(step)       # a SaveResult when due: committed, staged, skipped...
 
 Where to read: ``manager.py`` (save and load), ``manifest.py`` (the commit record and the save
-protocol), ``background.py`` (async saves), ``config.py`` (the options), ``observer.py``
-(what a save reports), ``retention.py``, ``safe_load.py`` (loading never runs code).
+protocol), ``commit.py`` (one save), ``background.py`` (async saves), ``config.py`` (the
+options), ``observer.py`` (what a save reports), ``retention.py``, ``safe_load.py`` (loading
+never runs code), ``memory.py`` and ``memory_tier.py`` (snapshots in shared memory).
 
 This package imports nothing else of this project.
 """

@@ -1,9 +1,11 @@
 """CheckpointManager: scheduled, sharded, committed, verified checkpoints.
 
-``save`` runs the commit protocol described in ``manifest.py`` (every rank writes its shards
-through DCP; rank 0 writes the commit record only after every rank reported success), either
-in the caller's thread (``async_mode="off"``) or, after a blocking copy of the state, in a
-background thread (``"thread"``, ``background.py``). ``load`` finds the newest committed
+``save`` runs the commit protocol described in ``manifest.py`` (``commit.py``: every rank
+writes its shards through DCP; rank 0 writes the commit record only after every rank reported
+success), either in the caller's thread (``async_mode="off"``) or, after a blocking copy of
+the state, in a background thread (``"thread"``, ``background.py``). ``maybe_save`` also takes
+the memory tier's snapshots (``memory_tier.py``). ``load`` resumes from the memory tier when
+it holds a step at least as new as the durable one; otherwise it finds the newest committed
 checkpoint that verifies (rank 0, broadcast) and every rank loads that one step (DCP reshards
 when the world size changed).
 
@@ -17,30 +19,27 @@ import dataclasses
 import logging
 import os
 import time
-import uuid
 import warnings
 from typing import Any, Callable, Mapping
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import _dist
 from . import retention
 from .background import BackgroundSaver
+from .commit import Committer
 from .config import CheckpointConfig
 from .errors import CheckpointError, one_line
 from .lease import Lease
-from . import memory
-from .manifest import (DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, is_committed, list_steps, step_dir_name,
-                       verify)
-from .memory import MemorySnapshots, MemoryTierError
+from .manifest import Manifest, step_dir_name
+from .memory_tier import MemoryTier
 from .observer import ALREADY_COMMITTED, COMMITTED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import DirectFileSystemReader
 from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
-from .state import TrainingState, check_compatible, flatten_tensors, incompatibility
+from .state import TrainingState, incompatibility
 from .storage import Storage
-from .writer import WriteRecord, checksumming_writer
+from .writer import WriteRecord
 
 log = logging.getLogger("checkpoint")
 
@@ -87,7 +86,6 @@ class CheckpointManager:
         self.hmac_key = hmac_key.encode() if isinstance(hmac_key, str) else hmac_key
         if self.hmac_key is not None and len(self.hmac_key) < 16:
             raise ValueError("hmac_key must be at least 16 bytes (a random secret, e.g. secrets.token_hex(32))")
-        self._verified = retention.VerifiedCache()
         self.rank = _dist.rank()
         self.world_size = _dist.world_size()
         self._group = _dist.control_group()
@@ -97,7 +95,9 @@ class CheckpointManager:
         self._background = (BackgroundSaver(self._write_and_commit, self.stats)
                             if self.config.async_mode == "thread" else None)
         self.resumed_from_memory = False  # whether the last load() came from the memory tier
-        self._memory: MemorySnapshots | None = None
+        self._memory: MemoryTier | None = None
+        self._committer = Committer(self.storage, self.config, self.observer, self.metadata, self.hmac_key,
+                                    self.safe_globals, self.rank, self.world_size)
 
         # Fail before any training happens when the root cannot be written, or is another
         # live job's (rank 0 holds the root's lease while it may commit).
@@ -106,28 +106,14 @@ class CheckpointManager:
         if self.storage.is_local:
             self._on_rank0(self._take_lease, "")
         if self.config.memory_every:
-            root_id = self._on_rank0(self._memory_root_id, f"cannot read or write {memory.ROOT_ID_NAME} in {self.storage.url}")
-            self._memory = MemorySnapshots(self.config.memory_dir, self.storage.url,
-                                           os.environ.get("TORCHELASTIC_RUN_ID", ""), self.rank, self.world_size, root_id,
-                                           self.safe_globals)
-            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.training.state_dict(self.rank)))  # DCP's layout: the optimizer state exists
-            error = self._memory.check_space(state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            errors = [e for e in _dist.all_gather(error, self._group) if e]
-            if errors:  # every rank fails alike, before training
-                raise CheckpointError(errors[0])
+            self._memory = MemoryTier(self.config, self.storage, self.training, self.rank, self.world_size,
+                                      self._group, self.safe_globals)
 
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)
 
-    def _memory_root_id(self) -> str:
-        """The root's id for the memory tier: made once, so a root made again gets another."""
-        path = self.storage.join(memory.ROOT_ID_NAME)
-        if not self.storage.exists(path):
-            self.storage.write_atomic(path, uuid.uuid4().hex.encode())
-        return self.storage.fs.cat_file(path).decode().strip()
-
     def _take_lease(self) -> None:
-        self._lease = Lease(self.storage.root).acquire()
+        self._lease = self._committer.lease = Lease(self.storage.root).acquire()
 
     # -- schedule --------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -144,17 +130,10 @@ class CheckpointManager:
         """Call every step with the same ``step`` on every rank: takes the memory snapshot when
         due, then saves when due (None when not)."""
         if self._memory is not None and step % self.config.memory_every == 0:
-            self.snapshot(step)
+            self._memory.snapshot(step)
         if not self.should_save(step):
             return None
         return self.save(step, metrics, skip_if_busy=self.config.if_busy == "skip")
-
-    def snapshot(self, step: int) -> None:
-        """Copy this rank's state into its memory slot (no collective; ``memory.py``)."""
-        try:
-            self._memory.snapshot(step, self.training.state_dict(self.rank, dcp=False))
-        except MemoryTierError as e:
-            raise CheckpointError(str(e)) from None
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, Any] | None = None, *,
@@ -191,7 +170,7 @@ class CheckpointManager:
                 return result(SKIPPED)
             self.wait()  # back-pressure; raises the previous save's error
         path = self.storage.join(step_dir_name(step))
-        if self._on_rank0(lambda: self._prepare(step), f"cannot prepare {path}"):
+        if self._on_rank0(lambda: self._committer.prepare(step), f"cannot prepare {path}"):
             log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
             self._last_save_time = time.monotonic()
             return result(ALREADY_COMMITTED)
@@ -233,83 +212,15 @@ class CheckpointManager:
             if self._background is not None:
                 self._background.close()
             if self._memory is not None:
-                self._memory.remove()
+                self._memory.close()
         finally:
             if self._lease is not None:
                 self._lease.release()
 
     def _write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
-        """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``.
-        Returns the record and what this rank's writer wrote."""
-        dirname = step_dir_name(step)
-        path = self.storage.join(dirname)
-        try:
-            writer, written = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                  io_threads=self.config.io_threads, sha256=self.hmac_key is not None)
-            dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
-        except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-            raise CheckpointError(f"writing checkpoint {path} failed: {one_line(e)}; "
-                                  "the previous committed checkpoint stays") from e
-        written_at = time.monotonic()
-
-        # Each rank reports the files it wrote (checksummed while writing) and runs the hook;
-        # the gather is the barrier: rank 0 commits only if every rank got this far.
-        error = None
-        try:
-            self.observer.before_commit(step)
-        except Exception as e:
-            error = f"rank {self.rank} could not finish checkpoint {path}: {one_line(e)}"
-        files: dict[str, FileRecord] = {}
-        for part in _dist.gather_or_raise(dict(written.files), error, group):
-            files.update(part)
-
-        manifest = Manifest(
-            step=step, world_size=self.world_size, files=files,
-            run_id=os.environ.get("TORCHELASTIC_RUN_ID", ""),
-            restart_generation=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-            torch_version=torch.__version__, created_unix=time.time(),
-            save_seconds=round(time.monotonic() - started, 4),
-            metadata={**self.metadata, **dict(metrics or {})},
-        )
-
-        def commit():
-            if DCP_METADATA_NAME not in files:
-                raise CheckpointError(f"DCP wrote no {DCP_METADATA_NAME}")
-            if self._lease is not None:
-                self._lease.check()  # another job took the root over (we were frozen): never commit into it
-            if self.hmac_key is not None:
-                manifest.sign(self.hmac_key)
-            self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
-
-        self._on_rank0(commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays",
-                       group)
+        manifest, written = self._committer.write_and_commit(step, state, metrics, started, group)
         self.last_committed = step
-        log.info("committed checkpoint step %d: %.1f MiB in %.3f s (write %.3f s, commit %.3f s)",
-                 step, manifest.total_bytes / 2**20, time.monotonic() - started, written_at - started, time.monotonic() - written_at)
-        try:  # the commit happened; a failing observer on one rank must not say otherwise
-            self.observer.committed(manifest)
-        except Exception as e:
-            log.warning("the observer's committed() failed for step %d: %s", step, one_line(e))
-        if self.rank == 0:  # after the commit, and never raises: no collective needed
-            self._verified.remember_good(self.storage, dirname, manifest)
-            retention.apply(self.storage, self._verified, step, keep_last=self.config.keep_last,
-                            keep_every=self.config.keep_every, mode=self.config.verify, allowed_globals=self.safe_globals, key=self.hmac_key)
         return manifest, written
-
-    def _prepare(self, step: int) -> bool:
-        """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
-        clear whatever a failed earlier save of this step left and make its directory."""
-        dirname = step_dir_name(step)
-        if is_committed(self.storage, step):
-            _, reason = verify(self.storage, dirname, self.config.verify, self.safe_globals, self.hmac_key)
-            if reason is None:
-                return True
-            # Its record does not validate, so it was never a usable commit: replace it.
-            log.warning("re-saving step %d over a checkpoint that fails verification: %s", step, reason)
-            self.storage.fs.rm(self.storage.join(dirname, MANIFEST_NAME))
-        self.storage.remove_tree(self.storage.join(dirname))
-        self.storage.makedirs(self.storage.join(dirname))
-        return False
 
     def _reader(self, dirname: str):
         if self.storage.is_local:
@@ -330,8 +241,11 @@ class CheckpointManager:
         self.wait()  # a save in flight must not race the search
         started = time.monotonic()
         if self._memory is not None:
-            resumed = self._load_from_memory(started)
+            resumed, newest_durable = self._memory.resume(started)
             if resumed is not None:
+                self.resumed_from_memory = True
+                self.last_committed = newest_durable
+                self._last_save_time = time.monotonic()
                 return resumed
 
         def discover():
@@ -368,45 +282,6 @@ class CheckpointManager:
         log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
                  manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
         return manifest
-
-
-    def _load_from_memory(self, started: float) -> Manifest | None:
-        """Resume from the newest memory snapshot every rank holds, if it is not older than
-        the newest durable commit; None (with one line saying why) to load from disk."""
-        newest = self._on_rank0(lambda: max((s for s in list_steps(self.storage) if is_committed(self.storage, s)),
-                                            default=None), f"cannot list {self.storage.url}")
-        step, why = memory.agree(self._memory, lambda x: _dist.all_gather(x, self._group), newest)
-        error = None
-        if step is not None:
-            try:
-                state = self._memory.read(step)
-                saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
-                check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
-                                 self._memory.dir)  # the optimizer's own load_state_dict checks the rest
-            except Exception as e:
-                error = f"rank {self.rank}: {one_line(e)}"
-            errors = [e for e in _dist.all_gather(error, self._group) if e]
-            why = f"the memory snapshot of step {step} cannot be used: {errors[0]}" if errors else ""
-        if step is None or why:
-            if self.rank == 0 and (newest is not None or "hold none" not in why):
-                log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
-            self._memory.keep_only(None)
-            return None
-        self.training.apply(state, self.rank, dcp=False)
-        self._memory.keep_only(step)
-        self.resumed_from_memory = True
-        self.last_committed = newest
-        self._last_save_time = time.monotonic()
-        log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
-                 "checkpoint: step %s", step, time.monotonic() - started, newest)
-        return Manifest(step=step, world_size=self.world_size, files={}, metadata={"source": "memory"})
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return [t for v in values for t in _tensors(v)]
 
 
 # Without a process group DCP warns on every call that it assumes one process; we ask for

@@ -97,7 +97,7 @@ def test_a_corrupt_slot_is_skipped_and_both_corrupt_fall_back_to_disk(tmp_path, 
     root, shm = tmp_path / "ckpt", tmp_path / "shm"
     model, opt, ckpt = _job(root, shm, save_every_steps=2)
     after = _train(model, opt, ckpt, range(1, 6))  # durable 2 and 4; memory 4 and 5
-    _flip_data_byte(ckpt._memory, 5)  # the process "dies" here (no close)
+    _flip_data_byte(ckpt._memory.snapshots, 5)  # the process "dies" here (no close)
 
     caplog.set_level(logging.INFO, logger="checkpoint")
     model, opt, again = _job(root, shm, save_every_steps=2)
@@ -107,7 +107,7 @@ def test_a_corrupt_slot_is_skipped_and_both_corrupt_fall_back_to_disk(tmp_path, 
 
     after = _train(model, opt, again, range(5, 7))  # memory 5 and 6 (4 was kept until 6 replaced it)
     for step in (5, 6):
-        _flip_data_byte(again._memory, step)
+        _flip_data_byte(again._memory.snapshots, step)
     caplog.clear()
     model, opt, third = _job(root, shm, save_every_steps=2)
     assert third.load().step == 6 and not third.resumed_from_memory  # the durable commit of step 6
@@ -128,12 +128,12 @@ def test_a_forged_snapshot_never_runs_code(tmp_path, caplog):
     root, shm, marker = tmp_path / "ckpt", tmp_path / "shm", tmp_path / "pwned"
     model, opt, ckpt = _job(root, shm)
     after = _train(model, opt, ckpt, range(1, 4))
-    slot = ckpt._memory.complete()[3][0]
-    header_path = os.path.join(ckpt._memory.dir, f"slot{slot}.json")
+    slot = ckpt._memory.snapshots.complete()[3][0]
+    header_path = os.path.join(ckpt._memory.snapshots.dir, f"slot{slot}.json")
     header = json.load(open(header_path))
     start, _ = header["skeleton"]
-    data = open(os.path.join(ckpt._memory.dir, f"slot{slot}.data"), "rb").read()[:start] + pickle.dumps(Payload(marker))
-    open(os.path.join(ckpt._memory.dir, f"slot{slot}.data"), "wb").write(data)
+    data = open(os.path.join(ckpt._memory.snapshots.dir, f"slot{slot}.data"), "rb").read()[:start] + pickle.dumps(Payload(marker))
+    open(os.path.join(ckpt._memory.snapshots.dir, f"slot{slot}.data"), "wb").write(data)
     header.update(size=len(data), skeleton=[start, len(data) - start], crc32=zlib.crc32(data))
     json.dump(header, open(header_path, "w"))
 

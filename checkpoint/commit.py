@@ -1,0 +1,109 @@
+"""One save, run by every rank: the commit protocol that ``manifest.py`` describes (shards
+through DCP, checksums taken while writing, the gather that is the barrier, rank 0's record
+written last), then retention. ``CheckpointManager`` runs it in the caller's thread, or
+``background.py`` runs it in the writer thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from . import _dist, retention
+from .config import CheckpointConfig
+from .errors import CheckpointError, one_line
+from .lease import Lease
+from .manifest import DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, is_committed, step_dir_name, verify
+from .observer import Observer
+from .storage import Storage
+from .writer import WriteRecord, checksumming_writer
+
+log = logging.getLogger("checkpoint")
+
+
+class Committer:
+    def __init__(self, storage: Storage, config: CheckpointConfig, observer: Observer, metadata: dict,
+                 hmac_key: bytes | None, safe_globals: list, rank: int, world_size: int):
+        self.storage, self.config, self.observer, self.metadata = storage, config, observer, metadata
+        self.hmac_key, self.safe_globals = hmac_key, safe_globals
+        self.rank, self.world_size = rank, world_size
+        self.lease: Lease | None = None  # rank 0's hold on a local root: checked before every commit
+        self._verified = retention.VerifiedCache()
+
+    def write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
+        """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``.
+        Returns the record and what this rank's writer wrote."""
+        dirname = step_dir_name(step)
+        path = self.storage.join(dirname)
+        try:
+            writer, written = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
+                                                  io_threads=self.config.io_threads, sha256=self.hmac_key is not None)
+            dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
+        except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
+            raise CheckpointError(f"writing checkpoint {path} failed: {one_line(e)}; "
+                                  "the previous committed checkpoint stays") from e
+        written_at = time.monotonic()
+
+        # Each rank reports the files it wrote (checksummed while writing) and runs the hook;
+        # the gather is the barrier: rank 0 commits only if every rank got this far.
+        error = None
+        try:
+            self.observer.before_commit(step)
+        except Exception as e:
+            error = f"rank {self.rank} could not finish checkpoint {path}: {one_line(e)}"
+        files: dict[str, FileRecord] = {}
+        for part in _dist.gather_or_raise(dict(written.files), error, group):
+            files.update(part)
+
+        manifest = Manifest(
+            step=step, world_size=self.world_size, files=files,
+            run_id=os.environ.get("TORCHELASTIC_RUN_ID", ""),
+            restart_generation=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            torch_version=torch.__version__, created_unix=time.time(),
+            save_seconds=round(time.monotonic() - started, 4),
+            metadata={**self.metadata, **dict(metrics or {})},
+        )
+
+        def commit():
+            if DCP_METADATA_NAME not in files:
+                raise CheckpointError(f"DCP wrote no {DCP_METADATA_NAME}")
+            if self.lease is not None:
+                self.lease.check()  # another job took the root over (we were frozen): never commit into it
+            if self.hmac_key is not None:
+                manifest.sign(self.hmac_key)
+            self.storage.write_atomic(self.storage.join(dirname, MANIFEST_NAME), manifest.to_json())
+
+        _dist.on_rank0(self.rank, commit, f"committing checkpoint {path} failed; the previous committed checkpoint stays",
+                       group)
+        log.info("committed checkpoint step %d: %.1f MiB in %.3f s (write %.3f s, commit %.3f s)", step,
+                 manifest.total_bytes / 2**20, time.monotonic() - started, written_at - started,
+                 time.monotonic() - written_at)
+        try:  # the commit happened; a failing observer on one rank must not say otherwise
+            self.observer.committed(manifest)
+        except Exception as e:
+            log.warning("the observer's committed() failed for step %d: %s", step, one_line(e))
+        if self.rank == 0:  # after the commit, and never raises: no collective needed
+            self._verified.remember_good(self.storage, dirname, manifest)
+            retention.apply(self.storage, self._verified, step, keep_last=self.config.keep_last,
+                            keep_every=self.config.keep_every, mode=self.config.verify,
+                            allowed_globals=self.safe_globals, key=self.hmac_key)
+        return manifest, written
+
+    def prepare(self, step: int) -> bool:
+        """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
+        clear whatever a failed earlier save of this step left and make its directory."""
+        dirname = step_dir_name(step)
+        if is_committed(self.storage, step):
+            _, reason = verify(self.storage, dirname, self.config.verify, self.safe_globals, self.hmac_key)
+            if reason is None:
+                return True
+            # Its record does not validate, so it was never a usable commit: replace it.
+            log.warning("re-saving step %d over a checkpoint that fails verification: %s", step, reason)
+            self.storage.fs.rm(self.storage.join(dirname, MANIFEST_NAME))
+        self.storage.remove_tree(self.storage.join(dirname))
+        self.storage.makedirs(self.storage.join(dirname))
+        return False

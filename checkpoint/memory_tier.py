@@ -1,0 +1,95 @@
+"""How the manager uses the memory tier (``memory.py`` holds the slots): a snapshot per
+``memory_every`` steps, and on load, the newest step every rank holds, unless the durable tier
+is newer. Everything here is collective-free except one ``all_gather`` at start-up (does the
+shared memory fit?) and one at load (which steps do the ranks hold?)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+import torch
+
+from . import _dist
+from .config import CheckpointConfig
+from .errors import CheckpointError, one_line
+from .manifest import Manifest, is_committed, list_steps
+from .memory import ROOT_ID_NAME, MemorySnapshots, MemoryTierError, agree
+from .state import TrainingState, check_compatible, flatten_tensors
+from .storage import Storage
+
+log = logging.getLogger("checkpoint")
+
+
+class MemoryTier:
+    def __init__(self, config: CheckpointConfig, storage: Storage, training: TrainingState, rank: int,
+                 world_size: int, group, safe_globals: list):
+        self.storage, self.training, self.rank, self.group = storage, training, rank, group
+        root_id = _dist.on_rank0(rank, self._root_id, f"cannot read or write {ROOT_ID_NAME} in {storage.url}", group)
+        self.snapshots = MemorySnapshots(config.memory_dir, storage.url, os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                                         rank, world_size, root_id, safe_globals)
+        # DCP's layout, whose optimizer state exists before the first step: the full size.
+        state_bytes = sum(t.numel() * t.element_size() for t in _tensors(training.state_dict(rank)))
+        error = self.snapshots.check_space(state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        errors = [e for e in _dist.all_gather(error, group) if e]
+        if errors:  # every rank fails alike, before training
+            raise CheckpointError(errors[0])
+
+    def _root_id(self) -> str:
+        """The root's id for the memory tier: made once, so a root made again gets another."""
+        path = self.storage.join(ROOT_ID_NAME)
+        if not self.storage.exists(path):
+            self.storage.write_atomic(path, uuid.uuid4().hex.encode())
+        return self.storage.read_bytes(path).decode().strip()
+
+    def snapshot(self, step: int) -> None:
+        """Copy this rank's state into its older slot (no collective)."""
+        try:
+            self.snapshots.snapshot(step, self.training.state_dict(self.rank, dcp=False))
+        except MemoryTierError as e:
+            raise CheckpointError(str(e)) from None
+
+    def resume(self, started: float) -> tuple[Manifest | None, int | None]:
+        """Load the newest snapshot every rank holds into the live objects, if it is not older
+        than the newest durable commit: (a record of it, the newest durable step). Else
+        (None, ...) after one line saying why, and the caller loads from disk."""
+        newest = _dist.on_rank0(self.rank, self._newest_committed, f"cannot list {self.storage.url}", self.group)
+        step, why = agree(self.snapshots, lambda x: _dist.all_gather(x, self.group), newest)
+        state = None
+        if step is not None:
+            error = None
+            try:
+                state = self.snapshots.read(step)
+                saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
+                check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
+                                 self.snapshots.dir)  # the optimizer's own load_state_dict checks the rest
+            except Exception as e:
+                error = f"rank {self.rank}: {one_line(e)}"
+            errors = [e for e in _dist.all_gather(error, self.group) if e]
+            why = f"the memory snapshot of step {step} cannot be used: {errors[0]}" if errors else ""
+        if step is None or why:
+            if self.rank == 0 and (newest is not None or "hold none" not in why):
+                log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
+            self.snapshots.keep_only(None)
+            return None, newest
+        self.training.apply(state, self.rank, dcp=False)
+        self.snapshots.keep_only(step)
+        log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
+                 "checkpoint: step %s", step, time.monotonic() - started, newest)
+        return Manifest(step=step, world_size=self.snapshots.world_size, files={}, metadata={"source": "memory"}), newest
+
+    def _newest_committed(self) -> int | None:
+        return max((s for s in list_steps(self.storage) if is_committed(self.storage, s)), default=None)
+
+    def close(self) -> None:
+        """The job is done (or stopped with its state committed): free the shared memory."""
+        self.snapshots.remove()
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return [t for v in values for t in _tensors(v)]
