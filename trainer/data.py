@@ -55,8 +55,8 @@ def _split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float) -> 
 def _digits() -> tuple[Split, Split]:
     """1,797 real 8x8 handwritten digits, the file ``sklearn.datasets.load_digits`` reads.
 
-    Read straight from scikit-learn's package data: importing scikit-learn costs about 0.9 s
-    per worker here, which every restart would pay again."""
+    Read straight from scikit-learn's package data: importing scikit-learn takes most of a
+    second per worker, which every restart would pay again."""
     spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("--dataset digits needs scikit-learn installed (pip install scikit-learn)")
