@@ -113,11 +113,13 @@ class Lease:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        renewed = time.time()
         with os.fdopen(fd, "w") as f:
-            f.write(self._text())
+            f.write(self._text(renewed))
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(self.root)
+        self._renewed = renewed
         return True
 
     def _replace(self, holder: dict) -> bool:
@@ -186,9 +188,8 @@ class Lease:
             pass
 
     # -- helpers -----------------------------------------------------------------------
-    def _text(self, renewed: float | None = None) -> str:
-        self._renewed = time.time() if renewed is None else renewed
-        return json.dumps({**self.record, "renewed": self._renewed})
+    def _text(self, renewed: float) -> str:
+        return json.dumps({**self.record, "renewed": renewed})
 
     def _read(self) -> dict | None:
         try:
