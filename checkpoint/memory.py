@@ -71,7 +71,7 @@ def run_key(root: str, run_id: str) -> str:
 ROOT_ID_NAME = "memory-tier-id"
 
 
-_NESTED = (torch.Tensor, dict, list, tuple)
+_PLAIN = {int, float, bool, str, bytes, type(None)}
 
 
 def _split(obj: Any, tensors: list[torch.Tensor]) -> Any:
@@ -82,7 +82,7 @@ def _split(obj: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         return {k: _split(v, tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        if not any(isinstance(v, _NESTED) for v in obj):  # e.g. Python's RNG state: 625 ints
+        if all(map(_PLAIN.__contains__, map(type, obj))):  # Python's RNG state: 625 ints, at C speed
             return obj
         return type(obj)(_split(v, tensors) for v in obj)
     return obj
@@ -100,6 +100,17 @@ def _join(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
+def _layout_of(tensors: list[torch.Tensor]) -> tuple[list, str, int]:
+    """Where each tensor goes in a slot: [dtype, shape, offset, bytes] each, that as JSON, and
+    where the pickled rest starts."""
+    layout, offset = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes])
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return layout, json.dumps(layout), offset
+
+
 class MemorySnapshots:
     """This rank's two snapshot slots."""
 
@@ -111,7 +122,9 @@ class MemorySnapshots:
         self.allowed_globals = list(allowed_globals)  # what the non-tensor part may hold
         self.rank, self.world_size = rank, world_size
         self._next_slot: int | None = None
-        self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (size, uint8 view of its file)
+        self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (capacity, uint8 view of its file)
+        self._layout: tuple | None = None  # (tensor dtypes and shapes, layout, its JSON, where the pickle starts)
+        self._views: dict[int, list[torch.Tensor]] = {}  # slot -> a view per tensor, into the mapping
 
     def check_space(self, state_bytes: int, ranks_on_node: int) -> str | None:
         """Why two slots of ``state_bytes`` for each rank of this node will not fit, or None."""
@@ -140,27 +153,29 @@ class MemorySnapshots:
         older slot; returns the bytes written. Raises ``MemoryTierError`` when it cannot."""
         tensors: list[torch.Tensor] = []
         blob = pickle.dumps(_split(state, tensors), protocol=4)  # 5 pickles numpy arrays through _frombuffer
-        layout, offset = [], 0
-        for t in tensors:
-            nbytes = t.numel() * t.element_size()
-            layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes])
-            offset += -(-nbytes // _ALIGN) * _ALIGN
+        key = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+        if self._layout is None or self._layout[0] != key:  # the same every step, in practice
+            self._layout = (key, *_layout_of(tensors))
+            self._views.clear()
+        _, layout, layout_json, offset = self._layout
         size = offset + len(blob)
         slot = self._choose_slot()
         try:
             os.makedirs(self.dir, exist_ok=True)
             self._remove(self._path(slot, "json"))  # uncommit the slot before overwriting it
-            data = self._map(slot, size)
-            for t, (_, _, off, nbytes) in zip(tensors, layout):
-                if nbytes:
-                    data[off:off + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
+            data = self._map(slot, size, grow=True)
+            views = self._views.get(slot)
+            if views is None:
+                views = self._views[slot] = [data[off:off + n].view(getattr(torch, dtype)).view(shape)
+                                             for dtype, shape, off, n in layout if n]
+            torch._foreach_copy_(views, [t.detach() for t in tensors if t.numel()])  # one call, not one per tensor
             data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-            header = {"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
-                      "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
-                      "tensors": layout, "crc32": zlib.crc32(data.numpy())}
+            header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
+                                 "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
+                                 "crc32": zlib.crc32(data.numpy())})
             tmp = self._path(slot, "json.tmp")
             with open(tmp, "w") as f:
-                json.dump(header, f)
+                f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
             os.replace(tmp, self._path(slot, "json"))  # the slot's commit
         except OSError as e:
             free = shutil.disk_usage(os.path.dirname(self.run_dir)).free if os.path.isdir(os.path.dirname(self.run_dir)) else 0
@@ -178,15 +193,26 @@ class MemorySnapshots:
             self._next_slot = free[0] if free else min(steps, key=lambda slot: steps[slot])
         return self._next_slot
 
-    def _map(self, slot: int, size: int) -> torch.Tensor:
+    def _map(self, slot: int, size: int, grow: bool = False) -> torch.Tensor:
+        """The first ``size`` bytes of the slot's file, mapped once and kept: the pickled part's
+        length varies from step to step, so writing grows the file with room to spare (a new
+        mapping per snapshot would page-fault the whole slot in again)."""
         mapped = self._mapped.get(slot)
-        if mapped is None or mapped[0] != size:
+        if mapped is None or mapped[0] < size:
             path = self._path(slot, "data")
-            with open(path, "ab") as f:
-                f.truncate(size)
-            view = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
-            self._mapped[slot] = mapped = (size, view)
-        return mapped[1]
+            if grow:
+                capacity = -(-(size + size // 8 + 2**16) // 4096) * 4096
+                with open(path, "ab") as f:
+                    f.truncate(capacity)
+            else:
+                capacity = os.path.getsize(path)
+                if capacity < size:
+                    raise OSError(f"{path} holds {capacity} bytes, its header says {size}")
+            view = torch.from_file(path, shared=True, size=capacity, dtype=torch.uint8) if capacity \
+                else torch.empty(0, dtype=torch.uint8)
+            self._mapped[slot] = mapped = (capacity, view)
+            self._views.pop(slot, None)  # they point into the old mapping
+        return mapped[1][:size]
 
     # -- finding and reading -----------------------------------------------------------------
     def _headers(self) -> dict[int, dict]:
@@ -261,6 +287,7 @@ class MemorySnapshots:
     def remove(self) -> None:
         """This rank's slots; the run's directory too once no rank has any left."""
         self._mapped.clear()
+        self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
             os.rmdir(self.run_dir)
