@@ -95,6 +95,7 @@ class CheckpointManager:
         self._background = (BackgroundSaver(self._write_and_commit, self.stats)
                             if self.config.async_mode == "thread" else None)
         self.resumed_from_memory = False  # whether the last load() came from the memory tier
+        self._save_owed = False
         self._memory: MemoryTier | None = None
         self._committer = Committer(self.storage, self.config, self.observer, self.metadata, self.hmac_key,
                                     self.safe_globals, self.rank, self.world_size)
@@ -119,7 +120,7 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is a save step; the same answer on every rank."""
         every = self.config.save_every_steps
-        due = every > 0 and step % every == 0
+        due = (every > 0 and step % every == 0) or self._save_owed  # owed: after a memory resume
         if self.config.save_every_seconds > 0:
             # Clocks differ between ranks: rank 0 decides, everyone follows.
             late = time.monotonic() - self._last_save_time >= self.config.save_every_seconds
@@ -133,6 +134,7 @@ class CheckpointManager:
             self._memory.snapshot(step)
         if not self.should_save(step):
             return None
+        self._save_owed = False
         return self.save(step, metrics, skip_if_busy=self.config.if_busy == "skip")
 
     # -- save ------------------------------------------------------------------------------
@@ -245,7 +247,12 @@ class CheckpointManager:
             if resumed is not None:
                 self.resumed_from_memory = True
                 self.last_committed = newest_durable
-                self._last_save_time = time.monotonic()
+                # The durable schedule goes on as if there had been no failure: a save due at or
+                # before the resumed step that never committed is owed now, and the clock of
+                # time-based saves keeps running from the last one.
+                every = self.config.save_every_steps
+                last_due = resumed.step - resumed.step % every if every else 0
+                self._save_owed = last_due > (newest_durable or 0)
                 return resumed
 
         def discover():

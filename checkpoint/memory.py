@@ -106,7 +106,7 @@ def _layout_of(tensors: list[torch.Tensor]) -> tuple[list, str, int]:
     layout, offset = [], 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes])
+        layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes, str(t.device)])
         offset += -(-nbytes // _ALIGN) * _ALIGN
     return layout, json.dumps(layout), offset
 
@@ -153,7 +153,7 @@ class MemorySnapshots:
         older slot; returns the bytes written. Raises ``MemoryTierError`` when it cannot."""
         tensors: list[torch.Tensor] = []
         blob = pickle.dumps(_split(state, tensors), protocol=4)  # 5 pickles numpy arrays through _frombuffer
-        key = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+        key = tuple((t.dtype, tuple(t.shape), t.device) for t in tensors)
         if self._layout is None or self._layout[0] != key:  # the same every step, in practice
             self._layout = (key, *_layout_of(tensors))
             self._views.clear()
@@ -161,18 +161,18 @@ class MemorySnapshots:
         size = offset + len(blob)
         slot = self._choose_slot()
         try:
-            os.makedirs(self.dir, exist_ok=True)
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
             self._remove(self._path(slot, "json"))  # uncommit the slot before overwriting it
             data = self._map(slot, size, grow=True)
             views = self._views.get(slot)
             if views is None:
                 views = self._views[slot] = [data[off:off + n].view(getattr(torch, dtype)).view(shape)
-                                             for dtype, shape, off, n in layout if n]
+                                             for dtype, shape, off, n, _ in layout if n]
             torch._foreach_copy_(views, [t.detach() for t in tensors if t.numel()])  # one call, not one per tensor
             data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
             header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
                                  "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
-                                 "crc32": zlib.crc32(data.numpy())})
+                                 "crc32": zlib.crc32(layout_json.encode(), zlib.crc32(data.numpy()))})
             tmp = self._path(slot, "json.tmp")
             with open(tmp, "w") as f:
                 f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
@@ -202,8 +202,11 @@ class MemorySnapshots:
             path = self._path(slot, "data")
             if grow:
                 capacity = -(-(size + size // 8 + 2**16) // 4096) * 4096
-                with open(path, "ab") as f:
-                    f.truncate(capacity)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:  # reserve the pages now: a full tmpfs would answer a write through the mapping with SIGBUS
+                    os.posix_fallocate(fd, 0, capacity)
+                finally:
+                    os.close(fd)
             else:
                 capacity = os.path.getsize(path)
                 if capacity < size:
@@ -230,10 +233,12 @@ class MemorySnapshots:
         this world size, or {step: (slot, why not)} for one that does not."""
         found: dict[int, tuple[int, str | None]] = {}
         for slot, h in self._headers().items():
-            step = h.get("step")
-            if not isinstance(step, int):
+            step = h.get("step") if isinstance(h, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):
                 continue
-            found[step] = (slot, self._problem(slot, h))
+            problem = self._problem(slot, h)
+            if step not in found or found[step][1] is not None:  # the same step twice: a good slot wins
+                found[step] = (slot, problem)
         return found
 
     def _problem(self, slot: int, h: dict) -> str | None:
@@ -247,13 +252,13 @@ class MemorySnapshots:
             if os.path.getsize(self._path(slot, "data")) < h["size"]:
                 return "data shorter than its header says"
             data = self._map(slot, h["size"])
-            if zlib.crc32(data.numpy()) != h["crc32"]:
+            if zlib.crc32(json.dumps(h["tensors"]).encode(), zlib.crc32(data.numpy())) != h["crc32"]:
                 return "data does not match its crc32"
             self._skeleton(data, h)  # small: refuse a forged one here, so an older slot can serve
         except UnsafeCheckpointError as e:
             return str(e)
-        except (OSError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-            return f"unreadable: {e}"
+        except Exception as e:  # a malformed header or pickle: any error, never a crash before the gather
+            return f"unreadable: {type(e).__name__}: {e}"
         return None
 
     def _skeleton(self, data: torch.Tensor, h: dict) -> Any:
@@ -269,10 +274,10 @@ class MemorySnapshots:
             h = json.load(f)
         data = self._map(slot, h["size"])
         tensors = []
-        for dtype, shape, off, nbytes in h["tensors"]:
+        for dtype, shape, off, nbytes, device in h["tensors"]:
             kind = getattr(torch, dtype)
-            tensors.append(data[off:off + nbytes].view(kind).view(shape).clone() if nbytes
-                           else torch.empty(shape, dtype=kind))
+            tensor = data[off:off + nbytes].view(kind).view(shape).clone() if nbytes else torch.empty(shape, dtype=kind)
+            tensors.append(tensor.to(device))  # a CUDA tensor of the extra state goes back to its device
         return _join(self._skeleton(data, h), tensors)
 
     # -- cleaning up -------------------------------------------------------------------------
@@ -302,25 +307,20 @@ class MemorySnapshots:
             pass
 
 
-def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) -> tuple[int | None, str]:
-    """The newest step every rank holds a complete snapshot of, and not older than the
-    newest durable commit; or (None, why not). ``all_gather`` is the group's (one call: the
-    only collective of the memory tier)."""
+def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) -> tuple[list[int], str]:
+    """The steps every rank holds a complete snapshot of, newest first and none older than the
+    newest durable commit, with the problems the ranks found (one text); or ([], why none).
+    ``all_gather`` is the group's; every rank gets the same answer."""
     mine = snapshots.complete()
-    for step, (slot, problem) in sorted(mine.items()):
-        if problem:
-            log.warning("memory snapshot of step %d (%s, slot %d) not usable: %s", step, snapshots.dir, slot, problem)
     good = sorted(step for step, (_, problem) in mine.items() if problem is None)
     bad = {step: problem for step, (_, problem) in mine.items() if problem}
     gathered = all_gather((good, bad))
-    common = set(gathered[0][0]).intersection(*(set(g) for g, _ in gathered[1:]))
-    if not common:
-        problems = [f"rank {r}: step {s}: {p}" for r, (_, b) in enumerate(gathered) for s, p in sorted(b.items())]
-        empty = [str(r) for r, (g, b) in enumerate(gathered) if not g and not b]
-        why = "; ".join(problems) or (f"rank(s) {', '.join(empty)} hold none" if empty
-                                      else "the ranks hold no step in common")
-        return None, why
-    step = max(common)
-    if newest_durable is not None and newest_durable > step:
-        return None, f"the newest durable checkpoint (step {newest_durable}) is newer than the memory snapshot (step {step})"
-    return step, ""
+    problems = "; ".join(f"rank {r}: step {s}: {p}" for r, (_, b) in enumerate(gathered) for s, p in sorted(b.items()))
+    common = sorted(set(gathered[0][0]).intersection(*(set(g) for g, _ in gathered[1:])), reverse=True)
+    candidates = [step for step in common if newest_durable is None or step >= newest_durable]
+    if candidates:
+        return candidates, problems
+    if common:
+        return [], f"the newest durable checkpoint (step {newest_durable}) is newer than the memory snapshot (step {common[0]})"
+    empty = [str(r) for r, (g, b) in enumerate(gathered) if not g and not b]
+    return [], problems or (f"rank(s) {', '.join(empty)} hold none" if empty else "the ranks hold no step in common")

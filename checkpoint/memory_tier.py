@@ -27,11 +27,17 @@ class MemoryTier:
     def __init__(self, config: CheckpointConfig, storage: Storage, training: TrainingState, rank: int,
                  world_size: int, group, safe_globals: list):
         self.storage, self.training, self.rank, self.group = storage, training, rank, group
+        self.off = False
         root_id = _dist.on_rank0(rank, self._root_id, f"cannot read or write {ROOT_ID_NAME} in {storage.url}", group)
         self.snapshots = MemorySnapshots(config.memory_dir, storage.url, os.environ.get("TORCHELASTIC_RUN_ID", ""),
                                          rank, world_size, root_id, safe_globals)
-        # DCP's layout, whose optimizer state exists before the first step: the full size.
-        state_bytes = sum(t.numel() * t.element_size() for t in _tensors(training.state_dict(rank)))
+        # The objects' own state dicts (DCP's get_state_dict would run the optimizer once to make
+        # its state, which changes an Adam's step count); before the first step, count two
+        # moments per parameter for the optimizer state that will appear.
+        state = training.state_dict(rank, dcp=False)
+        state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+        if training.optimizer is not None and not training.optimizer.state:
+            state_bytes += 2 * sum(t.numel() * t.element_size() for t in _tensors(state.get("model", {})))
         error = self.snapshots.check_space(state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         errors = [e for e in _dist.all_gather(error, group) if e]
         if errors:  # every rank fails alike, before training
@@ -45,21 +51,29 @@ class MemoryTier:
         return self.storage.read_bytes(path).decode().strip()
 
     def snapshot(self, step: int) -> None:
-        """Copy this rank's state into its older slot (no collective)."""
+        """Copy this rank's state into its older slot (no collective). When that fails (the
+        shared memory filled up since start-up), this rank's tier goes off with one line and
+        training goes on: holding no snapshot, the rank makes the next restart load from disk."""
+        if self.off:
+            return
         try:
             self.snapshots.snapshot(step, self.training.state_dict(self.rank, dcp=False))
         except MemoryTierError as e:
-            raise CheckpointError(str(e)) from None
+            log.error("%s; the memory tier is off on rank %d from now on (training goes on; a restart loads "
+                      "the durable checkpoint)", e, self.rank)
+            self.snapshots.keep_only(None)
+            self.off = True
 
     def resume(self, started: float) -> tuple[Manifest | None, int | None]:
         """Load the newest snapshot every rank holds into the live objects, if it is not older
         than the newest durable commit: (a record of it, the newest durable step). Else
         (None, ...) after one line saying why, and the caller loads from disk."""
         newest = _dist.on_rank0(self.rank, self._newest_committed, f"cannot list {self.storage.url}", self.group)
-        step, why = agree(self.snapshots, lambda x: _dist.all_gather(x, self.group), newest)
-        state = None
-        if step is not None:
-            error = None
+        candidates, why = agree(self.snapshots, lambda x: _dist.all_gather(x, self.group), newest)
+        if self.rank == 0 and candidates and why:
+            log.warning("some memory snapshots are not usable: %s", why)
+        for step in candidates:  # the same list on every rank: the same collectives
+            error, state = None, None
             try:
                 state = self.snapshots.read(step)
                 saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
@@ -68,17 +82,21 @@ class MemoryTier:
             except Exception as e:
                 error = f"rank {self.rank}: {one_line(e)}"
             errors = [e for e in _dist.all_gather(error, self.group) if e]
-            why = f"the memory snapshot of step {step} cannot be used: {errors[0]}" if errors else ""
-        if step is None or why:
-            if self.rank == 0 and (newest is not None or "hold none" not in why):
-                log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
-            self.snapshots.keep_only(None)
-            return None, newest
-        self.training.apply(state, self.rank, dcp=False)
-        self.snapshots.keep_only(step)
-        log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
-                 "checkpoint: step %s", step, time.monotonic() - started, newest)
-        return Manifest(step=step, world_size=self.snapshots.world_size, files={}, metadata={"source": "memory"}), newest
+            if not errors:
+                self.training.apply(state, self.rank, dcp=False)
+                self.snapshots.keep_only(step)
+                log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
+                         "checkpoint: step %s", step, time.monotonic() - started, newest)
+                record = Manifest(step=step, world_size=self.snapshots.world_size, files={},
+                                  metadata={"source": "memory"})
+                return record, newest
+            why = f"the memory snapshot of step {step} cannot be used: {errors[0]}"
+            if self.rank == 0:
+                log.warning("%s", why)
+        if self.rank == 0 and (newest is not None or "hold none" not in why):
+            log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
+        self.snapshots.keep_only(None)
+        return None, newest
 
     def _newest_committed(self) -> int | None:
         return max((s for s in list_steps(self.storage) if is_committed(self.storage, s)), default=None)

@@ -103,7 +103,7 @@ def test_a_corrupt_slot_is_skipped_and_both_corrupt_fall_back_to_disk(tmp_path, 
     model, opt, again = _job(root, shm, save_every_steps=2)
     assert again.load().step == 4 and again.resumed_from_memory
     assert _equal(model, after[4])
-    assert "memory snapshot of step 5" in caplog.text and "does not match its crc32" in caplog.text
+    assert "rank 0: step 5: data does not match its crc32" in caplog.text
 
     after = _train(model, opt, again, range(5, 7))  # memory 5 and 6 (4 was kept until 6 replaced it)
     for step in (5, 6):
@@ -134,7 +134,8 @@ def test_a_forged_snapshot_never_runs_code(tmp_path, caplog):
     start, _ = header["skeleton"]
     data = open(os.path.join(ckpt._memory.snapshots.dir, f"slot{slot}.data"), "rb").read()[:start] + pickle.dumps(Payload(marker))
     open(os.path.join(ckpt._memory.snapshots.dir, f"slot{slot}.data"), "wb").write(data)
-    header.update(size=len(data), skeleton=[start, len(data) - start], crc32=zlib.crc32(data))
+    header.update(size=len(data), skeleton=[start, len(data) - start],
+                  crc32=zlib.crc32(json.dumps(header["tensors"]).encode(), zlib.crc32(data)))  # as the writer does
     json.dump(header, open(header_path, "w"))
 
     caplog.set_level(logging.INFO, logger="checkpoint")
@@ -224,6 +225,62 @@ def test_an_unusable_memory_dir_is_one_line(tmp_path):
                   "--memory-every", "1", "--memory-dir", str(tmp_path / "a-file")], timeout=120)
     assert result.returncode == 2 and "the memory tier cannot use" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+FILLS_THE_TMPFS = r"""
+import sys, torch
+from checkpoint.memory import MemorySnapshots, MemoryTierError
+snapshots = MemorySnapshots(sys.argv[1], "/root", "run", 0, 1, "id")
+try:
+    snapshots.snapshot(1, {"w": torch.ones(1_000_000)})  # 4 MB into 1 MiB
+except MemoryTierError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_full_tmpfs_is_an_error_not_a_sigbus(tiny_tmpfs, tmp_path):
+    script = tmp_path / "fill.py"
+    script.write_text(FILLS_THE_TMPFS)
+    result = run([sys.executable, str(script), str(tiny_tmpfs)], timeout=60)
+    assert result.returncode == 0, result.output  # a write through a mapping of a full tmpfs is a SIGBUS (-7)
+    assert "refused: cannot write a memory snapshot of step 1" in result.output and "No space left" in result.output
+
+
+def test_the_memory_tier_does_not_change_an_adam_run(tmp_path):
+    """Sizing the state at start-up must not run DCP's get_state_dict, which steps an empty
+    optimizer once to make its state (an Adam's step count would differ)."""
+    weights = {}
+    for every in (0, 1):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        ckpt = CheckpointManager(tmp_path / f"c{every}", model=model, optimizer=opt, memory_every=every,
+                                 memory_dir=str(tmp_path / "shm"))
+        _train(model, opt, ckpt, range(1, 4))
+        weights[every] = copy.deepcopy(model.state_dict())
+        ckpt.close()
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+
+
+def test_a_durable_save_lost_to_the_failure_is_made_after_a_memory_resume(tmp_path):
+    """Saves every 2 steps; the save of step 4 fails before its commit (the job dies there).
+    The restart resumes from memory at 4 and owes the durable save: step 5 is committed."""
+    from checkpoint import Observer
+
+    class FailStep4(Observer):
+        def before_commit(self, step):
+            if step == 4:
+                raise RuntimeError("died before the commit")
+
+    root, shm = tmp_path / "ckpt", tmp_path / "shm"
+    model, opt, ckpt = _job(root, shm, save_every_steps=2, observer=FailStep4())
+    with pytest.raises(Exception, match="died before the commit"):
+        _train(model, opt, ckpt, range(1, 5))
+    model, opt, again = _job(root, shm, save_every_steps=2)
+    assert again.load().step == 4 and again.resumed_from_memory and again.last_committed == 2
+    _train(model, opt, again, [5])
+    assert latest_committed(root).step == 5
+    again.close()
 
 
 @pytest.mark.parametrize("value, message", [("-1", "--memory-every must be >= 0, got -1")])

@@ -194,7 +194,7 @@ def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, 
     step = resumed.step if resumed else 0
     reporter.event("resumed" if resumed else "fresh_start", step=step, world_size=world,
                    load_seconds=round(time.monotonic() - started, 4),
-                   source="memory" if ckpt.resumed_from_memory else "disk")
+                   source=("memory" if ckpt.resumed_from_memory else "disk") if resumed else None)
     if rank == 0:
         if resumed:
             source = "memory snapshot" if ckpt.resumed_from_memory else "committed checkpoint"
