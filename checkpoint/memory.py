@@ -126,24 +126,6 @@ class MemorySnapshots:
         self._layout: tuple | None = None  # (tensor dtypes and shapes, layout, its JSON, where the pickle starts)
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> a view per tensor, into the mapping
 
-    def check_space(self, state_bytes: int, ranks_on_node: int) -> str | None:
-        """Why two slots of ``state_bytes`` for each rank of this node will not fit, or None."""
-        slot = state_bytes + 2**20  # and the pickled non-tensor part
-        need = 2 * slot * ranks_on_node
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-            held = sum(os.path.getsize(os.path.join(self.dir, n)) for n in os.listdir(self.dir) if n.endswith(".data"))
-            free = shutil.disk_usage(self.dir).free + held * ranks_on_node  # our own slots get reused
-        except OSError as e:
-            return f"the memory tier cannot use {self.dir}: {e.strerror or e}; give another --memory-dir " \
-                   "(memory_dir=), or turn it off (--memory-every 0)"
-        if free < need:
-            return (f"the memory tier needs 2 slots x {slot / 2**20:.1f} MiB per rank x {ranks_on_node} rank(s) on this "
-                    f"node = {need / 2**20:.0f} MiB in {os.path.dirname(self.run_dir)}, which has {free / 2**20:.0f} MiB "
-                    f"free: give the container more shared memory (docker run --shm-size={int(need * 1.25 / 2**20) + 64}m), "
-                    "another --memory-dir, or turn it off (--memory-every 0)")
-        return None
-
     def _path(self, slot: int, ext: str) -> str:
         return os.path.join(self.dir, f"slot{slot}.{ext}")
 
@@ -305,22 +287,3 @@ class MemorySnapshots:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-
-def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) -> tuple[list[int], str]:
-    """The steps every rank holds a complete snapshot of, newest first and none older than the
-    newest durable commit, with the problems the ranks found (one text); or ([], why none).
-    ``all_gather`` is the group's; every rank gets the same answer."""
-    mine = snapshots.complete()
-    good = sorted(step for step, (_, problem) in mine.items() if problem is None)
-    bad = {step: problem for step, (_, problem) in mine.items() if problem}
-    gathered = all_gather((good, bad))
-    problems = "; ".join(f"rank {r}: step {s}: {p}" for r, (_, b) in enumerate(gathered) for s, p in sorted(b.items()))
-    common = sorted(set(gathered[0][0]).intersection(*(set(g) for g, _ in gathered[1:])), reverse=True)
-    candidates = [step for step in common if newest_durable is None or step >= newest_durable]
-    if candidates:
-        return candidates, problems
-    if common:
-        return [], f"the newest durable checkpoint (step {newest_durable}) is newer than the memory snapshot (step {common[0]})"
-    empty = [str(r) for r, (g, b) in enumerate(gathered) if not g and not b]
-    return [], problems or (f"rank(s) {', '.join(empty)} hold none" if empty else "the ranks hold no step in common")

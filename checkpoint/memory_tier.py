@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import uuid
 
@@ -16,7 +17,7 @@ from . import _dist
 from .config import CheckpointConfig
 from .errors import CheckpointError, one_line
 from .manifest import Manifest, is_committed, list_steps
-from .memory import ROOT_ID_NAME, MemorySnapshots, MemoryTierError, agree
+from .memory import ROOT_ID_NAME, MemorySnapshots, MemoryTierError
 from .state import TrainingState, check_compatible, flatten_tensors
 from .storage import Storage
 
@@ -38,7 +39,7 @@ class MemoryTier:
         state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
         if training.optimizer is not None and not training.optimizer.state:
             state_bytes += 2 * sum(t.numel() * t.element_size() for t in _tensors(state.get("model", {})))
-        error = self.snapshots.check_space(state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        error = check_space(self.snapshots, state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         errors = [e for e in _dist.all_gather(error, group) if e]
         if errors:  # every rank fails alike, before training
             raise CheckpointError(errors[0])
@@ -104,6 +105,44 @@ class MemoryTier:
     def close(self) -> None:
         """The job is done (or stopped with its state committed): free the shared memory."""
         self.snapshots.remove()
+
+
+def check_space(snapshots: MemorySnapshots, state_bytes: int, ranks_on_node: int) -> str | None:
+        """Why two slots of ``state_bytes`` for each rank of this node will not fit, or None."""
+        slot = state_bytes + 2**20  # and the pickled non-tensor part
+        need = 2 * slot * ranks_on_node
+        try:
+            os.makedirs(snapshots.dir, exist_ok=True)
+            held = sum(os.path.getsize(os.path.join(snapshots.dir, n)) for n in os.listdir(snapshots.dir) if n.endswith(".data"))
+            free = shutil.disk_usage(snapshots.dir).free + held * ranks_on_node  # our own slots get reused
+        except OSError as e:
+            return f"the memory tier cannot use {snapshots.dir}: {e.strerror or e}; give another --memory-dir " \
+                   "(memory_dir=), or turn it off (--memory-every 0)"
+        if free < need:
+            return (f"the memory tier needs 2 slots x {slot / 2**20:.1f} MiB per rank x {ranks_on_node} rank(s) on this "
+                    f"node = {need / 2**20:.0f} MiB in {os.path.dirname(snapshots.run_dir)}, which has {free / 2**20:.0f} MiB "
+                    f"free: give the container more shared memory (docker run --shm-size={int(need * 1.25 / 2**20) + 64}m), "
+                    "another --memory-dir, or turn it off (--memory-every 0)")
+        return None
+
+
+def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) -> tuple[list[int], str]:
+    """The steps every rank holds a complete snapshot of, newest first and none older than the
+    newest durable commit, with the problems the ranks found (one text); or ([], why none).
+    ``all_gather`` is the group's; every rank gets the same answer."""
+    mine = snapshots.complete()
+    good = sorted(step for step, (_, problem) in mine.items() if problem is None)
+    bad = {step: problem for step, (_, problem) in mine.items() if problem}
+    gathered = all_gather((good, bad))
+    problems = "; ".join(f"rank {r}: step {s}: {p}" for r, (_, b) in enumerate(gathered) for s, p in sorted(b.items()))
+    common = sorted(set(gathered[0][0]).intersection(*(set(g) for g, _ in gathered[1:])), reverse=True)
+    candidates = [step for step in common if newest_durable is None or step >= newest_durable]
+    if candidates:
+        return candidates, problems
+    if common:
+        return [], f"the newest durable checkpoint (step {newest_durable}) is newer than the memory snapshot (step {common[0]})"
+    empty = [str(r) for r, (g, b) in enumerate(gathered) if not g and not b]
+    return [], problems or (f"rank(s) {', '.join(empty)} hold none" if empty else "the ranks hold no step in common")
 
 
 def _tensors(obj) -> list[torch.Tensor]:
