@@ -101,8 +101,8 @@ def _join(obj: Any, tensors: list[torch.Tensor]) -> Any:
 
 
 def _layout_of(tensors: list[torch.Tensor]) -> tuple[list, str, int]:
-    """Where each tensor goes in a slot: [dtype, shape, offset, bytes] each, that as JSON, and
-    where the pickled rest starts."""
+    """Where each tensor goes in a slot: [dtype, shape, offset, bytes, device] each, that as
+    JSON, and where the pickled rest starts."""
     layout, offset = [], 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
@@ -170,7 +170,7 @@ class MemorySnapshots:
 
     def _choose_slot(self) -> int:
         if self._next_slot is None:  # this process's first snapshot: keep the newest slot intact
-            steps = {slot: h.get("step", -1) for slot, h in self._headers().items()}
+            steps = {slot: h.get("step") if isinstance(h.get("step"), int) else -1 for slot, h in self._headers().items()}
             free = [slot for slot in (0, 1) if slot not in steps]
             self._next_slot = free[0] if free else min(steps, key=lambda slot: steps[slot])
         return self._next_slot
@@ -205,9 +205,11 @@ class MemorySnapshots:
         for slot in (0, 1):
             try:
                 with open(self._path(slot, "json")) as f:
-                    out[slot] = json.load(f)
+                    header = json.load(f)
             except (OSError, ValueError):
                 continue
+            if isinstance(header, dict):  # anything else is no header (every caller reads fields)
+                out[slot] = header
         return out
 
     def complete(self) -> dict[int, tuple[int, str | None]]:
@@ -215,7 +217,7 @@ class MemorySnapshots:
         this world size, or {step: (slot, why not)} for one that does not."""
         found: dict[int, tuple[int, str | None]] = {}
         for slot, h in self._headers().items():
-            step = h.get("step") if isinstance(h, dict) else None
+            step = h.get("step")
             if not isinstance(step, int) or isinstance(step, bool):
                 continue
             problem = self._problem(slot, h)
