@@ -36,10 +36,14 @@ class CheckpointConfig:
                 "wait for it, or skip this save (logged; rank 0 decides for all)"})
     io_threads: int = field(default=1, metadata={
         "help": "files each rank writes in parallel per checkpoint (DCP's thread_count)"})
-    memory_every: int = field(default=0, metadata={
-        "help": "memory tier: snapshot the training state into node-local shared memory every N steps "
-                "(0: off); a restarted group resumes from the newest step every rank holds, without reading "
-                "the disk (two slots per rank, each the size of the rank's state)"})
+    memory_every: int | str = field(default=0, metadata={
+        "help": "memory tier: snapshot the training state into node-local shared memory every N steps, or "
+                "auto (every step, or every N steps where a snapshot would take more than --memory-overhead of "
+                "a step; measured over the first steps, the same N on every rank); 0: off. A restarted group "
+                "resumes from the newest step every rank holds, without reading the disk (two slots per rank, "
+                "each the size of the rank's state)"})
+    memory_overhead: float = field(default=0.05, metadata={
+        "help": "memory tier, auto interval only: the share of training time snapshots may take"})
     memory_dir: str = field(default="/dev/shm", metadata={
         "help": "memory tier: the tmpfs directory the snapshots live in (they outlive the worker, not the node)"})
     allow_fresh_start: bool = field(default=False, metadata={
@@ -56,9 +60,18 @@ class CheckpointConfig:
             elif f.type in ("bool", "str") and not isinstance(value, {"bool": bool, "str": str}[f.type]):
                 self._invalid(f.name, f"must be a {f.type}")
             setattr(self, f.name, {"int": int, "float": float}.get(f.type, lambda v: v)(value))
-        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every", "memory_every"):
+        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every"):
             if getattr(self, name) < 0:
                 self._invalid(name, "must be >= 0")
+        every = self.memory_every
+        if isinstance(every, str) and every.strip().isdigit():  # "3" from a config file or a flag
+            every = self.memory_every = int(every)
+        if every != "auto" and (isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 0):
+            self._invalid("memory_every", "must be auto or an integer >= 0")
+        if every != "auto":
+            self.memory_every = int(every)
+        if not 0 < self.memory_overhead < 1:
+            self._invalid("memory_overhead", "must be between 0 and 1 (a share of the step time, e.g. 0.05)")
         for name, allowed in (("verify", VERIFY_MODES), ("async_mode", ASYNC_MODES), ("if_busy", IF_BUSY)):
             if getattr(self, name) not in allowed:
                 self._invalid(name, f"must be {' or '.join(allowed)}")

@@ -110,6 +110,12 @@ class CheckpointManager:
             self._memory = MemoryTier(self.config, self.storage, self.training, self.rank, self.world_size,
                                       self._group, self.safe_globals)
 
+    @property
+    def memory_dir(self) -> str | None:
+        """This job's snapshot directory in the memory tier (None when the tier is off): what
+        a launcher cleans up, or persists from, after the job ends for good."""
+        return self._memory.snapshots.run_dir if self._memory is not None else None
+
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)
 
@@ -130,8 +136,8 @@ class CheckpointManager:
     def maybe_save(self, step: int, metrics: Mapping[str, Any] | None = None) -> SaveResult | None:
         """Call every step with the same ``step`` on every rank: takes the memory snapshot when
         due, then saves when due (None when not)."""
-        if self._memory is not None and step % self.config.memory_every == 0:
-            self._memory.snapshot(step)
+        if self._memory is not None:
+            self._memory.maybe_snapshot(step)
         if not self.should_save(step):
             return None
         self._save_owed = False

@@ -6,6 +6,7 @@ shared memory fit?) and one at load (which steps do the ranks hold?)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -23,12 +24,20 @@ from .storage import Storage
 
 log = logging.getLogger("checkpoint")
 
+TUNE_AFTER, WARMUP = 20, 4  # "auto" times this many snapshots, the first few not counted
+
 
 class MemoryTier:
     def __init__(self, config: CheckpointConfig, storage: Storage, training: TrainingState, rank: int,
                  world_size: int, group, safe_globals: list):
         self.storage, self.training, self.rank, self.group = storage, training, rank, group
         self.off = False
+        # A fixed interval, or None while "auto" is still measuring (a snapshot every step until then).
+        self.interval: int | None = None if config.memory_every == "auto" else config.memory_every
+        self.overhead = config.memory_overhead
+        self._costs: list[float] = []  # auto: seconds per snapshot, and per step without it
+        self._steps: list[float] = []
+        self._last_call: tuple[float, float] | None = None  # (when the last call began, its snapshot's cost)
         root_id = _dist.on_rank0(rank, self._root_id, f"cannot read or write {ROOT_ID_NAME} in {storage.url}", group)
         self.snapshots = MemorySnapshots(config.memory_dir, storage.url, os.environ.get("TORCHELASTIC_RUN_ID", ""),
                                          rank, world_size, root_id, safe_globals)
@@ -50,6 +59,40 @@ class MemoryTier:
         if not self.storage.exists(path):
             self.storage.write_atomic(path, uuid.uuid4().hex.encode())
         return self.storage.read_bytes(path).decode().strip()
+
+    def maybe_snapshot(self, step: int) -> None:
+        """Called every step, on every rank: snapshot when due. Under "auto", every step for the
+        first ``TUNE_AFTER`` calls, timing each; then one ``all_gather`` of the timings sets
+        the interval, the same on every rank (their snapshots must hold the same steps)."""
+        if self.interval is not None:
+            if step % self.interval == 0:
+                self.snapshot(step)
+            return
+        began = time.perf_counter()
+        if self._last_call is not None:
+            self._steps.append(began - self._last_call[0] - self._last_call[1])
+        self.snapshot(step)
+        cost = time.perf_counter() - began
+        self._last_call = (began, cost)
+        self._costs.append(cost)
+        if len(self._costs) == TUNE_AFTER:
+            self.interval = self._tune()
+
+    def _tune(self) -> int:
+        """The smallest interval at which snapshots take at most ``overhead`` of the time,
+        from every rank's median timings (the first few calls map and fault the slots in)."""
+        def median(xs):
+            xs = sorted(xs[WARMUP:])
+            return xs[len(xs) // 2]
+
+        timings = _dist.all_gather((median(self._costs), median(self._steps)), self.group)
+        cost, step = max(c for c, _ in timings), max(min(s for _, s in timings), 1e-9)
+        interval = max(1, math.ceil(cost / (self.overhead * step)))
+        if self.rank == 0:
+            log.info("memory tier: a snapshot takes %.2f ms, a step %.2f ms: one snapshot every %d step(s) keeps "
+                     "them under %.0f%% of the time (--memory-every N to choose)", cost * 1e3, step * 1e3,
+                     interval, self.overhead * 100)
+        return interval
 
     def snapshot(self, step: int) -> None:
         """Copy this rank's state into its older slot (no collective). When that fails (the

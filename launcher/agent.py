@@ -10,12 +10,14 @@ hooks of that loop:
   (starting, training, loading/saving: ``launcher.policy``); the hung workers are SIGKILLed
   so the restart does not wait on them.
 - ``_restart_workers`` waits an exponential backoff when restarts stop making progress, and
-  refuses to restart after ``crash_loop_limit`` restarts that did not advance the newest
-  committed checkpoint.
+  refuses to restart after ``crash_loop_limit`` restarts that made no progress (no newer
+  committed checkpoint, no step past the failure before).
 - ``_stop_workers`` SIGKILLs a failed group at once: its survivors cannot commit anything
   without the dead rank, so TorchElastic's SIGTERM-and-wait-30-s only delays recovery.
 - ``request_stop`` (preemption) writes the stop file the workers poll, so they agree on a
   step, commit it and exit 0; past ``grace_period`` the agent kills them.
+- ``persist_memory``: after the last failure, the memory tier's newest snapshot is
+  committed to the durable tier (``launcher.persist``).
 - Every transition is appended to ``events.jsonl`` in the run directory.
 """
 
@@ -51,7 +53,8 @@ class FaultTolerantAgent(LocalElasticAgent):
         self._generation_started = time.monotonic()
         self._known_committed: int | None = None  # newest committed step any beat reported
         self._committed_at_last_failure: int | None = None
-        self._streak = 0  # failures in a row that did not advance the committed step
+        self._reached_at_last_failure: int | None = None  # the furthest step any rank reached
+        self._streak = 0  # failures in a row that made no progress
         self._last_failed = False
         self.stop_requested_at: float | None = None
         self.stop_reason: str | None = None  # why the agent gave up restarting, if it did
@@ -251,16 +254,30 @@ class FaultTolerantAgent(LocalElasticAgent):
             self._give_up(f"this node's workers failed at start {self._start_failures} times in a row (last: "
                           f"{self.last_failure}); the node leaves the job and the other nodes go on without it")
             return
-        progressed = self._known_committed is not None and (
-            self._committed_at_last_failure is None or self._known_committed > self._committed_at_last_failure)
+        # Progress: a newer commit, or a later step reached than at the failure before (with the
+        # memory tier a restart resumes where the last one died, and commits may be far apart;
+        # a crash at the same step every time is still a loop).
+        reached = max((b.step for b in beats.values() if b.step is not None), default=None)
+        progressed = (self._known_committed is not None and (
+            self._committed_at_last_failure is None or self._known_committed > self._committed_at_last_failure)) or (
+            reached is not None and reached >= 0 and (
+                self._reached_at_last_failure is None or reached > self._reached_at_last_failure))
         self._committed_at_last_failure = self._known_committed
+        self._reached_at_last_failure = reached
         self._streak = 0 if progressed else self._streak + 1
         if self.stop_requested_at is not None:
             self._give_up("a worker failed while the job was stopping")
         elif self._streak > self.policy.crash_loop_limit:
             self.event("crash_loop", restarts_without_progress=self._streak - 1, last_committed=self._known_committed)
-            self._give_up(f"{self._streak - 1} restarts in a row did not advance the committed checkpoint "
-                          f"(last committed step: {self._known_committed})")
+            self._give_up(f"{self._streak - 1} restarts in a row made no progress: no newer committed checkpoint "
+                          f"(newest: {'none' if self._known_committed is None else f'step {self._known_committed}'}), "
+                          "no step past the failure before")
+
+    def persist_memory(self) -> None:
+        """After the last failure: commit the memory tier's newest snapshot (``persist.py``)."""
+        from .persist import persist_memory
+
+        persist_memory(self)
 
     # -- preemption ---------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 RUN_DIR_ENV = "FTLAUNCH_RUN_DIR"
 WORKER_ID_ENV = "FTLAUNCH_WORKER_ID"  # set by the pre-warm client: the pid TorchElastic knows
+PERSIST_ENV = "FTLAUNCH_PERSIST_MEMORY"  # set by ftlaunch for the last generation of a failed job: move the memory snapshot to disk, exit
 AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: its agent's pid (workers die with it; a node kill starts there)
 
 STARTING = "starting"  # launcher.bootstrap: the script begins (torch imported); Reporter: it exists

@@ -30,8 +30,8 @@ class Policy:
         "seconds a rank may spend launching (importing torch before its script starts), loading, saving, stopping "
         "or finishing (eval, final save, exit) before it counts as hung (0: off)")})
     crash_loop_limit: int = field(default=3, metadata={"help": (
-        "stop after this many restarts in a row that did not advance the committed checkpoint (as reported in "
-        "heartbeats; a script without launcher.worker.Reporter never advances)")})
+        "stop after this many restarts in a row that made no progress: no newer committed checkpoint and no step "
+        "past the one the failure before reached (as reported in heartbeats)")})
     restart_backoff: float = field(default=1.0, metadata={"help": (
         "first wait before a restart after one that made no progress; doubles each time, at most 60 s")})
     grace_period: float = field(default=30.0, metadata={"help": (

@@ -19,6 +19,12 @@ def summarize(events: list[dict]) -> dict:
     seconds from the failure (for a hang: the rank's last progress) to the first step of the
     next generation. A failure no generation recovered from has no such figures (None)."""
     events = sorted(events, key=lambda e: e["time"])
+    commits = [e["step"] for e in events if e["event"] == "save_commit"]
+    persisted = next((e for e in events if e["event"] == "persist_end"), None)
+    # After the last failure ftlaunch may start one more generation that only moves the memory
+    # tier's snapshot to disk (agent.persist_memory): not an attempt, not a recovery.
+    begin = next((i for i, e in enumerate(events) if e["event"] == "persist_begin"), len(events))
+    events = events[:begin]
     failures = []  # one per failed generation: its first failure event (root cause first)
     seen_attempts = set()
     for e in events:
@@ -37,7 +43,6 @@ def summarize(events: list[dict]) -> dict:
         f["resumed_from"] = resumed.get("source") if resumed else None  # "memory", "disk" (None: not said)
         f["steps_lost"] = max(0, f["last_step"] - resumed["step"]) if resumed else None
         f["seconds_lost"] = round(first["time"] - f["since"], 2) if first else None
-    commits = [e["step"] for e in events if e["event"] == "save_commit"]
     by_kind: dict[str, int] = {}
     for f in failures:
         by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + 1
@@ -50,6 +55,7 @@ def summarize(events: list[dict]) -> dict:
         "seconds_lost": round(sum(f["seconds_lost"] or 0 for f in failures), 2),
         "last_committed": max(commits) if commits else None,
         "ended_by": end["event"] if end else None,
+        "persisted": {"step": persisted["step"], "ok": persisted["ok"], "why": persisted.get("why")} if persisted else None,
         "end_step": end["step"] if end else None,
     }
 
@@ -76,5 +82,10 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
                      "(failure, or a hung rank's last progress, -> first step of the next generation)")
     else:
         lines.append("failures: none")
+    persisted = summary.get("persisted")
+    if persisted:
+        lines.append(f"memory tier: the snapshot of step {persisted['step']} was committed to the durable tier before "
+                     "exit" if persisted["ok"] else
+                     f"memory tier: committing the snapshot of step {persisted['step']} failed ({persisted['why']})")
     lines.append(f"last committed step: {summary['last_committed']}")
     return "\n".join(lines)

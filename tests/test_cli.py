@@ -65,20 +65,24 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "c" / "step-00000006").iterdir()} == before
 
 
-def test_single_process_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("memory, resumes", [("0", "resumed from step 4 (committed checkpoint"),
+                                            ("auto", "resumed from step 5 (memory snapshot")])
+def test_single_process_resume_is_exact(tmp_path, memory, resumes):
+    """A plain ``python train.py`` that fails at step 6 and is run again: from the commit of
+    step 4, or (the default) from the memory snapshot of step 5, which outlived the process."""
+    args = ("--max-steps", "12", "--save-every-steps", "4", "--memory-every", memory,
+            "--memory-dir", str(tmp_path / "shm"))
     straight = tmp_path / "straight"
-    assert run(train_cmd("--ckpt-dir", str(straight), "--max-steps", "12", "--save-every-steps", "4"),
-               timeout=120).returncode == 0
+    assert run(train_cmd("--ckpt-dir", str(straight), *args), timeout=120).returncode == 0
     split = tmp_path / "split"
-    first = run(train_cmd("--ckpt-dir", str(split), "--max-steps", "12", "--save-every-steps", "4",
-                          "--inject", "raise:rank=0:step=6"), timeout=120)
+    first = run(train_cmd("--ckpt-dir", str(split), *args, "--inject", "raise:rank=0:step=6"), timeout=120)
     assert first.returncode != 0 and "injected fault at step 6" in first.output
-    second = run(train_cmd("--ckpt-dir", str(split), "--max-steps", "12", "--save-every-steps", "4",
-                           "--inject", "raise:rank=0:step=6"), timeout=120)
+    second = run(train_cmd("--ckpt-dir", str(split), *args, "--inject", "raise:rank=0:step=6"), timeout=120)
     assert second.returncode == 0, second.tail()
-    assert "resumed from step 4" in second.output
+    assert resumes in second.output, second.tail()
     assert_training_state_equal(load_checkpoint(split / "step-00000012", tmp_path),
                                 load_checkpoint(straight / "step-00000012", tmp_path))
+    assert not (tmp_path / "shm").exists() or not any((tmp_path / "shm").iterdir()), "shared memory left behind"
 
 
 def write_idx_images(path, images):

@@ -13,8 +13,10 @@ from procs import assert_training_state_equal, latest_committed, load_checkpoint
 # These runs assert which step a restart resumes from, so saves are synchronous: an async
 # save of step 30 may still be in flight when a worker dies at step 35 (then 20 is the newest
 # commit, correctly). The reference ran with async saves; bitwise equality spans both modes.
-# Async saves under faults: tests/test_async_save.py.
-ARGS = [*REFERENCE_ARGS, "--async-save", "off"]
+# Async saves under faults: tests/test_async_save.py. The memory tier (on by default in
+# train.py) is off: these runs resume from the durable tier (the memory tier's own runs are in
+# tests/test_memory_tier.py).
+ARGS = [*REFERENCE_ARGS, "--async-save", "off", "--memory-every", "0"]
 
 def resumed_steps(output: str) -> list[int]:
     return [int(s) for s in re.findall(r"resumed from step (\d+)", output)]

@@ -15,9 +15,10 @@ from procs import (REPO, assert_training_state_equal, finish, ftlaunch_cmd, late
                    events_of, read_events, run, start, wait_for_event)
 
 # Synchronous saves: these tests assert which step each restart resumes from (an async save
-# may still be in flight when a worker dies a few steps later; see tests/test_async_save.py).
+# may still be in flight when a worker dies a few steps later; see tests/test_async_save.py),
+# from the durable tier (the memory tier, on by default in train.py, has tests/test_memory_tier.py).
 TRAIN_ARGS = ("--max-steps", "50", "--save-every-steps", "10", "--keep-last", "0", "--log-every", "10",
-              "--async-save", "off")
+              "--async-save", "off", "--memory-every", "0")
 TIMEOUT = 240
 
 
@@ -99,7 +100,7 @@ def test_crash_loop_stops_with_a_summary(tmp_path):
                               "--restart-backoff", "0.05", script=str(REPO / "tests/scripts/dies_at_start.py")),
                  timeout=120)
     assert result.returncode == 1, result.tail()
-    assert "result: failed: 2 restarts in a row did not advance the committed checkpoint" in result.output
+    assert "result: failed: 2 restarts in a row made no progress: no newer committed checkpoint" in result.output
     assert "attempts: 3 (2 restarts)" in result.output and "3 x exit code 1" in result.output
     backoffs = [e["backoff_seconds"] for e in events_of(run_dir, "restart")]
     assert backoffs == [0.05, 0.1], backoffs  # exponential

@@ -44,6 +44,24 @@ def test_killed_workers_resume_from_memory_bit_exactly(reference, tmp_path):
     assert not any(shm.iterdir()), "shared memory left behind after the run finished"
 
 
+def test_the_default_auto_interval_resumes_from_memory_bit_exactly(reference, tmp_path):
+    """train.py's default memory tier ("auto"; a budget that lets this small model snapshot
+    every step or two) under ftlaunch: the kill after step 35 resumes from a memory snapshot
+    newer than the commit of step 30, and the run ends bit-equal to the reference."""
+    _, expected = reference
+    ckpt, shm, run_dir = tmp_path / "ckpt", tmp_path / "shm", tmp_path / "run"
+    result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--max-restarts", "1",
+                              script_args=("--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--memory-overhead", "0.5",
+                                           "--memory-dir", str(shm), "--inject", "kill:rank=1:step=35")),
+                 timeout=REFERENCE_TIMEOUT)
+    assert result.returncode == 0, result.tail()
+    assert "memory tier: a snapshot takes" in result.output and "under 50% of the time" in result.output
+    [resumed] = events_of(run_dir, "resumed")
+    assert resumed["source"] == "memory" and 30 < resumed["step"] <= 34, resumed
+    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
+    assert not any(shm.iterdir())
+
+
 def test_ftlaunch_summary_says_the_restart_came_from_memory(reference, tmp_path):
     _, expected = reference
     ckpt, shm, run_dir = tmp_path / "ckpt", tmp_path / "shm", tmp_path / "run"
@@ -56,6 +74,29 @@ def test_ftlaunch_summary_says_the_restart_came_from_memory(reference, tmp_path)
     assert [(e["step"], e["source"]) for e in events_of(run_dir, "resumed")] == [(22, "memory")]
     assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
     assert not any(shm.iterdir())
+
+
+def test_a_job_that_ends_for_good_commits_its_memory_snapshot_before_exit(reference, tmp_path):
+    """No restart left (--max-restarts 0), durable saves every 200 steps: the kill at step 23
+    ends the job. ftlaunch's last generation commits the memory snapshot of step 22 and frees
+    the shared memory; the job exits 1 and says so. A relaunch resumes from step 22 on disk
+    and ends bit-equal to the uninterrupted reference."""
+    _, expected = reference
+    ckpt, shm = tmp_path / "ckpt", tmp_path / "shm"
+    args = ("--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--save-every-steps", "200", "--memory-every", "1",
+            "--memory-dir", str(shm))
+    first = run(ftlaunch_cmd(2, "--run-dir", str(tmp_path / "run1"), "--max-restarts", "0",
+                             script_args=(*args, "--inject", "kill:rank=1:step=23")), timeout=REFERENCE_TIMEOUT)
+    assert first.returncode == 1, first.tail()
+    assert "result: failed: all 0 restarts used" in first.output, first.tail()
+    assert "memory tier: the snapshot of step 22 was committed to the durable tier before exit" in first.output
+    assert "attempts: 1 (0 restarts)" in first.output and "not recovered (no restart followed)" in first.output
+    assert latest_committed(ckpt).step == 22
+    assert not any(shm.iterdir()), "shared memory left behind"
+    second = run(ftlaunch_cmd(2, "--run-dir", str(tmp_path / "run2"), script_args=args), timeout=REFERENCE_TIMEOUT)
+    assert second.returncode == 0, second.tail()
+    assert "resumed from step 22 (committed checkpoint" in second.output, second.tail()
+    assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
 
 
 def _job(root, shm, **options):
@@ -283,7 +324,46 @@ def test_a_durable_save_lost_to_the_failure_is_made_after_a_memory_resume(tmp_pa
     again.close()
 
 
-@pytest.mark.parametrize("value, message", [("-1", "--memory-every must be >= 0, got -1")])
+def _auto_run(tmp_path, name, features, overhead, matmuls, steps):
+    """A model of ``features``² weights under memory_every="auto"; each step does ``matmuls``
+    512² matmuls of work. The tier's interval after ``steps`` steps, and the steps its slots hold."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(features, features)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)  # no optimizer state: the snapshot is the weights
+    ckpt = CheckpointManager(tmp_path / name, model=model, optimizer=opt, memory_every="auto",
+                             memory_overhead=overhead, memory_dir=str(tmp_path / "shm"))
+    work = torch.randn(512, 512)
+    for step in range(1, steps + 1):
+        for _ in range(matmuls):
+            work = torch.tanh(work @ work)
+        ckpt.maybe_save(step)
+    held = sorted(ckpt._memory.snapshots.complete())
+    interval = ckpt._memory.interval
+    ckpt.close()
+    return interval, held
+
+
+def test_auto_interval_keeps_snapshots_within_the_overhead_budget(tmp_path, caplog):
+    """"auto" snapshots every step while it measures (20 steps), then every N steps, N the
+    smallest interval at which the measured snapshot cost stays within the budget."""
+    from checkpoint.memory_tier import TUNE_AFTER
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    # 64 MiB of weights (a copy and a crc32: tens of ms) next to a step of about a millisecond.
+    interval, held = _auto_run(tmp_path, "slow", 4096, 0.5, 1, TUNE_AFTER + 60)
+    assert interval > 1, caplog.text
+    line = next(r.message for r in caplog.records if "memory tier: a snapshot takes" in r.message)
+    assert f"one snapshot every {interval} step(s)" in line and "under 50% of the time" in line
+    last = TUNE_AFTER + 60
+    due = [s for s in range(TUNE_AFTER + 1, last + 1) if s % interval == 0]
+    assert held == ([TUNE_AFTER - 1, TUNE_AFTER] + due)[-2:], (held, interval)  # the two newest snapshots
+    # A small model next to a step of a few ms: every step.
+    interval, held = _auto_run(tmp_path, "fast", 64, 0.9, 20, TUNE_AFTER + 5)
+    assert interval == 1 and held == [TUNE_AFTER + 4, TUNE_AFTER + 5]
+
+
+@pytest.mark.parametrize("value, message", [("-1", "--memory-every must be auto or an integer >= 0, got '-1'"),
+                                            ("often", "--memory-every must be auto or an integer >= 0"),
+                                            ("2.5", "--memory-every must be auto or an integer >= 0")])
 def test_memory_flags_are_validated(tmp_path, value, message):
     result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--memory-every", value], timeout=60)
     assert result.returncode == 2 and message in result.output, result.output

@@ -27,10 +27,11 @@ def _checkpoint_help(name: str) -> dict:
 class TrainConfig(CheckpointConfig):
     """The trainer's options. The checkpoint options (schedule, retention, verification, async
     saves) are ``CheckpointConfig``'s fields, inherited with their help and validation; only
-    two defaults differ here."""
+    three defaults differ here (a library takes no shared memory unasked; the trainer does)."""
 
     save_every_steps: int = field(default=20, metadata=_checkpoint_help("save_every_steps"))
     async_mode: str = field(default="thread", metadata=_checkpoint_help("async_mode"))
+    memory_every: int | str = field(default="auto", metadata=_checkpoint_help("memory_every"))
     ckpt_dir: str = field(default="runs/default", metadata={
         "help": "where checkpoints go: a directory or an fsspec URL (memory://...). Resumes from the newest committed checkpoint found there."})
     dataset: str = field(default="digits", metadata={
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.type == "list[str]":
             group.add_argument(*flags, dest=f.name, action="append", default=[], metavar="SPEC", help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
+            kind = {"int": int, "float": float, "str": str, "int | str": str}[f.type]  # int | str: the config checks
             group.add_argument(*flags, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
                                 help=help_text)
     return parser

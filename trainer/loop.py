@@ -137,6 +137,12 @@ def train(cfg: TrainConfig) -> dict:
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
         hmac_key=os.environ.get("FTLAUNCH_CKPT_KEY") or None)  # keyed mode: signed records, SHA-256 files
 
+    if os.environ.get(contract.PERSIST_ENV) == "1":  # ftlaunch: the job has ended for good
+        _persist_memory(ckpt, reporter, rank)
+        stop.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return {"step": progress.step, "accuracy": None, "resumed_from": progress.step}
     resumed_from = _resume(ckpt, reporter, rank, world, cursor, total_steps)
     trace = SampleTrace(cfg.run_dir, rank, resumed_from) if cfg.trace_samples else NoTrace()
     losses = LossLog(rank, total_steps, progress.step, cfg.log_every)
@@ -193,7 +199,7 @@ def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, 
     resumed = ckpt.load()
     step = resumed.step if resumed else 0
     reporter.event("resumed" if resumed else "fresh_start", step=step, world_size=world,
-                   load_seconds=round(time.monotonic() - started, 4),
+                   load_seconds=round(time.monotonic() - started, 4), memory_dir=ckpt.memory_dir,
                    source=("memory" if ckpt.resumed_from_memory else "disk") if resumed else None)
     if rank == 0:
         if resumed:
@@ -203,6 +209,22 @@ def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, 
         else:
             print(f"starting from scratch: {total_steps} steps, world size {world}", flush=True)
     return step
+
+
+def _persist_memory(ckpt: CheckpointManager, reporter: Reporter, rank: int) -> None:
+    """The generation ftlaunch starts after the last failure: resume from the memory tier and
+    commit that step through the commit protocol, so a job that ended for good loses at most
+    the steps since its newest snapshot. No training."""
+    resumed = ckpt.load()
+    newer = resumed is not None and ckpt.resumed_from_memory and resumed.step > (ckpt.last_committed or 0)
+    if newer:
+        ckpt.save(resumed.step, wait=True)
+    reporter.event("persisted", step=resumed.step if newer else None)
+    reporter.finish()
+    ckpt.close()  # frees the shared memory
+    if rank == 0:
+        print(f"persisted the memory snapshot of step {resumed.step} as a durable checkpoint" if newer
+              else "the memory tier holds nothing newer than the durable checkpoint", flush=True)
 
 
 def _save_and_stop(ckpt: CheckpointManager, reporter: Reporter, stop: StopRequest, rank: int, step: int,
