@@ -299,7 +299,8 @@ def judge(kind, script, rc, ckpt: Path, before: dict, damaged, marker: Path, ref
         if script == "plain":
             loaded = resumed_steps_from_log(d / "run" / "steps")
         else:
-            loaded = [e.get("step") for e in read_events(str(d / "run")) if e.get("event") == "resumed"]
+            loaded = [e.get("step") for e in read_events(str(d / "run"))  # a memory snapshot is not the file
+                      if e.get("event") == "resumed" and e.get("source") != "memory"]
         if damaged in loaded and not damaged_intact:
             problems.append(f"the damaged checkpoint of step {damaged} was loaded")
     return problems

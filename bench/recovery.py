@@ -4,8 +4,8 @@
 
 Each trial trains the digits CNN on 2 workers (``train.py``) and SIGKILLs rank 1 right after
 step 25 (``--inject kill:rank=1:step=25``; the last commit is step 20). Arms, interleaved:
-  stock:  ``torchrun --standalone --max-restarts=1`` (TorchElastic defaults)
-  ours:   ``ftlaunch`` (defaults): resumes from the durable commit of step 20
+  stock:  ``torchrun --standalone --max-restarts=1`` (TorchElastic defaults), ``--memory-every 0``
+  ours:   ``ftlaunch`` (defaults), ``--memory-every 0``: resumes from the durable commit of step 20
   memory: ``ftlaunch`` and ``train.py --memory-every 1``: resumes from the memory snapshot of
           step 24 (the kill fires after step 25, before its snapshot)
 The time from the kill to the first completed step of the new group is split into phases:
@@ -56,7 +56,7 @@ def after(times, needle: str, t0: float) -> float:
 
 
 def trial(arm: str, work: str) -> dict:
-    extra = ["--memory-every", "1"] if arm == "memory" else []
+    extra = ["--memory-every", "1" if arm == "memory" else "0"]  # train.py's default would be "auto"
     run_dir, ckpt = os.path.join(work, "run"), os.path.join(work, "ckpt")
     env = {**os.environ, "LOGLEVEL": "INFO", "OMP_NUM_THREADS": "1", "FTLAUNCH_RUN_DIR": run_dir}
     os.makedirs(run_dir)

@@ -69,6 +69,7 @@ def run_key(root: str, run_id: str) -> str:
 
 
 ROOT_ID_NAME = "memory-tier-id"
+OWNER_NAME = "owner.json"  # in a run's directory: {"root", "run_id"}
 
 
 _PLAIN = {int, float, bool, str, bytes, type(None)}
@@ -116,12 +117,14 @@ class MemorySnapshots:
 
     def __init__(self, base_dir: str, root: str, run_id: str, rank: int, world_size: int, root_id: str,
                  allowed_globals: Iterable = ()):
+        self.base_dir, self.root, self.run_id = base_dir, os.path.abspath(root), run_id
         self.run_dir = os.path.join(base_dir, f"ftckpt-{run_key(root, run_id)}")
         self.dir = os.path.join(self.run_dir, f"rank{rank}")
         self.root_id = root_id
         self.allowed_globals = list(allowed_globals)  # what the non-tensor part may hold
         self.rank, self.world_size = rank, world_size
         self._next_slot: int | None = None
+        self._owner_written = False
         self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (capacity, uint8 view of its file)
         self._layout: tuple | None = None  # (tensor dtypes and shapes, layout, its JSON, where the pickle starts)
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> a view per tensor, into the mapping
@@ -143,6 +146,8 @@ class MemorySnapshots:
         size = offset + len(blob)
         slot = self._choose_slot()
         try:
+            if not self._owner_written:
+                self._write_owner()
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             self._remove(self._path(slot, "json"))  # uncommit the slot before overwriting it
             data = self._map(slot, size, grow=True)
@@ -265,6 +270,35 @@ class MemorySnapshots:
         return _join(self._skeleton(data, h), tensors)
 
     # -- cleaning up -------------------------------------------------------------------------
+    def _write_owner(self) -> None:
+        """Which root and run the directory belongs to, for ``remove_stale``."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.run_dir, f"{OWNER_NAME}.{self.rank}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"root": self.root, "run_id": self.run_id}, f)
+        os.replace(tmp, os.path.join(self.run_dir, OWNER_NAME))
+        self._owner_written = True
+
+    def remove_stale(self) -> list[str]:
+        """Remove the snapshots that earlier runs on the same root left behind (their launcher
+        was killed, or the node lost power mid-run): a run holds the root's lease, so no other
+        run on it is alive, and this one's commits make them older than the durable tier.
+        Returns the directories removed."""
+        removed = []
+        for name in os.listdir(self.base_dir) if os.path.isdir(self.base_dir) else ():
+            path = os.path.join(self.base_dir, name)
+            if not name.startswith("ftckpt-") or path == self.run_dir:
+                continue
+            try:
+                with open(os.path.join(path, OWNER_NAME)) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(owner, dict) and owner.get("root") == self.root:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
     def keep_only(self, step: int | None) -> None:
         """Uncommit every slot but the one holding ``step``: after a resume, an older slot is
         useless and a newer one is stale (the group went back to ``step``)."""
@@ -279,7 +313,8 @@ class MemorySnapshots:
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
-            os.rmdir(self.run_dir)
+            if not any(name.startswith("rank") for name in os.listdir(self.run_dir)):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # and its owner.json
         except OSError:
             pass
 

@@ -48,6 +48,9 @@ class MemoryTier:
         state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
         if training.optimizer is not None and not training.optimizer.state:
             state_bytes += 2 * sum(t.numel() * t.element_size() for t in _tensors(state.get("model", {})))
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one rank per node: what earlier runs left
+            for path in self.snapshots.remove_stale():
+                log.info("removed the memory snapshots an earlier run on this root left in %s", path)
         error = check_space(self.snapshots, state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         errors = [e for e in _dist.all_gather(error, group) if e]
         if errors:  # every rank fails alike, before training

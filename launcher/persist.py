@@ -75,6 +75,8 @@ def _newest_common_step(run_dir: str) -> int | None:
     slots' commits, read as JSON; the workers verify the data when they load it)."""
     held = []
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+        if not name.startswith("rank"):
+            continue  # owner.json
         steps = set()
         for slot in (0, 1):
             try:

@@ -99,6 +99,25 @@ def test_a_job_that_ends_for_good_commits_its_memory_snapshot_before_exit(refere
     assert_training_state_equal(load_checkpoint(ckpt / "step-00000050", tmp_path), expected)
 
 
+def test_snapshots_an_earlier_run_left_on_the_same_root_are_removed(tmp_path, monkeypatch, caplog):
+    """A launcher SIGKILLed (or a node that lost power) leaves its run's snapshots in shared
+    memory. The next run on the same root removes them; another root's stay."""
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    shm = tmp_path / "shm"
+    left = {}
+    for root, run_id in (("ckpt", "killed-run"), ("other", "other-run")):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+        model, opt, ckpt = _job(tmp_path / root, shm)
+        _train(model, opt, ckpt, [1])
+        left[root] = ckpt.memory_dir
+        ckpt._lease.release()  # the process "dies": no close(), its snapshots stay
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "next-run")
+    model, opt, ckpt = _job(tmp_path / "ckpt", shm)
+    assert not os.path.exists(left["ckpt"]) and os.path.isdir(left["other"])
+    assert f"removed the memory snapshots an earlier run on this root left in {left['ckpt']}" in caplog.text
+    ckpt.close()
+
+
 def _job(root, shm, **options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
