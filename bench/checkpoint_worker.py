@@ -6,13 +6,16 @@ checkpoint is durable (and, for ours, committed), and the load time from a cold 
 Then training throughput with a save every N steps, against the same steps without saves.
 
 Arms: A torch.save on rank 0; B DCP save; C DCP async_save (thread, as shipped); D ours
-sync; E ours async. Results go to --out as JSON (rank 0).
+sync; E ours async; M ours, the memory tier's snapshot (into --memory-dir, node-local shared
+memory: "durable" there means its header, the slot's commit, is written; its load reads it
+back into the live objects). Results go to --out as JSON (rank 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -25,9 +28,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointManager, Observer
+from checkpoint.memory import MemorySnapshots
+from checkpoint.safe_load import default_item_globals
+from checkpoint.state import TrainingState
 
 ARMS = {"A": "torch.save, rank 0", "B": "DCP save (sync)", "C": "DCP async_save",
-        "D": "ours, sync", "E": "ours, async"}
+        "D": "ours, sync", "E": "ours, async", "M": "ours, memory tier snapshot"}
 
 
 def build(state_mb: float, seed: int = 0):
@@ -66,13 +72,18 @@ class Arm:
     """save(step) returns when the caller may train again; durable() blocks until that save
     is durable (committed for ours) and returns the monotonic time it became so."""
 
-    def __init__(self, name: str, root: str, ddp: DDP, opt, group):
+    def __init__(self, name: str, root: str, ddp: DDP, opt, group, memory_dir: str = "/dev/shm"):
         self.name, self.root, self.ddp, self.opt, self.group = name, root, ddp, opt, group
         self.rank = dist.get_rank()
         self.done_at = 0.0
         self.future = None
         self.last = None
         self.ckpt = None
+        if name == "M":
+            self.training = TrainingState(ddp, opt)
+            self.snapshots = MemorySnapshots(memory_dir, root, f"bench-{os.getpid()}", self.rank, dist.get_world_size(),
+                                             "bench", default_item_globals())
+            self.nbytes = 0
         if name in "DE":
             arm = self
 
@@ -112,10 +123,16 @@ class Arm:
                     self.future.result()
                 self.future = dcp.async_save(state, checkpoint_id=self.path(step), process_group=self.group)
                 self.future.add_done_callback(lambda _f: self._committed(None))
+        elif self.name == "M":
+            self.nbytes = self.snapshots.snapshot(step, self.training.state_dict(self.rank, dcp=False))
+            self.done_at = time.monotonic()
         else:
             self.ckpt.save(step)
 
     def durable(self) -> float:
+        if self.name == "M" and self.snapshots._pending is not None:
+            self.snapshots.flush(quiet=False)  # the header: a large snapshot's crc32 is taken in the background
+            self.done_at = time.monotonic()
         if self.future is not None:
             self.future.result()
             self.future = None
@@ -134,6 +151,8 @@ class Arm:
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=self.path(self.last))
             set_state_dict(self.ddp, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        elif self.name == "M":  # what MemoryTier.resume does, less its agreement between ranks
+            self.training.apply(self.snapshots.read(self.last, views=("model",)), self.rank, dcp=False)
         else:
             assert self.ckpt.load().step == self.last
 
@@ -141,6 +160,8 @@ class Arm:
         self.durable()
         if self.ckpt is not None:
             self.ckpt.close()
+        if self.name == "M":
+            self.snapshots.remove()
 
 
 def main() -> None:
@@ -154,6 +175,7 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=0, help="0: pick N so that arm B costs >= 25%%")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--memory-dir", default="/dev/shm")
     args = p.parse_args()
 
     cuda = args.device == "cuda"
@@ -210,7 +232,7 @@ def main() -> None:
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
         dist.barrier()
-        arms[name] = Arm(name, root, ddp, opt, group)
+        arms[name] = Arm(name, root, ddp, opt, group, args.memory_dir)
         results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": []}
 
     # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
@@ -237,7 +259,7 @@ def main() -> None:
     for _ in range(args.loads):  # round-robin too, each from a cold page cache
         for name, arm in arms.items():
             dist.barrier()
-            if rank == 0:
+            if rank == 0 and name != "M":  # M's load reads shared memory (RAM): nothing to evict
                 evict(arm.root)
             dist.barrier()
             started = time.monotonic()
@@ -246,7 +268,8 @@ def main() -> None:
     for name, arm in arms.items():
         r = results["arms"][name]
         r["load_s"] = statistics.median(r["loads_s"])
-        r["bytes"] = dir_bytes(arm.path(arm.last)) if name != "A" else os.path.getsize(arm.path(arm.last) + ".pt")
+        r["bytes"] = (arm.nbytes * dist.get_world_size() if name == "M" else os.path.getsize(arm.path(arm.last) + ".pt")
+                      if name == "A" else dir_bytes(arm.path(arm.last)))
         r["staging_bytes"] = arm.ckpt.stats.staging_bytes if name == "E" else 0
         r["stall_s"], r["durable_s"] = statistics.median(r["stalls_s"]), statistics.median(r["durables_s"])
         r["background_cpu_s"] = statistics.median(r["background_cpu_s"]) if r["background_cpu_s"] else 0.0
@@ -261,19 +284,25 @@ def main() -> None:
     b_stall = results["arms"]["B"]["stall_s"]
     every = args.save_every or max(1, int(b_stall / (0.25 * step_seconds)))
     results["save_every"], results["rounds"] = every, args.rounds
+    # The memory tier snapshots at its own, automatic interval: the smallest within 5% of a
+    # step (memory_tier.MemoryTier._tune), from the stall measured above.
+    memory_every = max(1, math.ceil(results["arms"]["M"]["stall_s"] / (0.05 * step_seconds)))
+    results["memory_every"] = memory_every
     results["train_none_s"] = []
     for name in arms:
         results["arms"][name]["train_s"] = []
     for round_ in range(args.rounds):
         results["train_none_s"].append(timed_steps(every))
         for name, arm in arms.items():
-            results["arms"][name]["train_s"].append(timed_interval(arm, 1000 + round_, every))
+            results["arms"][name]["train_s"].append(timed_interval(arm, 1000 + round_,
+                                                                   memory_every if name == "M" else every))
         if rank == 0:
             print(f"[bench] round {round_ + 1}/{args.rounds}: {every} steps: none {results['train_none_s'][-1]:.2f} s, "
                   + ", ".join(f"{n} {results['arms'][n]['train_s'][-1]:.2f} s" for n in arms), flush=True)
     none = statistics.median(results["train_none_s"])
     for name in arms:
-        results["arms"][name]["overhead"] = statistics.median(results["arms"][name]["train_s"]) / none - 1
+        steps = memory_every if name == "M" else every
+        results["arms"][name]["overhead"] = statistics.median(results["arms"][name]["train_s"]) / (none * steps / every) - 1
     for arm in arms.values():
         arm.close()
     if rank == 0:

@@ -27,6 +27,7 @@ import argparse
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -49,6 +50,7 @@ MODE = {"stock": ["--async-save", "off", "--memory-every", "0"], "ours": ["--mem
 
 
 def command(arm: str, run_dir: str, ckpt: str, steps: int, save_every: int, launcher: str) -> list[str]:
+    """``launcher``: "stock" (torchrun) or "ftlaunch"; ``arm`` sets train.py's save modes."""
     if launcher == "stock":
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "--max-restarts=100", "--monitor-interval=0.1"]
@@ -128,7 +130,9 @@ def run_arm(arm: str, work: str, steps: int, save_every: int, mtbf: float, failu
         redone.append(k["step"] - resumed["step"])
         recovery.append(first["time"] - k["time"])
     sources = [e.get("source") for e in events if e["event"] == "resumed"]
+    intervals = [int(n) for n in re.findall(r"one snapshot every (\d+) step", open(log).read())]  # per generation
     return {"wall": wall, "kills": len(kills), "redone": redone, "recovery": recovery, "sources": sources,
+            "intervals": intervals,
             "final": final_weights(ckpt, steps, work, arm)}
 
 
@@ -157,7 +161,15 @@ def main() -> None:
     parser.add_argument("--mtbf", type=float, default=20.0, help="mean seconds between failures")
     parser.add_argument("--failures", type=int, default=4, help="SIGKILLs per arm")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--arms", default=",".join(ARMS), help="which arms to run, e.g. memory")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="durable save interval in steps for every arm (default: each arm's Young/Daly interval)")
+    parser.add_argument("--memory-every", default="auto", help="the memory arm's --memory-every")
     args = parser.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    if not arms or set(arms) - set(ARMS):
+        parser.error(f"--arms must name some of {', '.join(ARMS)}")
+    MODE["memory"] = ["--memory-every", args.memory_every]
     work = tempfile.mkdtemp(prefix="goodput-")
     try:
         cal = {"stock": calibrate("stock", work, 300), "ours": calibrate("ours", work, 300)}
@@ -165,7 +177,8 @@ def main() -> None:
         step = cal["stock"]["step_seconds"]
         # Enough steps that the kills fit with room to spare: failures x MTBF of training, x 1.5.
         steps = int(math.ceil(1.5 * args.failures * args.mtbf / step / 100) * 100)
-        every = {arm: max(1, round(math.sqrt(2 * cal[arm]["save_cost"] * args.mtbf) / step)) for arm in ARMS}
+        every = {arm: args.save_every or max(1, round(math.sqrt(2 * cal[arm]["save_cost"] * args.mtbf) / step))
+                 for arm in ARMS}
         print(f"step {step * 1e3:.1f} ms; save cost: sync {cal['stock']['save_cost'] * 1e3:.1f} ms, async stall "
               f"{cal['ours']['save_cost'] * 1e3:.1f} ms; {steps} steps; Young/Daly save intervals (steps): "
               + ", ".join(f"{arm} {every[arm]}" for arm in ARMS), flush=True)
@@ -178,25 +191,29 @@ def main() -> None:
         expected = final_weights(os.path.join(ref_dir, "ckpt"), steps, work, "reference")
         print(f"fault-free run: {fault_free:.1f} s", flush=True)
         results = {}
-        for arm in ARMS:
+        for arm in arms:
             r = results[arm] = run_arm(arm, work, steps, every[arm], args.mtbf, args.failures, args.seed)
             r["goodput"] = fault_free / r["wall"]
             r["exact"] = r["final"].keys() == expected.keys() and all(torch.equal(r["final"][k], expected[k])
                                                                        for k in expected)
             print(f"{arm}: {r['wall']:.1f} s, {r['kills']} kills, redone {r['redone']}, recovery "
-                  + ", ".join(f"{x:.2f}" for x in r["recovery"]) + f" s, resumed from {r['sources']}", flush=True)
+                  + ", ".join(f"{x:.2f}" for x in r["recovery"]) + f" s, resumed from {r['sources']}"
+                  + (f", memory tier intervals {r['intervals']}" if r["intervals"] else ""), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     names = {"stock": "stock torchrun + sync saves", "ours": "ftlaunch + async durable",
              "memory": "ftlaunch + memory tier"}
-    print(f"\nMTBF {args.mtbf:g} s, {args.failures} SIGKILLs per arm, {steps} steps, seed {args.seed}\n")
+    print(f"\nMTBF {args.mtbf:g} s, {args.failures} SIGKILLs per arm, {steps} steps, seed {args.seed}, memory arm "
+          f"--memory-every {args.memory_every}\n")
     print("| arm | save every (steps) | goodput | steps redone per failure (median, max) | recovery p50 / p95 (s) "
           "| bit-equal to fault-free |\n|---|---|---|---|---|---|")
-    for arm in ARMS:
+    for arm in arms:
         r = results[arm]
         print(f"| {names[arm]} | {every[arm]} | **{r['goodput']:.3f}** | {statistics.median(r['redone']):g}, "
               f"{max(r['redone'])} | {percentile(r['recovery'], 0.5):.2f} / {percentile(r['recovery'], 0.95):.2f} | "
               f"{'yes' if r['exact'] else 'NO'} |")
+    if set(arms) != set(ARMS):
+        return
     best_other = max(results[a]["goodput"] for a in ("stock", "ours"))
     print(f"\nmemory tier goodput {results['memory']['goodput']:.3f} (goal >= 0.95 and above both others: "
           f"{'met' if results['memory']['goodput'] >= 0.95 and results['memory']['goodput'] > best_other else 'not met'})")

@@ -10,7 +10,7 @@
 Where to read: ``manager.py`` (save and load), ``manifest.py`` (the commit record and the save
 protocol), ``commit.py`` (one save), ``background.py`` (async saves), ``config.py`` (the
 options), ``observer.py`` (what a save reports), ``retention.py``, ``safe_load.py`` (loading
-never runs code), ``memory.py`` and ``memory_tier.py`` (snapshots in shared memory).
+never runs code), ``memory.py``, ``memory_format.py`` and ``memory_tier.py`` (snapshots in shared memory).
 
 This package imports nothing else of this project.
 """

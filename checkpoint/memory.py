@@ -10,15 +10,18 @@ Layout, one directory per run and rank (it outlives the worker process, not the 
 
 A slot's ``.json`` header is its commit, written last (tmp file + rename): step, world size,
 where each tensor lies in ``.data``, and the crc32 of ``.data``. Before a slot is rewritten
-its header is removed, so a slot with a header is always complete. ``<key>`` names the run
-(TorchElastic's run id) and the durable root, so two jobs never read each other's
-snapshots; the header also records the id in the root's ``memory-tier-id`` file (made once,
-by the first job on the root), so a root deleted and made again (a fresh start) never
-resumes from an older job's memory.
+its header is removed, so a slot with a header is always complete. The training thread only
+copies; for a large state the crc32 and the header are written by a background thread while
+training goes on, and the next snapshot waits for them before it touches the other slot.
 
-A snapshot is taken without any collective. Tensors are copied raw; everything else (step
-counters, RNG states, the data cursor) is a small ``torch.save`` blob read back with
-``weights_only=True`` and the same allow-list as disk checkpoints: loading never runs code.
+``<key>`` names the run (TorchElastic's run id) and the durable root, so two jobs never read
+each other's snapshots; the header also records the id in the root's ``memory-tier-id`` file
+(made once, by the first job on the root), so a root deleted and made again (a fresh start)
+never resumes from an older job's memory.
+
+A snapshot is taken without any collective. The layout of its data (``memory_format.py``):
+tensors copied raw, everything else (step counters, RNG states, the data cursor) a small
+pickle read back with the same allow-list as disk checkpoints: loading never runs code.
 """
 
 from __future__ import annotations
@@ -31,33 +34,18 @@ import os
 import pickle
 import shutil
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
 import torch
 
+from .memory_format import Unpickler, join, layout_of, split, tensor_indices
 from .safe_load import UnsafeCheckpointError
 
 log = logging.getLogger("checkpoint")
 
 FORMAT = 1
-_ALIGN = 64
-_TENSOR = "__ftckpt_shm_tensor__"  # marks where a tensor was in the pickled skeleton
-
-
-class _Unpickler(pickle.Unpickler):
-    """Plain pickle (a tenth of torch.save's time for the RNG states), read back allowing only
-    the globals a disk checkpoint's non-tensor items may hold."""
-
-    def __init__(self, stream, allowed):
-        super().__init__(stream)
-        self.allowed = {(getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")): obj for obj in allowed}
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self.allowed.get((module, name)) or self.allowed.get((module.replace("numpy.core", "numpy._core"), name))
-        if found is None:
-            raise UnsafeCheckpointError(f"refers to {module}.{name}, which loading does not allow (forged or from an "
-                                        "unknown writer; a type of your own: CheckpointManager(safe_globals=[...]))")
-        return found
+BACKGROUND_COMMIT_BYTES = 8 << 20  # from this size on a snapshot's crc32 and header are written in the background
 
 
 class MemoryTierError(RuntimeError):
@@ -70,46 +58,6 @@ def run_key(root: str, run_id: str) -> str:
 
 ROOT_ID_NAME = "memory-tier-id"
 OWNER_NAME = "owner.json"  # in a run's directory: {"root", "run_id"}
-
-
-_PLAIN = {int, float, bool, str, bytes, type(None)}
-
-
-def _split(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """The state with every tensor replaced by a marker holding its index in ``tensors``."""
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return (_TENSOR, len(tensors) - 1)
-    if isinstance(obj, dict):
-        return {k: _split(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        if all(map(_PLAIN.__contains__, map(type, obj))):  # Python's RNG state: 625 ints, at C speed
-            return obj
-        return type(obj)(_split(v, tensors) for v in obj)
-    return obj
-
-
-def _join(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _TENSOR:
-        return tensors[obj[1]]
-    if isinstance(obj, dict):
-        return {k: _join(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_join(v, tensors) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_join(v, tensors) for v in obj)
-    return obj
-
-
-def _layout_of(tensors: list[torch.Tensor]) -> tuple[list, str, int]:
-    """Where each tensor goes in a slot: [dtype, shape, offset, bytes, device] each, that as
-    JSON, and where the pickled rest starts."""
-    layout, offset = [], 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        layout.append([str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes, str(t.device)])
-        offset += -(-nbytes // _ALIGN) * _ALIGN
-    return layout, json.dumps(layout), offset
 
 
 class MemorySnapshots:
@@ -125,6 +73,8 @@ class MemorySnapshots:
         self.rank, self.world_size = rank, world_size
         self._next_slot: int | None = None
         self._owner_written = False
+        self._committer: ThreadPoolExecutor | None = None  # writes a large snapshot's header
+        self._pending: Future | None = None  # that header, until written
         self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (capacity, uint8 view of its file)
         self._layout: tuple | None = None  # (tensor dtypes and shapes, layout, its JSON, where the pickle starts)
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> a view per tensor, into the mapping
@@ -137,15 +87,16 @@ class MemorySnapshots:
         """Write ``state`` (this rank's ``TrainingState.state_dict``) as ``step`` into the
         older slot; returns the bytes written. Raises ``MemoryTierError`` when it cannot."""
         tensors: list[torch.Tensor] = []
-        blob = pickle.dumps(_split(state, tensors), protocol=4)  # 5 pickles numpy arrays through _frombuffer
+        blob = pickle.dumps(split(state, tensors), protocol=4)  # 5 pickles numpy arrays through _frombuffer
         key = tuple((t.dtype, tuple(t.shape), t.device) for t in tensors)
         if self._layout is None or self._layout[0] != key:  # the same every step, in practice
-            self._layout = (key, *_layout_of(tensors))
+            self._layout = (key, *layout_of(tensors))
             self._views.clear()
         _, layout, layout_json, offset = self._layout
         size = offset + len(blob)
         slot = self._choose_slot()
         try:
+            self.flush(quiet=False)  # the previous snapshot's header, before another slot is touched
             if not self._owner_written:
                 self._write_owner()
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -157,13 +108,22 @@ class MemorySnapshots:
                                              for dtype, shape, off, n, _ in layout if n]
             torch._foreach_copy_(views, [t.detach() for t in tensors if t.numel()])  # one call, not one per tensor
             data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
-            header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
-                                 "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
-                                 "crc32": zlib.crc32(layout_json.encode(), zlib.crc32(data.numpy()))})
-            tmp = self._path(slot, "json.tmp")
-            with open(tmp, "w") as f:
-                f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
-            os.replace(tmp, self._path(slot, "json"))  # the slot's commit
+
+            def commit() -> None:  # the slot's commit: its header, with the crc32 of what was copied
+                header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
+                                     "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
+                                     "crc32": zlib.crc32(layout_json.encode(), zlib.crc32(data.numpy()))})
+                tmp = self._path(slot, "json.tmp")
+                with open(tmp, "w") as f:
+                    f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
+                os.replace(tmp, self._path(slot, "json"))
+
+            if size < BACKGROUND_COMMIT_BYTES:
+                commit()
+            else:  # a large state's crc32 (zlib lets go of the GIL) runs under the next training step
+                if self._committer is None:
+                    self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftckpt-memory")
+                self._pending = self._committer.submit(commit)
         except OSError as e:
             free = shutil.disk_usage(os.path.dirname(self.run_dir)).free if os.path.isdir(os.path.dirname(self.run_dir)) else 0
             raise MemoryTierError(
@@ -172,6 +132,18 @@ class MemorySnapshots:
                 "shared memory (docker run --shm-size=...), another --memory-dir, or --memory-every 0") from None
         self._next_slot = 1 - slot
         return size
+
+    def flush(self, quiet: bool = True) -> None:
+        """Wait until the last snapshot's header is written (a large state's is written in the
+        background). Its error is raised unless ``quiet``: then that slot just stays
+        uncommitted."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError:
+                if not quiet:
+                    raise
 
     def _choose_slot(self) -> int:
         if self._next_slot is None:  # this process's first snapshot: keep the newest slot intact
@@ -206,6 +178,7 @@ class MemorySnapshots:
 
     # -- finding and reading -----------------------------------------------------------------
     def _headers(self) -> dict[int, dict]:
+        self.flush()
         out = {}
         for slot in (0, 1):
             try:
@@ -252,22 +225,29 @@ class MemorySnapshots:
 
     def _skeleton(self, data: torch.Tensor, h: dict) -> Any:
         start, length = h["skeleton"]
-        return _Unpickler(io.BytesIO(bytes(data[start:start + length].numpy())), self.allowed_globals).load()
+        return Unpickler(io.BytesIO(bytes(data[start:start + length].numpy())), self.allowed_globals).load()
 
-    def read(self, step: int) -> dict:
-        """The state of ``step`` (its tensors copied out of shared memory)."""
+    def read(self, step: int, views: tuple[str, ...] = ()) -> dict:
+        """The state of ``step``: its tensors copied out of shared memory, except those under
+        the top-level keys in ``views``, which point into it (for a consumer that copies them
+        itself, as ``load_state_dict`` does a model's: one copy instead of two). A view is
+        valid until this slot is written again, two snapshots later."""
         slot, problem = self.complete()[step]
         if problem:
             raise MemoryTierError(f"memory snapshot of step {step} in {self.dir}: {problem}")
         with open(self._path(slot, "json")) as f:
             h = json.load(f)
         data = self._map(slot, h["size"])
+        skeleton = self._skeleton(data, h)
+        shared = {i for key in views if isinstance(skeleton, dict) for i in tensor_indices(skeleton.get(key))}
         tensors = []
-        for dtype, shape, off, nbytes, device in h["tensors"]:
+        for i, (dtype, shape, off, nbytes, device) in enumerate(h["tensors"]):
             kind = getattr(torch, dtype)
-            tensor = data[off:off + nbytes].view(kind).view(shape).clone() if nbytes else torch.empty(shape, dtype=kind)
-            tensors.append(tensor.to(device))  # a CUDA tensor of the extra state goes back to its device
-        return _join(self._skeleton(data, h), tensors)
+            tensor = data[off:off + nbytes].view(kind).view(shape) if nbytes else torch.empty(shape, dtype=kind)
+            if i not in shared or device != "cpu":
+                tensor = tensor.to(device, copy=True)  # a CUDA tensor of the extra state goes back to its device
+            tensors.append(tensor)
+        return join(skeleton, tensors)
 
     # -- cleaning up -------------------------------------------------------------------------
     def _write_owner(self) -> None:
@@ -309,6 +289,10 @@ class MemorySnapshots:
 
     def remove(self) -> None:
         """This rank's slots; the run's directory too once no rank has any left."""
+        self.flush()
+        if self._committer is not None:
+            self._committer.shutdown()
+            self._committer = None
         self._mapped.clear()
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -122,7 +122,7 @@ class MemoryTier:
         for step in candidates:  # the same list on every rank: the same collectives
             error, state = None, None
             try:
-                state = self.snapshots.read(step)
+                state = self.snapshots.read(step, views=("model",))  # load_state_dict copies the weights
                 saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
                 check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
                                  self.snapshots.dir)  # the optimizer's own load_state_dict checks the rest

@@ -66,6 +66,9 @@ def _persist_round(agent, step: int) -> bool:
             agent._stop_workers(group)
     if why:
         log.error("persisting the memory snapshot of step %d failed: %s", step, why)
+    else:  # the step the workers committed (None: the durable tier already held one as new)
+        step = next((e.get("step") for e in reversed(contract.read_events(agent.run_dir))
+                     if e["event"] == "persisted"), step)
     agent.event("persist_end", step=step, ok=not why, why=why or None)
     return not why
 

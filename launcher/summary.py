@@ -84,8 +84,12 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
         lines.append("failures: none")
     persisted = summary.get("persisted")
     if persisted:
-        lines.append(f"memory tier: the snapshot of step {persisted['step']} was committed to the durable tier before "
-                     "exit" if persisted["ok"] else
-                     f"memory tier: committing the snapshot of step {persisted['step']} failed ({persisted['why']})")
+        if not persisted["ok"]:
+            lines.append(f"memory tier: committing the snapshot of step {persisted['step']} failed ({persisted['why']})")
+        elif persisted["step"] is None:
+            lines.append("memory tier: nothing newer than the last commit to persist")
+        else:
+            lines.append(f"memory tier: the snapshot of step {persisted['step']} was committed to the durable tier "
+                         "before exit")
     lines.append(f"last committed step: {summary['last_committed']}")
     return "\n".join(lines)
