@@ -33,7 +33,7 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, one_line
 from .lease import Lease
 from .manifest import Manifest, step_dir_name
-from .memory_tier import MemoryTier
+from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import DirectFileSystemReader
 from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
@@ -107,8 +107,14 @@ class CheckpointManager:
         if self.storage.is_local:
             self._on_rank0(self._take_lease, "")
         if self.config.memory_every:
-            self._memory = MemoryTier(self.config, self.storage, self.training, self.rank, self.world_size,
-                                      self._group, self.safe_globals)
+            try:
+                self._memory = MemoryTier(self.config, self.storage, self.training, self.rank, self.world_size,
+                                          self._group, self.safe_globals)
+            except MemoryTierUnavailable as e:
+                if self.config.memory_every != "auto":  # asked for by number: the user must know
+                    raise
+                if self.rank == 0:  # "auto" (the trainer's default) goes without, saying so
+                    log.warning("the memory tier is off: %s", e)
 
     @property
     def memory_dir(self) -> str | None:
@@ -236,16 +242,18 @@ class CheckpointManager:
         return fsspec_reader(self.storage.url_of(dirname))
 
     # -- load ------------------------------------------------------------------------------
-    def load(self) -> Manifest | None:
-        """Load the newest committed, verified checkpoint into the live objects.
+    def load(self, memory_only: bool = False) -> Manifest | None:
+        """Load the newest committed, verified checkpoint into the live objects (or the memory
+        tier's newest snapshot, when it is at least as new).
 
         Returns its record (``.step``, ``.metadata``...), or None when there is none, in
-        which case nothing is changed. Every rank gets the same answer.
+        which case nothing is changed. Every rank gets the same answer. ``memory_only``: only
+        the memory tier, never the disk (None when it holds nothing loadable).
         """
         with self.observer.blocking("loading", None):
-            return self._load()
+            return self._load(memory_only)
 
-    def _load(self) -> Manifest | None:
+    def _load(self, memory_only: bool = False) -> Manifest | None:
         self.wait()  # a save in flight must not race the search
         started = time.monotonic()
         if self._memory is not None:
@@ -260,6 +268,8 @@ class CheckpointManager:
                 last_due = resumed.step - resumed.step % every if every else 0
                 self._save_owed = last_due > (newest_durable or 0)
                 return resumed
+        if memory_only:
+            return None
 
         def discover():
             manifest = retention.find_loadable(self.storage, self.config.verify, self.safe_globals, self.hmac_key,

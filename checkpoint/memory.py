@@ -239,7 +239,9 @@ class MemorySnapshots:
             h = json.load(f)
         data = self._map(slot, h["size"])
         skeleton = self._skeleton(data, h)
-        shared = {i for key in views if isinstance(skeleton, dict) for i in tensor_indices(skeleton.get(key))}
+        shared = {i for key in views if isinstance(skeleton, dict) and isinstance(skeleton.get(key), dict)
+                  for name, value in skeleton[key].items() if not str(name).endswith("_extra_state")
+                  for i in tensor_indices(value)}  # a module's extra state may be kept as given: a copy
         tensors = []
         for i, (dtype, shape, off, nbytes, device) in enumerate(h["tensors"]):
             kind = getattr(torch, dtype)
@@ -261,11 +263,16 @@ class MemorySnapshots:
 
     def remove_stale(self) -> list[str]:
         """Remove the snapshots that earlier runs on the same root left behind (their launcher
-        was killed, or the node lost power mid-run): a run holds the root's lease, so no other
-        run on it is alive, and this one's commits make them older than the durable tier.
+        was killed, or the node lost power mid-run). Call it only while holding the root's
+        lease (no other run on it is alive); this run's commits make them older than the
+        durable tier anyway.
         Returns the directories removed."""
         removed = []
-        for name in os.listdir(self.base_dir) if os.path.isdir(self.base_dir) else ():
+        try:
+            names = os.listdir(self.base_dir)
+        except OSError:
+            return removed  # no such directory, or not readable: check_space says so in one line
+        for name in names:
             path = os.path.join(self.base_dir, name)
             if not name.startswith("ftckpt-") or path == self.run_dir:
                 continue

@@ -27,6 +27,11 @@ log = logging.getLogger("checkpoint")
 TUNE_AFTER, WARMUP = 20, 4  # "auto" times this many snapshots, the first few not counted
 
 
+class MemoryTierUnavailable(CheckpointError):
+    """Shared memory is missing, unusable or too small for two slots per rank (every rank
+    raises it alike, at start-up)."""
+
+
 class MemoryTier:
     def __init__(self, config: CheckpointConfig, storage: Storage, training: TrainingState, rank: int,
                  world_size: int, group, safe_globals: list):
@@ -48,13 +53,15 @@ class MemoryTier:
         state_bytes = sum(t.numel() * t.element_size() for t in _tensors(state))
         if training.optimizer is not None and not training.optimizer.state:
             state_bytes += 2 * sum(t.numel() * t.element_size() for t in _tensors(state.get("model", {})))
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one rank per node: what earlier runs left
+        # One rank per node removes what earlier runs on this root left behind; only where the
+        # root's lease (local roots) guarantees that no other run on it is alive.
+        if storage.is_local and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             for path in self.snapshots.remove_stale():
                 log.info("removed the memory snapshots an earlier run on this root left in %s", path)
         error = check_space(self.snapshots, state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         errors = [e for e in _dist.all_gather(error, group) if e]
         if errors:  # every rank fails alike, before training
-            raise CheckpointError(errors[0])
+            raise MemoryTierUnavailable(errors[0])
 
     def _root_id(self) -> str:
         """The root's id for the memory tier: made once, so a root made again gets another."""

@@ -53,7 +53,7 @@ class FaultTolerantAgent(LocalElasticAgent):
         self._generation_started = time.monotonic()
         self._known_committed: int | None = None  # newest committed step any beat reported
         self._committed_at_last_failure: int | None = None
-        self._reached_at_last_failure: int | None = None  # the furthest step any rank reached
+        self._reached_at_last_failure: int | None = None  # the furthest step any failure reached
         self._streak = 0  # failures in a row that made no progress
         self._last_failed = False
         self.stop_requested_at: float | None = None
@@ -257,13 +257,15 @@ class FaultTolerantAgent(LocalElasticAgent):
         # Progress: a newer commit, or a later step reached than at the failure before (with the
         # memory tier a restart resumes where the last one died, and commits may be far apart;
         # a crash at the same step every time is still a loop).
-        reached = max((b.step for b in beats.values() if b.step is not None), default=None)
+        # Steps of a Reporter only (the bootstrap's count optimizer steps per process, from 0 in
+        # every generation), against the furthest any failure before reached.
+        reached = max((b.step for b in beats.values() if b.source == contract.REPORTER and b.step >= 0), default=None)
         progressed = (self._known_committed is not None and (
             self._committed_at_last_failure is None or self._known_committed > self._committed_at_last_failure)) or (
-            reached is not None and reached >= 0 and (
-                self._reached_at_last_failure is None or reached > self._reached_at_last_failure))
+            reached is not None and (self._reached_at_last_failure is None or reached > self._reached_at_last_failure))
         self._committed_at_last_failure = self._known_committed
-        self._reached_at_last_failure = reached
+        if reached is not None:
+            self._reached_at_last_failure = max(reached, self._reached_at_last_failure or reached)
         self._streak = 0 if progressed else self._streak + 1
         if self.stop_requested_at is not None:
             self._give_up("a worker failed while the job was stopping")

@@ -187,8 +187,13 @@ def run(agent: FaultTolerantAgent, run_dir: str) -> int:
         else:
             result = f"failed: {agent.stop_reason or agent.exhausted_reason()}"
             shutdown_rdzv = not agent.leaving  # the other nodes go on: keep the rendezvous open
-            if shutdown_rdzv:
-                agent.persist_memory()  # at most the steps since the newest memory snapshot are lost
+            if shutdown_rdzv and agent.stop_requested_at is None:  # a stopping node has no time for it
+                try:
+                    agent.persist_memory()  # at most the steps since the newest memory snapshot are lost
+                except SignalException:
+                    raise
+                except Exception as e:  # the summary must still be printed
+                    log.error("could not persist the memory tier: %s: %s", type(e).__name__, e)
     except SignalException as e:
         # As torch's launch_agent: do not shut the rendezvous down, so that the other nodes
         # can go on (a shut-down rendezvous is closed for good under this run id).

@@ -57,7 +57,8 @@ def _persist_round(agent, step: int) -> bool:
         while state not in (WorkerState.SUCCEEDED, WorkerState.FAILED) and time.monotonic() < deadline:
             time.sleep(group.spec.monitor_interval)  # TorchElastic's own monitor period
             state = LocalElasticAgent._monitor_workers(agent, group).state  # no failure accounting, no hang restarts
-        why = "" if state == WorkerState.SUCCEEDED else f"the workers ended {state.name}"
+        why = ("" if state == WorkerState.SUCCEEDED else f"the workers ended {state.name}"
+               if state == WorkerState.FAILED else f"not done within {agent.policy.io_timeout or 600.0:g} s")
     except Exception as e:
         why = f"{type(e).__name__}: {e}"
     finally:

@@ -20,11 +20,21 @@ def summarize(events: list[dict]) -> dict:
     next generation. A failure no generation recovered from has no such figures (None)."""
     events = sorted(events, key=lambda e: e["time"])
     commits = [e["step"] for e in events if e["event"] == "save_commit"]
-    persisted = next((e for e in events if e["event"] == "persist_end"), None)
     # After the last failure ftlaunch may start one more generation that only moves the memory
-    # tier's snapshot to disk (agent.persist_memory): not an attempt, not a recovery.
-    begin = next((i for i, e in enumerate(events) if e["event"] == "persist_begin"), len(events))
-    events = events[:begin]
+    # tier's snapshot to disk (launcher.persist): not an attempt, not a recovery. A run dir
+    # may hold several launches: drop each such round, report the newest.
+    kept, in_round, persisted = [], False, None
+    for e in events:
+        if e["event"] == "persist_begin":
+            in_round, persisted = True, None
+        elif e["event"] == "persist_end":
+            in_round, persisted = False, e
+        elif e["event"] == "launch":
+            in_round, persisted = False, None
+            kept.append(e)
+        elif not in_round:
+            kept.append(e)
+    events = kept
     failures = []  # one per failed generation: its first failure event (root cause first)
     seen_attempts = set()
     for e in events:

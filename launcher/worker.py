@@ -133,6 +133,12 @@ class Reporter:
         if self.run_dir and self.env.rank == 0:
             contract.append_event(self.run_dir, name, rank=0, generation=self.env.restart_count, **fields)
 
+    def node_event(self, name: str, **fields) -> None:
+        """Append an event of this node (its local rank 0 writes it): what the node's agent
+        must know, e.g. where this node keeps its memory snapshots."""
+        if self.run_dir and self.env.local_rank == 0:
+            contract.append_event(self.run_dir, name, rank=self.env.rank, generation=self.env.restart_count, **fields)
+
     def _write(self) -> None:
         if self._writer is not None:
             self._writer.write(contract.Beat(

@@ -280,11 +280,18 @@ def test_shared_memory_too_small_for_two_slots_is_one_line_before_training(tiny_
 
 
 def test_an_unusable_memory_dir_is_one_line(tmp_path):
+    """Asked for by number, an unusable directory is an error before training; under "auto"
+    (the default) the job trains without the tier and says so in one line."""
     (tmp_path / "a-file").write_text("not a directory")
-    result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--max-steps", "3",
-                  "--memory-every", "1", "--memory-dir", str(tmp_path / "a-file")], timeout=120)
+    args = ["--max-steps", "3", "--memory-dir", str(tmp_path / "a-file")]
+    result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), *args, "--memory-every", "1"],
+                 timeout=120)
     assert result.returncode == 2 and "the memory tier cannot use" in result.output, result.output
     assert "Traceback" not in result.output
+    result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "d"), *args], timeout=120)
+    assert result.returncode == 0, result.output
+    assert result.output.count("the memory tier is off: the memory tier cannot use") == 1, result.output
+    assert "finished at step 3" in result.output
 
 
 FILLS_THE_TMPFS = r"""

@@ -137,6 +137,8 @@ def train(cfg: TrainConfig) -> dict:
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
         hmac_key=os.environ.get("FTLAUNCH_CKPT_KEY") or None)  # keyed mode: signed records, SHA-256 files
 
+    if ckpt.memory_dir:  # for ftlaunch: persisted and freed after the job (launcher.persist)
+        reporter.node_event("memory_tier", memory_dir=ckpt.memory_dir)
     if os.environ.get(contract.PERSIST_ENV) == "1":  # ftlaunch: the job has ended for good
         _persist_memory(ckpt, reporter, rank)
         stop.close()
@@ -199,7 +201,7 @@ def _resume(ckpt: CheckpointManager, reporter: Reporter, rank: int, world: int, 
     resumed = ckpt.load()
     step = resumed.step if resumed else 0
     reporter.event("resumed" if resumed else "fresh_start", step=step, world_size=world,
-                   load_seconds=round(time.monotonic() - started, 4), memory_dir=ckpt.memory_dir,
+                   load_seconds=round(time.monotonic() - started, 4),
                    source=("memory" if ckpt.resumed_from_memory else "disk") if resumed else None)
     if rank == 0:
         if resumed:
@@ -215,8 +217,8 @@ def _persist_memory(ckpt: CheckpointManager, reporter: Reporter, rank: int) -> N
     """The generation ftlaunch starts after the last failure: resume from the memory tier and
     commit that step through the commit protocol, so a job that ended for good loses at most
     the steps since its newest snapshot. No training."""
-    resumed = ckpt.load()
-    newer = resumed is not None and ckpt.resumed_from_memory and resumed.step > (ckpt.last_committed or 0)
+    resumed = ckpt.load(memory_only=True)  # never the disk: nothing to persist from there
+    newer = resumed is not None and resumed.step > (ckpt.last_committed or 0)
     if newer:
         ckpt.save(resumed.step, wait=True)
     reporter.event("persisted", step=resumed.step if newer else None)
