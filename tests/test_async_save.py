@@ -21,10 +21,11 @@ from procs import assert_training_state_equal, latest_committed, load_checkpoint
 
 def test_sigkill_while_background_write_in_flight(reference, tmp_path):
     """Rank 1 dies the moment step 30 is staged: 30 is never committed, 20 loads, and the
-    finished run is bitwise equal to the uninterrupted one."""
+    finished run is bitwise equal to the uninterrupted one. (The memory tier is off: it would
+    resume from its snapshot of step 30, see tests/test_memory_tier.py.)"""
     _, expected = reference
     ckpt = tmp_path / "ckpt"
-    result = run(torchrun_cmd(2, "--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--async-save", "thread",
+    result = run(torchrun_cmd(2, "--ckpt-dir", str(ckpt), *REFERENCE_ARGS, "--async-save", "thread", "--memory-every", "0",
                               "--inject", "kill-while-writing:rank=1:step=30", max_restarts=1),
                  timeout=REFERENCE_TIMEOUT)
     assert result.returncode == 0, result.tail()
