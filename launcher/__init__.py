@@ -4,6 +4,7 @@ Agent side: the ``ftlaunch`` process (and ``ftlaunch rendezvous`` / ``ftlaunch c
     cli         the command line: torchrun's parser plus the policy flags; runs the agent
     launch      builds the WorkerSpec and the agent from torchrun's LaunchConfig
     agent       FaultTolerantAgent: heartbeat watchdog, restarts, backoff, preemption
+    persist     after the last failure: commit the memory tier's newest snapshot, free /dev/shm
     policy      Policy: per-phase limits, backoff, crash-loop limit (the flags' source)
     summary     the run summary, from events.jsonl
     prewarm     server side: ``fork_server`` (in ftlaunch) and the fork server it starts
