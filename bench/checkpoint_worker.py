@@ -130,9 +130,6 @@ class Arm:
             self.ckpt.save(step)
 
     def durable(self) -> float:
-        if self.name == "M" and self.snapshots._pending is not None:
-            self.snapshots.flush(quiet=False)  # the header: a large snapshot's crc32 is taken in the background
-            self.done_at = time.monotonic()
         if self.future is not None:
             self.future.result()
             self.future = None

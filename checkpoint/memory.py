@@ -8,11 +8,14 @@ Layout, one directory per run and rank (it outlives the worker process, not the 
         slot0.data  slot0.json     two slots, written in turn: a kill in the middle of a
         slot1.data  slot1.json     copy damages the slot being written, never the other
 
-A slot's ``.json`` header is its commit, written last (tmp file + rename): step, world size,
-where each tensor lies in ``.data``, and the crc32 of ``.data``. Before a slot is rewritten
-its header is removed, so a slot with a header is always complete. The training thread only
-copies; for a large state the crc32 and the header are written by a background thread while
-training goes on, and the next snapshot waits for them before it touches the other slot.
+A slot's ``.json`` header is its commit, written last (tmp file + rename): step, world size
+and where each tensor lies in ``.data``. Before a slot is rewritten its header is removed, so a
+slot with a header is always complete: the only way to tear a slot's data is to kill its
+writer in the middle of the copy, and then the slot has no header. There is no checksum of the
+data: taking one cost more than the copy itself (zlib's crc32 runs at a fifth of memcpy's
+speed here), and what it would catch besides a torn copy, a bit flip in RAM, is ECC's job and
+would hit the live training state just the same. The durable tier, which outlives the node,
+keeps its crc32s.
 
 ``<key>`` names the run (TorchElastic's run id) and the durable root, so two jobs never read
 each other's snapshots; the header also records the id in the root's ``memory-tier-id`` file
@@ -33,8 +36,6 @@ import logging
 import os
 import pickle
 import shutil
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
 import torch
@@ -44,8 +45,7 @@ from .safe_load import UnsafeCheckpointError
 
 log = logging.getLogger("checkpoint")
 
-FORMAT = 1
-BACKGROUND_COMMIT_BYTES = 8 << 20  # from this size on a snapshot's crc32 and header are written in the background
+FORMAT = 2  # 1 had a crc32 of the data
 
 
 class MemoryTierError(RuntimeError):
@@ -64,7 +64,12 @@ class MemorySnapshots:
     """This rank's two snapshot slots."""
 
     def __init__(self, base_dir: str, root: str, run_id: str, rank: int, world_size: int, root_id: str,
-                 allowed_globals: Iterable = ()):
+                 allowed_globals: Iterable = (), node_copy: tuple[int, tuple[str, ...]] | None = None):
+        """``node_copy``: (the rank, on this node, whose slots hold the state every rank holds
+        alike, those top-level keys). Under DDP the weights and the optimizer state are the
+        same on every rank, so one copy per node is enough: the other ranks snapshot only
+        what is theirs (RNG, data cursor) and read the rest from that rank's slot of the same
+        step. None: this rank's slots hold all of its state."""
         self.base_dir, self.root, self.run_id = base_dir, os.path.abspath(root), run_id
         self.run_dir = os.path.join(base_dir, f"ftckpt-{run_key(root, run_id)}")
         self.dir = os.path.join(self.run_dir, f"rank{rank}")
@@ -73,11 +78,14 @@ class MemorySnapshots:
         self.rank, self.world_size = rank, world_size
         self._next_slot: int | None = None
         self._owner_written = False
-        self._committer: ThreadPoolExecutor | None = None  # writes a large snapshot's header
-        self._pending: Future | None = None  # that header, until written
         self._mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (capacity, uint8 view of its file)
         self._layout: tuple | None = None  # (tensor dtypes and shapes, layout, its JSON, where the pickle starts)
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> a view per tensor, into the mapping
+        self._node_copy: MemorySnapshots | None = None  # the slots this rank reads its replicated state from
+        self._replicated: tuple[str, ...] = ()
+        if node_copy is not None and node_copy[0] != rank:
+            self._replicated = node_copy[1]
+            self._node_copy = MemorySnapshots(base_dir, root, run_id, node_copy[0], world_size, root_id, allowed_globals)
 
     def _path(self, slot: int, ext: str) -> str:
         return os.path.join(self.dir, f"slot{slot}.{ext}")
@@ -86,6 +94,8 @@ class MemorySnapshots:
     def snapshot(self, step: int, state: dict) -> int:
         """Write ``state`` (this rank's ``TrainingState.state_dict``) as ``step`` into the
         older slot; returns the bytes written. Raises ``MemoryTierError`` when it cannot."""
+        if self._replicated:  # the node's copy holds them
+            state = {key: value for key, value in state.items() if key not in self._replicated}
         tensors: list[torch.Tensor] = []
         blob = pickle.dumps(split(state, tensors), protocol=4)  # 5 pickles numpy arrays through _frombuffer
         key = tuple((t.dtype, tuple(t.shape), t.device) for t in tensors)
@@ -96,7 +106,6 @@ class MemorySnapshots:
         size = offset + len(blob)
         slot = self._choose_slot()
         try:
-            self.flush(quiet=False)  # the previous snapshot's header, before another slot is touched
             if not self._owner_written:
                 self._write_owner()
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -106,24 +115,17 @@ class MemorySnapshots:
             if views is None:
                 views = self._views[slot] = [data[off:off + n].view(getattr(torch, dtype)).view(shape)
                                              for dtype, shape, off, n, _ in layout if n]
-            torch._foreach_copy_(views, [t.detach() for t in tensors if t.numel()])  # one call, not one per tensor
+            if views:
+                torch._foreach_copy_(views, [t.detach() for t in tensors if t.numel()])  # one call, not one per tensor
             data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
-            def commit() -> None:  # the slot's commit: its header, with the crc32 of what was copied
-                header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
-                                     "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
-                                     "crc32": zlib.crc32(layout_json.encode(), zlib.crc32(data.numpy()))})
-                tmp = self._path(slot, "json.tmp")
-                with open(tmp, "w") as f:
-                    f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
-                os.replace(tmp, self._path(slot, "json"))
-
-            if size < BACKGROUND_COMMIT_BYTES:
-                commit()
-            else:  # a large state's crc32 (zlib lets go of the GIL) runs under the next training step
-                if self._committer is None:
-                    self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftckpt-memory")
-                self._pending = self._committer.submit(commit)
+            # The slot's commit, last: its header.
+            header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
+                                 "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)]})
+            tmp = self._path(slot, "json.tmp")
+            with open(tmp, "w") as f:
+                f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
+            os.replace(tmp, self._path(slot, "json"))
         except OSError as e:
             free = shutil.disk_usage(os.path.dirname(self.run_dir)).free if os.path.isdir(os.path.dirname(self.run_dir)) else 0
             raise MemoryTierError(
@@ -132,18 +134,6 @@ class MemorySnapshots:
                 "shared memory (docker run --shm-size=...), another --memory-dir, or --memory-every 0") from None
         self._next_slot = 1 - slot
         return size
-
-    def flush(self, quiet: bool = True) -> None:
-        """Wait until the last snapshot's header is written (a large state's is written in the
-        background). Its error is raised unless ``quiet``: then that slot just stays
-        uncommitted."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-            except OSError:
-                if not quiet:
-                    raise
 
     def _choose_slot(self) -> int:
         if self._next_slot is None:  # this process's first snapshot: keep the newest slot intact
@@ -178,7 +168,6 @@ class MemorySnapshots:
 
     # -- finding and reading -----------------------------------------------------------------
     def _headers(self) -> dict[int, dict]:
-        self.flush()
         out = {}
         for slot in (0, 1):
             try:
@@ -190,22 +179,27 @@ class MemorySnapshots:
                 out[slot] = header
         return out
 
-    def complete(self, check_data: bool = True) -> dict[int, tuple[int, str | None]]:
+    def complete(self) -> dict[int, tuple[int, str | None]]:
         """{step: (slot, None)} for every slot that holds a complete snapshot of this run at
-        this world size, or {step: (slot, why not)} for one that does not. ``check_data``:
-        also the crc32 of the data (the costly part: the agreement between ranks leaves it
-        to ``read``, which checks only the slot it reads)."""
+        this world size, or {step: (slot, why not)} for one that does not."""
         found: dict[int, tuple[int, str | None]] = {}
         for slot, h in self._headers().items():
             step = h.get("step")
             if not isinstance(step, int) or isinstance(step, bool):
                 continue
-            problem = self._problem(slot, h, check_data)
+            problem = self._problem(slot, h)
             if step not in found or found[step][1] is not None:  # the same step twice: a good slot wins
                 found[step] = (slot, problem)
+        if self._node_copy is not None:
+            theirs = self._node_copy.complete()
+            for step, (slot, problem) in found.items():
+                if problem is None and step not in theirs:
+                    found[step] = (slot, f"rank {self._node_copy.rank}'s copy of the replicated state lacks it")
+                elif problem is None and theirs[step][1]:
+                    found[step] = (slot, f"rank {self._node_copy.rank}'s copy of the replicated state: {theirs[step][1]}")
         return found
 
-    def _problem(self, slot: int, h: dict, check_data: bool = True) -> str | None:
+    def _problem(self, slot: int, h: dict) -> str | None:
         if h.get("format") != FORMAT or h.get("rank") != self.rank:
             return "unknown format"
         if h.get("world_size") != self.world_size:
@@ -215,10 +209,7 @@ class MemorySnapshots:
         try:
             if os.path.getsize(self._path(slot, "data")) < h["size"]:
                 return "data shorter than its header says"
-            data = self._map(slot, h["size"])
-            if check_data and zlib.crc32(json.dumps(h["tensors"]).encode(), zlib.crc32(data.numpy())) != h["crc32"]:
-                return "data does not match its crc32"
-            self._skeleton(data, h)  # small: refuse a forged one here, so an older slot can serve
+            self._skeleton(self._map(slot, h["size"]), h)  # small: refuse a forged one here, so an older slot can serve
         except UnsafeCheckpointError as e:
             return str(e)
         except Exception as e:  # a malformed header or pickle: any error, never a crash before the gather
@@ -234,8 +225,7 @@ class MemorySnapshots:
         the top-level keys in ``views``, which point into it (for a consumer that copies them
         itself, as ``load_state_dict`` does a model's: one copy instead of two). A view is
         valid until this slot is written again, two snapshots later."""
-        slot, problem = self.complete(check_data=False)[step]
-        problem = problem or self._problem(slot, self._headers()[slot])  # this slot's data too
+        slot, problem = self.complete()[step]
         if problem:
             raise MemoryTierError(f"memory snapshot of step {step} in {self.dir}: {problem}")
         with open(self._path(slot, "json")) as f:
@@ -249,10 +239,16 @@ class MemorySnapshots:
         for i, (dtype, shape, off, nbytes, device) in enumerate(h["tensors"]):
             kind = getattr(torch, dtype)
             tensor = data[off:off + nbytes].view(kind).view(shape) if nbytes else torch.empty(shape, dtype=kind)
-            if i not in shared or device != "cpu":
+            if device != "cpu":
                 tensor = tensor.to(device, copy=True)  # a CUDA tensor of the extra state goes back to its device
+            elif i not in shared:  # fresh memory: faulting it in costs more than the copy here
+                tensor = tensor.clone()
             tensors.append(tensor)
-        return join(skeleton, tensors)
+        state = join(skeleton, tensors)
+        if self._node_copy is not None:
+            replicated = self._node_copy.read(step, views)
+            state.update({key: replicated[key] for key in self._replicated if key in replicated})
+        return state
 
     # -- cleaning up -------------------------------------------------------------------------
     def _write_owner(self) -> None:
@@ -296,14 +292,15 @@ class MemorySnapshots:
             if h.get("step") != step:
                 self._remove(self._path(slot, "json"))
         self._next_slot = None
+        if self._node_copy is not None:  # read once, at a resume: let go of its mappings
+            self._node_copy._mapped.clear()
+            self._node_copy._views.clear()
 
     def remove(self) -> None:
         """This rank's slots; the run's directory too once no rank has any left."""
-        self.flush()
-        if self._committer is not None:
-            self._committer.shutdown()
-            self._committer = None
         self._mapped.clear()
+        if self._node_copy is not None:
+            self._node_copy._mapped.clear()
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
@@ -318,3 +315,4 @@ class MemorySnapshots:
             os.unlink(path)
         except FileNotFoundError:
             pass
+

@@ -44,8 +44,10 @@ class MemoryTier:
         self._steps: list[float] = []
         self._last_call: tuple[float, float] | None = None  # (when the last call began, its snapshot's cost)
         root_id = _dist.on_rank0(rank, self._root_id, f"cannot read or write {ROOT_ID_NAME} in {storage.url}", group)
+        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        node_copy = _node_copy(training, rank, ranks_on_node)
         self.snapshots = MemorySnapshots(config.memory_dir, storage.url, os.environ.get("TORCHELASTIC_RUN_ID", ""),
-                                         rank, world_size, root_id, safe_globals)
+                                         rank, world_size, root_id, safe_globals, node_copy)
         # The objects' own state dicts (DCP's get_state_dict would run the optimizer once to make
         # its state, which changes an Adam's step count); before the first step, count two
         # moments per parameter for the optimizer state that will appear.
@@ -58,7 +60,7 @@ class MemoryTier:
         if storage.is_local and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             for path in self.snapshots.remove_stale():
                 log.info("removed the memory snapshots an earlier run on this root left in %s", path)
-        error = check_space(self.snapshots, state_bytes, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        error = check_space(self.snapshots, state_bytes, 1 if node_copy else ranks_on_node)
         errors = [e for e in _dist.all_gather(error, group) if e]
         if errors:  # every rank fails alike, before training
             raise MemoryTierUnavailable(errors[0])
@@ -160,8 +162,24 @@ class MemoryTier:
         self.snapshots.remove()
 
 
+def _node_copy(training: TrainingState, rank: int, ranks_on_node: int) -> tuple[int, tuple[str, ...]] | None:
+    """Under DDP with a plain optimizer, the weights and the optimizer state are the same on
+    every rank: the node's first rank keeps the node's one copy of them. TorchElastic numbers
+    a node's ranks in a row, so that rank is ``RANK - LOCAL_RANK``. None where a rank's state
+    is its own (one process, a sharded optimizer or model)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    if ranks_on_node < 2 or "LOCAL_RANK" not in os.environ or not isinstance(training.model, DistributedDataParallel):
+        return None
+    if isinstance(training.optimizer, ZeroRedundancyOptimizer):
+        return None
+    return rank - int(os.environ["LOCAL_RANK"]), ("model", "optim")
+
+
 def check_space(snapshots: MemorySnapshots, state_bytes: int, ranks_on_node: int) -> str | None:
-        """Why two slots of ``state_bytes`` for each rank of this node will not fit, or None."""
+        """Why two slots of ``state_bytes`` for each of ``ranks_on_node`` ranks will not fit,
+        or None (the node's other ranks, holding one copy between them, need little)."""
         slot = state_bytes + 2**20  # and the pickled non-tensor part
         need = 2 * slot * ranks_on_node
         try:
@@ -183,7 +201,7 @@ def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) ->
     """The steps every rank holds a complete snapshot of, newest first and none older than the
     newest durable commit, with the problems the ranks found (one text); or ([], why none).
     ``all_gather`` is the group's; every rank gets the same answer."""
-    mine = snapshots.complete(check_data=False)  # read() checks the data of the step it reads
+    mine = snapshots.complete()
     good = sorted(step for step, (_, problem) in mine.items() if problem is None)
     bad = {step: problem for step, (_, problem) in mine.items() if problem}
     gathered = all_gather((good, bad))
