@@ -123,6 +123,7 @@ def run_arm(arm: str, work: str, steps: int, save_every: int, mtbf: float, failu
     finish(proc, log, 1800)
     wall = time.time() - started
     events = read_events(run_dir)
+    phases = split_wall(events, started, wall, steps)
     redone, recovery = [], []
     for k in kills:
         resumed = next(e for e in events if e["event"] in ("resumed", "fresh_start") and e["time"] > k["time"])
@@ -131,9 +132,20 @@ def run_arm(arm: str, work: str, steps: int, save_every: int, mtbf: float, failu
         recovery.append(first["time"] - k["time"])
     sources = [e.get("source") for e in events if e["event"] == "resumed"]
     intervals = [int(n) for n in re.findall(r"one snapshot every (\d+) step", open(log).read())]  # per generation
+    trained = steps + sum(redone)
+    phases["step_ms"] = (phases["training"] - sum(recovery)) / trained * 1e3
     return {"wall": wall, "kills": len(kills), "redone": redone, "recovery": recovery, "sources": sources,
-            "intervals": intervals,
+            "intervals": intervals, "phases": phases,
             "final": final_weights(ckpt, steps, work, arm)}
+
+
+def split_wall(events: list[dict], started: float, wall: float, steps: int) -> dict:
+    """Where a run's wall time went: start-up (launch -> first step), training (first step ->
+    the trainer's last event, recoveries included) and the end (-> the launcher's exit)."""
+    first = next(e["time"] for e in events if e["event"] == "first_step")
+    last = max(e["time"] for e in events if e["event"] == "finished")
+    return {"startup": first - started, "training": last - first, "end": started + wall - last,
+            "step_ms": (last - first) / max(1, steps - 1) * 1e3}
 
 
 def _alive(pid: int) -> bool:
@@ -149,6 +161,11 @@ def final_weights(ckpt: str, steps: int, work: str, name: str) -> dict:
     dcp_to_torch_save(os.path.join(ckpt, f"step-{steps:08d}"), path)
     state = torch.load(path, weights_only=False)  # written by this benchmark, from our own run
     return {k: v for k, v in state.items() if k.startswith(("model.", "optim."))}
+
+
+def _phases(p: dict) -> str:
+    return (f"start-up {p['startup']:.1f} s, training {p['training']:.1f} s at {p['step_ms']:.2f} ms per step trained "
+            f"(recoveries left out), end {p['end']:.1f} s")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -188,8 +205,9 @@ def main() -> None:
                       os.path.join(ref_dir, "run"), os.path.join(ref_dir, "log"))
         finish(proc, os.path.join(ref_dir, "log"), 1800)
         fault_free = time.time() - began
+        ref_phases = split_wall(read_events(os.path.join(ref_dir, "run")), began, fault_free, steps)
         expected = final_weights(os.path.join(ref_dir, "ckpt"), steps, work, "reference")
-        print(f"fault-free run: {fault_free:.1f} s", flush=True)
+        print(f"fault-free run: {fault_free:.1f} s ({_phases(ref_phases)})", flush=True)
         results = {}
         for arm in arms:
             r = results[arm] = run_arm(arm, work, steps, every[arm], args.mtbf, args.failures, args.seed)
@@ -198,7 +216,8 @@ def main() -> None:
                                                                        for k in expected)
             print(f"{arm}: {r['wall']:.1f} s, {r['kills']} kills, redone {r['redone']}, recovery "
                   + ", ".join(f"{x:.2f}" for x in r["recovery"]) + f" s, resumed from {r['sources']}"
-                  + (f", memory tier intervals {r['intervals']}" if r["intervals"] else ""), flush=True)
+                  + (f", memory tier intervals {r['intervals']}" if r["intervals"] else "")
+                  + f"; {_phases(r['phases'])}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     names = {"stock": "stock torchrun + sync saves", "ours": "ftlaunch + async durable",

@@ -116,7 +116,8 @@ class MemorySnapshots:
                 views = self._views[slot] = [data[off:off + n].view(getattr(torch, dtype)).view(shape)
                                              for dtype, shape, off, n, _ in layout if n]
             if views:
-                torch._foreach_copy_(views, [t.detach() for t in tensors if t.numel()])  # one call, not one per tensor
+                with torch.no_grad():  # one call, not one per tensor
+                    torch._foreach_copy_(views, [t for t in tensors if t.numel()])
             data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
             # The slot's commit, last: its header.
@@ -303,6 +304,21 @@ class MemorySnapshots:
             self._node_copy._mapped.clear()
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove_run_dir_if_unused()
+
+    def remove_absent_ranks(self) -> None:
+        """The slots of ranks at or above this world size: no rank of this group writes or
+        reads them (a node lost before the group shrank left them)."""
+        try:
+            names = os.listdir(self.run_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith("rank") and name[4:].isdigit() and int(name[4:]) >= self.world_size:
+                shutil.rmtree(os.path.join(self.run_dir, name), ignore_errors=True)
+        self._remove_run_dir_if_unused()
+
+    def _remove_run_dir_if_unused(self) -> None:
         try:
             if not any(name.startswith("rank") for name in os.listdir(self.run_dir)):
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # and its owner.json

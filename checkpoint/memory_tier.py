@@ -158,8 +158,12 @@ class MemoryTier:
         return max((s for s in list_steps(self.storage) if is_committed(self.storage, s)), default=None)
 
     def close(self) -> None:
-        """The job is done (or stopped with its state committed): free the shared memory."""
+        """The job is done (or stopped with its state committed): free the shared memory; on
+        the node's first rank also that of ranks the group no longer has (a node that was lost
+        and whose machine shares this one's /dev/shm, as on loopback)."""
         self.snapshots.remove()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            self.snapshots.remove_absent_ranks()
 
 
 def _node_copy(training: TrainingState, rank: int, ranks_on_node: int) -> tuple[int, tuple[str, ...]] | None:
@@ -182,10 +186,11 @@ def check_space(snapshots: MemorySnapshots, state_bytes: int, ranks_on_node: int
         or None (the node's other ranks, holding one copy between them, need little)."""
         slot = state_bytes + 2**20  # and the pickled non-tensor part
         need = 2 * slot * ranks_on_node
-        try:
-            os.makedirs(snapshots.dir, exist_ok=True)
-            held = sum(os.path.getsize(os.path.join(snapshots.dir, n)) for n in os.listdir(snapshots.dir) if n.endswith(".data"))
-            free = shutil.disk_usage(snapshots.dir).free + held * ranks_on_node  # our own slots get reused
+        try:  # the rank's directory is made by its first snapshot, with the run's owner.json
+            os.makedirs(snapshots.base_dir, exist_ok=True)
+            names = os.listdir(snapshots.dir) if os.path.isdir(snapshots.dir) else []
+            held = sum(os.path.getsize(os.path.join(snapshots.dir, n)) for n in names if n.endswith(".data"))
+            free = shutil.disk_usage(snapshots.base_dir).free + held * ranks_on_node  # our own slots get reused
         except OSError as e:
             return f"the memory tier cannot use {snapshots.dir}: {e.strerror or e}; give another --memory-dir " \
                    "(memory_dir=), or turn it off (--memory-every 0)"

@@ -207,9 +207,21 @@ def test_one_copy_per_node_of_the_replicated_state(tmp_path):
     assert torch.equal(got["optim"]["state"][0]["m"], torch.full((4,), 2))
     _damage(leader, 2, "truncate")
     assert other.complete()[2][1] == "rank 0's copy of the replicated state: data shorter than its header says"
+    # A node lost before the group shrank to 2 ranks left rank 2's slots on this machine.
+    MemorySnapshots(str(shm), "/nonexistent-root", "run", 2, 3, "id").snapshot(1, state(2, 1))
     other.remove()
     leader.remove()
+    assert sorted(os.listdir(leader.run_dir)) == ["owner.json", "rank2"]
+    leader.remove_absent_ranks()  # what the node's first rank does when the job is done
     assert not any(shm.iterdir())
+
+
+def test_a_worker_that_dies_before_its_first_snapshot_leaves_no_shared_memory(tmp_path):
+    """Nothing is made in shared memory before the first snapshot, which writes the run's
+    owner.json with it (a directory without one is never cleaned up by a later run)."""
+    model, opt, ckpt = _job(tmp_path / "ckpt", tmp_path / "shm")
+    ckpt._lease.release()  # the worker "dies" here, without close()
+    assert not any((tmp_path / "shm").iterdir())
 
 
 def test_a_forged_snapshot_never_runs_code(tmp_path, caplog):
