@@ -122,7 +122,8 @@ class MemorySnapshots:
 
             # The slot's commit, last: its header.
             header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
-                                 "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)]})
+                                 "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
+                                 "node_copy": self._node_copy.rank if self._node_copy is not None else None})
             tmp = self._path(slot, "json.tmp")
             with open(tmp, "w") as f:
                 f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
@@ -221,23 +222,31 @@ class MemorySnapshots:
         start, length = h["skeleton"]
         return Unpickler(io.BytesIO(bytes(data[start:start + length].numpy())), self.allowed_globals).load()
 
-    def read(self, step: int, views: tuple[str, ...] = ()) -> dict:
+    def read(self, step: int, views: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> dict:
         """The state of ``step``: its tensors copied out of shared memory, except those under
         the top-level keys in ``views``, which point into it (for a consumer that copies them
         itself, as ``load_state_dict`` does a model's: one copy instead of two). A view is
-        valid until this slot is written again, two snapshots later."""
-        slot, problem = self.complete()[step]
+        valid until this slot is written again, two snapshots later. ``only``: just those
+        top-level keys (and only their tensors are copied)."""
+        slot, problem = self.complete().get(step, (None, "no such step"))
         if problem:
             raise MemoryTierError(f"memory snapshot of step {step} in {self.dir}: {problem}")
         with open(self._path(slot, "json")) as f:
             h = json.load(f)
         data = self._map(slot, h["size"])
         skeleton = self._skeleton(data, h)
+        wanted = None
+        if only is not None:
+            skeleton = {key: value for key, value in skeleton.items() if key in only}
+            wanted = set(tensor_indices(skeleton))
         shared = {i for key in views if isinstance(skeleton, dict) and isinstance(skeleton.get(key), dict)
                   for name, value in skeleton[key].items() if not str(name).endswith("_extra_state")
                   for i in tensor_indices(value)}  # a module's extra state may be kept as given: a copy
         tensors = []
         for i, (dtype, shape, off, nbytes, device) in enumerate(h["tensors"]):
+            if wanted is not None and i not in wanted:
+                tensors.append(None)
+                continue
             kind = getattr(torch, dtype)
             tensor = data[off:off + nbytes].view(kind).view(shape) if nbytes else torch.empty(shape, dtype=kind)
             if device != "cpu":
@@ -246,10 +255,36 @@ class MemorySnapshots:
                 tensor = tensor.clone()
             tensors.append(tensor)
         state = join(skeleton, tensors)
-        if self._node_copy is not None:
-            replicated = self._node_copy.read(step, views)
+        if self._node_copy is not None and (only is None or set(only) & set(self._replicated)):
+            replicated = self._node_copy.read(step, views, only)
             state.update({key: replicated[key] for key in self._replicated if key in replicated})
         return state
+
+    # -- after the group changed -------------------------------------------------------------
+    def node_inventory(self) -> list[tuple[int, int, int, bool]]:
+        """Every complete slot in this node's directory of the run, whichever rank and world
+        size took it: (its rank, world size, step, whether it holds the replicated state
+        itself rather than leaving it to another rank's slot)."""
+        found = []
+        try:
+            names = os.listdir(self.run_dir)
+        except OSError:
+            return found
+        for name in names:
+            if not (name.startswith("rank") and name[4:].isdigit()):
+                continue
+            rank = int(name[4:])
+            for slot, h in self.of_rank(rank, -1)._headers().items():
+                world_size, step = h.get("world_size"), h.get("step")
+                if isinstance(world_size, int) and isinstance(step, int) \
+                        and self.of_rank(rank, world_size)._problem(slot, h) is None:
+                    found.append((rank, world_size, step, h.get("node_copy") is None))
+        return sorted(found)
+
+    def of_rank(self, rank: int, world_size: int) -> "MemorySnapshots":
+        """The slots another rank of this node took at ``world_size``, to read."""
+        return MemorySnapshots(self.base_dir, self.root, self.run_id, rank, world_size, self.root_id,
+                               self.allowed_globals)
 
     # -- cleaning up -------------------------------------------------------------------------
     def _write_owner(self) -> None:
@@ -306,15 +341,17 @@ class MemorySnapshots:
         shutil.rmtree(self.dir, ignore_errors=True)
         self._remove_run_dir_if_unused()
 
-    def remove_absent_ranks(self) -> None:
-        """The slots of ranks at or above this world size: no rank of this group writes or
-        reads them (a node lost before the group shrank left them)."""
+    def remove_other_ranks(self, keep: Iterable[int]) -> None:
+        """The slots of every rank of the run on this node but those in ``keep`` (the ranks
+        this node runs now): left by ranks that had other numbers before the group changed,
+        or by a lost node whose machine shares this /dev/shm (as on loopback)."""
+        keep = set(keep)
         try:
             names = os.listdir(self.run_dir)
         except OSError:
             return
         for name in names:
-            if name.startswith("rank") and name[4:].isdigit() and int(name[4:]) >= self.world_size:
+            if name.startswith("rank") and name[4:].isdigit() and int(name[4:]) not in keep:
                 shutil.rmtree(os.path.join(self.run_dir, name), ignore_errors=True)
         self._remove_run_dir_if_unused()
 

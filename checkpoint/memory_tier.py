@@ -19,7 +19,7 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, one_line
 from .manifest import Manifest, is_committed, list_steps
 from .memory import ROOT_ID_NAME, MemorySnapshots, MemoryTierError
-from .state import TrainingState, check_compatible, flatten_tensors
+from .state import TrainingState, check_compatible, flatten_tensors, rng_key
 from .storage import Storage
 
 log = logging.getLogger("checkpoint")
@@ -128,6 +128,10 @@ class MemoryTier:
         candidates, why = agree(self.snapshots, lambda x: _dist.all_gather(x, self.group), newest)
         if self.rank == 0 and candidates and why:
             log.warning("some memory snapshots are not usable: %s", why)
+        if not candidates:  # the group changed (a node lost or joined, ranks renumbered)?
+            resumed = self._resume_regrouped(newest, started)
+            if resumed is not None:
+                return resumed, newest
         for step in candidates:  # the same list on every rank: the same collectives
             error, state = None, None
             try:
@@ -154,6 +158,62 @@ class MemoryTier:
         self.snapshots.keep_only(None)
         return None, newest
 
+    def _resume_regrouped(self, newest: int | None, started: float) -> Manifest | None:
+        """Resume from snapshots that the ranks hold under other numbers or another world
+        size: after a node was lost, the survivors' nodes still hold the replicated state
+        (weights, optimizer, scheduler, step counters, data cursor: the same on every rank)
+        and the RNG states of the ranks they ran. Usable when every rank's node holds a slot
+        with the replicated state of the same step; rank i restores the RNG state of the
+        earlier rank i wherever the group holds it (as a disk resume would), else keeps its
+        own stream, like a rank that did not exist before. None: not possible (one line)."""
+        world_size = self.snapshots.world_size
+        gather = lambda x: _dist.all_gather(x, self.group)  # noqa: E731
+        inventories = gather(self.snapshots.node_inventory())
+        for step, old_size in regroup_candidates(inventories, newest):
+            mine = inventories[self.rank]
+            source = min((r for r, w, s, full in mine if (w, s, full) == (old_size, step, True)),
+                         key=lambda r: (r != self.rank, r))
+            serve = {i: next(j for j, inv in enumerate(inventories) if any((r, w, s) == (i, old_size, step)
+                                                                           for r, w, s, _ in inv))
+                     for i in range(min(old_size, world_size))
+                     if any((r, w, s) == (i, old_size, step) for inv in inventories for r, w, s, _ in inv)}
+            error, state, rngs = None, None, {}
+            try:
+                for i in (i for i, j in serve.items() if j == self.rank):
+                    rngs[i] = self.snapshots.of_rank(i, old_size).read(step, only=("rng",))["rng"][rng_key(i)]
+                state = self.snapshots.of_rank(source, old_size).read(step, views=("model",))
+                saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
+                check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
+                                 self.snapshots.dir)
+            except Exception as e:
+                error = f"rank {self.rank}: {one_line(e)}"
+            gathered = gather((error, rngs))
+            errors = [e for e, _ in gathered if e]
+            if errors:
+                if self.rank == 0:
+                    log.warning("the memory snapshots of step %d (world size %d) cannot be used: %s", step, old_size,
+                                errors[0])
+                continue
+            held = {i: rng for _, part in gathered for i, rng in part.items()}
+            state.pop("rng", None)
+            if self.rank in held:
+                state["rng"] = {rng_key(self.rank): held[self.rank]}
+            self.training.apply(state, self.rank, dcp=False)
+            self.snapshots.keep_only(None)  # this rank's slots of the old numbering
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank == 0:
+                first = self.rank
+                self.snapshots.remove_other_ranks(range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+            if self.rank == 0:
+                fresh = [i for i in range(min(old_size, world_size)) if i not in held]
+                log.info("resumed from the memory snapshots of step %d taken at world size %d, now %d, in %.3f s (no "
+                         "disk read)%s; newest durable checkpoint: step %s", step, old_size, world_size,
+                         time.monotonic() - started,
+                         f"; rank(s) {fresh} start a fresh RNG stream (their predecessors' states were on a lost node)"
+                         if fresh else "", newest)
+            return Manifest(step=step, world_size=old_size, files={}, metadata={"source": "memory"})
+        return None
+
     def _newest_committed(self) -> int | None:
         return max((s for s in list_steps(self.storage) if is_committed(self.storage, s)), default=None)
 
@@ -162,8 +222,9 @@ class MemoryTier:
         the node's first rank also that of ranks the group no longer has (a node that was lost
         and whose machine shares this one's /dev/shm, as on loopback)."""
         self.snapshots.remove()
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            self.snapshots.remove_absent_ranks()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the others remove their own
+            first = self.snapshots.rank
+            self.snapshots.remove_other_ranks(range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _node_copy(training: TrainingState, rank: int, ranks_on_node: int) -> tuple[int, tuple[str, ...]] | None:
@@ -219,6 +280,18 @@ def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) ->
         return [], f"the newest durable checkpoint (step {newest_durable}) is newer than the memory snapshot (step {common[0]})"
     empty = [str(r) for r, (g, b) in enumerate(gathered) if not g and not b]
     return [], problems or (f"rank(s) {', '.join(empty)} hold none" if empty else "the ranks hold no step in common")
+
+
+def regroup_candidates(inventories: list[list[tuple[int, int, int, bool]]],
+                       newest_durable: int | None) -> list[tuple[int, int]]:
+    """(step, world size it was taken at), newest first, such that every rank's node holds a
+    slot of that step with the replicated state (``MemorySnapshots.node_inventory``, one per
+    rank), none older than the newest durable commit."""
+    def full(inv):
+        return {(s, w) for _, w, s, is_full in inv if is_full}
+
+    common = set.intersection(*(full(inv) for inv in inventories)) if inventories else set()
+    return sorted((sw for sw in common if newest_durable is None or sw[0] >= newest_durable), reverse=True)
 
 
 def _tensors(obj) -> list[torch.Tensor]:

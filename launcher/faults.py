@@ -8,8 +8,9 @@ Kinds:
                          so it is in flight, never committed (the fault's marker is written
                          before the save, so nothing delays the kill)
     kill-load            SIGKILL while loading the checkpoint of step N
-    kill-node-before-commit  SIGKILL this worker's whole node (its ftlaunch agent and every
-                         process under it) after the shards of step N are written
+    kill-node            SIGKILL this worker's whole node (its ftlaunch agent and every process
+                         under it) right after it finishes step N
+    kill-node-before-commit  the same, after the shards of step N are written
     hang                 SIGSTOP this worker after step N (it stays alive, silent: a hang)
     raise                raise RuntimeError after step N
     fail-at-start        a broken device: the worker whose LOCAL rank is R fails at start, before
@@ -29,7 +30,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-KINDS = ("kill", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
+KINDS = ("kill", "kill-node", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
          "raise", "fail-at-start")
 INJECT_ENV = "FTLAUNCH_INJECT"
 
@@ -81,7 +82,7 @@ class FaultInjector:
 
     def after_step(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.kind in ("kill", "hang", "raise"):
+            if fault.step == step and fault.kind in ("kill", "kill-node", "hang", "raise"):
                 self._fire(fault)
 
     def before_load(self, step: int) -> None:
@@ -123,12 +124,12 @@ class FaultInjector:
             return
         if fault.kind == "raise":
             raise RuntimeError(f"injected fault at step {fault.step}")
-        if fault.kind == "kill-node-before-commit":
-            _kill_node()
+        if fault.kind in ("kill-node", "kill-node-before-commit"):
+            _kill_node(fault.kind)
         os.kill(os.getpid(), signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL)
 
 
-def _kill_node() -> None:
+def _kill_node(kind: str) -> None:
     """SIGKILL the ftlaunch agent and every process under it (TorchElastic puts workers in
     sessions of their own, so a process-group kill would miss them), this worker last."""
     from .bootstrap import outlive_parent
@@ -137,6 +138,6 @@ def _kill_node() -> None:
 
     agent_pid = os.environ.get(AGENT_PID_ENV)
     if not agent_pid:
-        raise RuntimeError("kill-node-before-commit needs ftlaunch (FTLAUNCH_AGENT_PID is not set)")
+        raise RuntimeError(f"{kind} needs ftlaunch (FTLAUNCH_AGENT_PID is not set)")
     outlive_parent()  # else the kernel kills this worker with its parent, before the agent is hit
     kill_tree(int(agent_pid), spare=os.getpid(), timeout=0)

@@ -5,6 +5,7 @@ world size; no sample of an epoch is skipped or seen twice."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -27,12 +28,12 @@ def rendezvous(tmp_path):
         kill_tree(server.pid)
 
 
-def node_cmd(endpoint, tmp_path, i, *launch_args):
+def node_cmd(endpoint, tmp_path, i, *launch_args, script_args=()):
     return [sys.executable, "-m", "launcher.cli", "--nnodes", "2:3", "--nproc-per-node", "1", *launch_args,
             "--rdzv-endpoint", endpoint, "--rdzv-id", "multinode-test", "--run-dir", str(tmp_path / f"node{i}"),
             str(REPO / "train.py"), "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", str(EPOCHS),
             "--save-every-steps", "10", "--keep-last", "0", "--trace-samples", "--run-dir", str(tmp_path / "shared"),
-            "--log-every", "50"]
+            "--log-every", "50", *script_args]
 
 
 @pytest.mark.parametrize("victim", [2, 0], ids=["a-later-node", "the-first-node"])
@@ -62,6 +63,48 @@ def test_node_loss_scales_down_and_every_sample_is_seen_once(rendezvous, tmp_pat
     assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
     state = load_checkpoint(tmp_path / "ckpt" / f"step-{final.step:08d}", tmp_path)  # it loads
     assert state["progress"]["samples_seen"] == EPOCHS * DIGITS_TRAIN_SAMPLES
+
+
+@pytest.mark.parametrize("victim", [2, 0], ids=["rank-2", "rank-0"])
+def test_survivors_of_a_lost_node_resume_from_memory_at_the_smaller_world_size(rendezvous, tmp_path, victim):
+    """Each node has memory of its own (--memory-dir per node, as /dev/shm is per machine) and
+    no durable save is due before the end. A node dies whole right after step 30; the two
+    survivors hold snapshots of step 30 (the replicated state, and their own RNG states), so
+    they resume from them at world size 2, without reading the disk and without redoing a
+    step; every sample of every epoch is still seen once. New rank i restores old rank i's
+    RNG state, fetched from whichever survivor holds it; when the lost node was rank 0, new
+    rank 0 starts a fresh stream instead, and says so."""
+    script = lambda i: ("--memory-every", "1", "--memory-dir", str(tmp_path / f"shm{i}"),  # noqa: E731
+                        "--save-every-steps", "1000", "--inject", f"kill-node:rank={victim}:step=30")
+    nodes = {i: start(node_cmd(rendezvous, tmp_path, i, script_args=script(i)), tmp_path / f"node{i}.log")
+             for i in range(3)}
+    try:
+        for p in nodes.values():
+            try:
+                p.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for p in nodes.values():
+            kill_tree(p.pid)
+    codes = {i: p.returncode for i, p in nodes.items()}
+    assert sorted(codes.values()) == [-signal.SIGKILL, 0, 0], codes
+    survivors = [i for i, code in codes.items() if code == 0]
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in survivors)
+    assert "resumed from the memory snapshots of step 30 taken at world size 3, now 2" in logs, logs[-3000:]
+    fresh = "rank(s) [0] start a fresh RNG stream (their predecessors' states were on a lost node)"
+    assert ("fresh RNG stream" in logs) == (victim == 0) and (fresh in logs or victim != 0), logs[-3000:]
+    assert "loaded checkpoint" not in logs
+    events = [e for i in survivors for e in read_events(tmp_path / f"node{i}")]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and {(e["step"], e["source"], e["world_size"]) for e in resumed} == {(30, "memory", 2)}, resumed
+
+    records = effective_steps(read_trace(tmp_path / "shared"))
+    assert_each_sample_once(records, EPOCHS)
+    final = latest_committed(tmp_path / "ckpt")
+    assert final.step == EPOCHS * STEPS_PER_EPOCH and final.world_size == 2
+    for i in survivors:  # freed at the end; the lost node's memory went with it
+        assert not any((tmp_path / f"shm{i}").iterdir())
 
 
 def test_cluster_command_kill_and_restart_a_node(tmp_path):
