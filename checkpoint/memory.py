@@ -219,8 +219,7 @@ class MemorySnapshots:
         return None
 
     def _skeleton(self, data: torch.Tensor, h: dict) -> Any:
-        start, length = h["skeleton"]
-        return Unpickler(io.BytesIO(bytes(data[start:start + length].numpy())), self.allowed_globals).load()
+        return _skeleton(data, h, self.allowed_globals)
 
     def read(self, step: int, views: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> dict:
         """The state of ``step``: its tensors copied out of shared memory, except those under
@@ -228,37 +227,22 @@ class MemorySnapshots:
         itself, as ``load_state_dict`` does a model's: one copy instead of two). A view is
         valid until this slot is written again, two snapshots later. ``only``: just those
         top-level keys (and only their tensors are copied)."""
-        slot, problem = self.complete().get(step, (None, "no such step"))
-        if problem:
-            raise MemoryTierError(f"memory snapshot of step {step} in {self.dir}: {problem}")
-        with open(self._path(slot, "json")) as f:
-            h = json.load(f)
-        data = self._map(slot, h["size"])
-        skeleton = self._skeleton(data, h)
-        wanted = None
-        if only is not None:
-            skeleton = {key: value for key, value in skeleton.items() if key in only}
-            wanted = set(tensor_indices(skeleton))
-        shared = {i for key in views if isinstance(skeleton, dict) and isinstance(skeleton.get(key), dict)
-                  for name, value in skeleton[key].items() if not str(name).endswith("_extra_state")
-                  for i in tensor_indices(value)}  # a module's extra state may be kept as given: a copy
-        tensors = []
-        for i, (dtype, shape, off, nbytes, device) in enumerate(h["tensors"]):
-            if wanted is not None and i not in wanted:
-                tensors.append(None)
-                continue
-            kind = getattr(torch, dtype)
-            tensor = data[off:off + nbytes].view(kind).view(shape) if nbytes else torch.empty(shape, dtype=kind)
-            if device != "cpu":
-                tensor = tensor.to(device, copy=True)  # a CUDA tensor of the extra state goes back to its device
-            elif i not in shared:  # fresh memory: faulting it in costs more than the copy here
-                tensor = tensor.clone()
-            tensors.append(tensor)
-        state = join(skeleton, tensors)
+        header, data = self.raw(step)
+        state = decode(header, data, self.allowed_globals, views, only)
         if self._node_copy is not None and (only is None or set(only) & set(self._replicated)):
             replicated = self._node_copy.read(step, views, only)
             state.update({key: replicated[key] for key in self._replicated if key in replicated})
         return state
+
+    def raw(self, step: int) -> tuple[dict, torch.Tensor]:
+        """The header of ``step``'s slot and its bytes (a view into shared memory), for
+        ``decode`` here or on another node (a node that joins gets them over the network)."""
+        slot, problem = self.complete().get(step, (None, "no such step"))
+        if problem:
+            raise MemoryTierError(f"memory snapshot of step {step} in {self.dir}: {problem}")
+        with open(self._path(slot, "json")) as f:
+            header = json.load(f)
+        return header, self._map(slot, header["size"])
 
     # -- after the group changed -------------------------------------------------------------
     def node_inventory(self) -> list[tuple[int, int, int, bool]]:
@@ -369,3 +353,34 @@ class MemorySnapshots:
         except FileNotFoundError:
             pass
 
+
+def _skeleton(data: torch.Tensor, h: dict, allowed_globals) -> Any:
+    start, length = h["skeleton"]
+    return Unpickler(io.BytesIO(bytes(data[start:start + length].numpy())), allowed_globals).load()
+
+
+def decode(header: dict, data: torch.Tensor, allowed_globals, views: tuple[str, ...] = (),
+           only: tuple[str, ...] | None = None) -> dict:
+    """A slot's state from its header and bytes (``MemorySnapshots.read`` says what ``views``
+    and ``only`` do). The non-tensor part goes through the allow-list unpickler."""
+    skeleton = _skeleton(data, header, allowed_globals)
+    wanted = None
+    if only is not None:
+        skeleton = {key: value for key, value in skeleton.items() if key in only}
+        wanted = set(tensor_indices(skeleton))
+    shared = {i for key in views if isinstance(skeleton, dict) and isinstance(skeleton.get(key), dict)
+              for name, value in skeleton[key].items() if not str(name).endswith("_extra_state")
+              for i in tensor_indices(value)}  # a module's extra state may be kept as given: a copy
+    tensors = []
+    for i, (dtype, shape, off, nbytes, device) in enumerate(header["tensors"]):
+        if wanted is not None and i not in wanted:
+            tensors.append(None)
+            continue
+        kind = getattr(torch, dtype)
+        tensor = data[off:off + nbytes].view(kind).view(shape) if nbytes else torch.empty(shape, dtype=kind)
+        if device != "cpu":
+            tensor = tensor.to(device, copy=True)  # a CUDA tensor of the extra state goes back to its device
+        elif i not in shared:  # fresh memory: faulting it in costs more than the copy here
+            tensor = tensor.clone()
+        tensors.append(tensor)
+    return join(skeleton, tensors)

@@ -18,7 +18,7 @@ from . import _dist
 from .config import CheckpointConfig
 from .errors import CheckpointError, one_line
 from .manifest import Manifest, is_committed, list_steps
-from .memory import ROOT_ID_NAME, MemorySnapshots, MemoryTierError
+from .memory import ROOT_ID_NAME, MemorySnapshots, MemoryTierError, decode
 from .state import TrainingState, check_compatible, flatten_tensors, rng_key
 from .storage import Storage
 
@@ -160,35 +160,46 @@ class MemoryTier:
 
     def _resume_regrouped(self, newest: int | None, started: float) -> Manifest | None:
         """Resume from snapshots that the ranks hold under other numbers or another world
-        size: after a node was lost, the survivors' nodes still hold the replicated state
+        size. After a node was lost, the survivors' nodes still hold the replicated state
         (weights, optimizer, scheduler, step counters, data cursor: the same on every rank)
-        and the RNG states of the ranks they ran. Usable when every rank's node holds a slot
-        with the replicated state of the same step; rank i restores the RNG state of the
-        earlier rank i wherever the group holds it (as a disk resume would), else keeps its
-        own stream, like a rank that did not exist before. None: not possible (one line)."""
+        and the RNG states of the ranks they ran; a node that joined holds nothing, and gets
+        the replicated state from the lowest rank that holds it (one broadcast). Rank i
+        restores the RNG state of the earlier rank i wherever the group holds it (as a disk
+        resume would), else keeps its own stream, like a rank that did not exist before.
+        None: not possible (one line says why)."""
         world_size = self.snapshots.world_size
         gather = lambda x: _dist.all_gather(x, self.group)  # noqa: E731
         inventories = gather(self.snapshots.node_inventory())
-        for step, old_size in regroup_candidates(inventories, newest):
-            mine = inventories[self.rank]
-            source = min((r for r, w, s, full in mine if (w, s, full) == (old_size, step, True)),
-                         key=lambda r: (r != self.rank, r))
-            serve = {i: next(j for j, inv in enumerate(inventories) if any((r, w, s) == (i, old_size, step)
-                                                                           for r, w, s, _ in inv))
-                     for i in range(min(old_size, world_size))
-                     if any((r, w, s) == (i, old_size, step) for inv in inventories for r, w, s, _ in inv)}
-            error, state, rngs = None, None, {}
+        for step, old_size, holders in regroup_candidates(inventories, newest):
+            held_rngs: dict[int, int] = {}  # old rank i -> the lowest rank whose node holds its slot
+            for j, inventory in enumerate(inventories):
+                for r, w, s, _ in inventory:
+                    if (w, s) == (old_size, step) and r < min(old_size, world_size):
+                        held_rngs.setdefault(r, j)
+            error, header, data, rngs = None, None, None, {}
             try:
-                for i in (i for i, j in serve.items() if j == self.rank):
+                for i in (i for i, j in held_rngs.items() if j == self.rank):
                     rngs[i] = self.snapshots.of_rank(i, old_size).read(step, only=("rng",))["rng"][rng_key(i)]
-                state = self.snapshots.of_rank(source, old_size).read(step, views=("model",))
-                saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
-                check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
-                                 self.snapshots.dir)
+                if self.rank in holders:
+                    source = min((r for r, w, s, full in inventories[self.rank] if (w, s, full) == (old_size, step, True)),
+                                 key=lambda r: (r != self.rank, r))
+                    header, data = self.snapshots.of_rank(source, old_size).raw(step)
             except Exception as e:
                 error = f"rank {self.rank}: {one_line(e)}"
             gathered = gather((error, rngs))
             errors = [e for e, _ in gathered if e]
+            if not errors and len(holders) < world_size:  # a node that joined: one broadcast
+                header, data = self._broadcast_slot(min(holders), header, data)
+            state = None
+            if not errors:
+                try:
+                    state = decode(header, data, self.snapshots.allowed_globals, views=("model",))
+                    saved = {k: v for k, v in flatten_tensors(state).items() if k.startswith("model.")}
+                    check_compatible({"model": self.training.state_dict(self.rank, dcp=False)["model"]}, saved,
+                                     self.snapshots.dir)
+                except Exception as e:
+                    error = f"rank {self.rank}: {one_line(e)}"
+                errors = [e for e in gather(error) if e]
             if errors:
                 if self.rank == 0:
                     log.warning("the memory snapshots of step %d (world size %d) cannot be used: %s", step, old_size,
@@ -200,19 +211,33 @@ class MemoryTier:
                 state["rng"] = {rng_key(self.rank): held[self.rank]}
             self.training.apply(state, self.rank, dcp=False)
             self.snapshots.keep_only(None)  # this rank's slots of the old numbering
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            if local_rank == 0:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 first = self.rank
                 self.snapshots.remove_other_ranks(range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
             if self.rank == 0:
                 fresh = [i for i in range(min(old_size, world_size)) if i not in held]
+                sent = [r for r in range(world_size) if r not in holders]
                 log.info("resumed from the memory snapshots of step %d taken at world size %d, now %d, in %.3f s (no "
-                         "disk read)%s; newest durable checkpoint: step %s", step, old_size, world_size,
+                         "disk read)%s%s; newest durable checkpoint: step %s", step, old_size, world_size,
                          time.monotonic() - started,
+                         f"; rank(s) {sent} got the state from rank {min(holders)} over the network" if sent else "",
                          f"; rank(s) {fresh} start a fresh RNG stream (their predecessors' states were on a lost node)"
                          if fresh else "", newest)
             return Manifest(step=step, world_size=old_size, files={}, metadata={"source": "memory"})
         return None
+
+    def _broadcast_slot(self, source: int, header: dict | None, data: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+        """Rank ``source``'s slot (header and bytes) on every rank. Under NCCL the bytes
+        travel through the GPU."""
+        box = [header]
+        torch.distributed.broadcast_object_list(box, src=source, group=self.group)
+        header = box[0]
+        nccl = torch.distributed.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        buffer = data[:header["size"]].to(device) if self.rank == source else \
+            torch.empty(header["size"], dtype=torch.uint8, device=device)
+        torch.distributed.broadcast(buffer, src=source, group=self.group)
+        return header, buffer.cpu() if nccl else buffer
 
     def _newest_committed(self) -> int | None:
         return max((s for s in list_steps(self.storage) if is_committed(self.storage, s)), default=None)
@@ -283,15 +308,17 @@ def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) ->
 
 
 def regroup_candidates(inventories: list[list[tuple[int, int, int, bool]]],
-                       newest_durable: int | None) -> list[tuple[int, int]]:
-    """(step, world size it was taken at), newest first, such that every rank's node holds a
-    slot of that step with the replicated state (``MemorySnapshots.node_inventory``, one per
-    rank), none older than the newest durable commit."""
-    def full(inv):
-        return {(s, w) for _, w, s, is_full in inv if is_full}
-
-    common = set.intersection(*(full(inv) for inv in inventories)) if inventories else set()
-    return sorted((sw for sw in common if newest_durable is None or sw[0] >= newest_durable), reverse=True)
+                       newest_durable: int | None) -> list[tuple[int, int, list[int]]]:
+    """(step, world size it was taken at, the ranks whose node holds a slot of it with the
+    replicated state), from every rank's ``MemorySnapshots.node_inventory``: newest first,
+    none older than the newest durable commit; newest first."""
+    holders: dict[tuple[int, int], list[int]] = {}
+    for rank, inventory in enumerate(inventories):
+        for step, size in sorted({(s, w) for _, w, s, full in inventory if full}):
+            holders.setdefault((step, size), []).append(rank)
+    usable = [(step, size, ranks) for (step, size), ranks in holders.items()
+              if newest_durable is None or step >= newest_durable]
+    return sorted(usable, key=lambda c: (c[0], len(c[2])), reverse=True)  # one step at two sizes: more holders first
 
 
 def _tensors(obj) -> list[torch.Tensor]:

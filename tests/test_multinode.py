@@ -107,6 +107,39 @@ def test_survivors_of_a_lost_node_resume_from_memory_at_the_smaller_world_size(r
         assert not any((tmp_path / f"shm{i}").iterdir())
 
 
+def test_a_node_that_joins_gets_the_state_from_the_others_memory(rendezvous, tmp_path):
+    """Scale-up: two nodes train (memory tier every step, no durable save before the end);
+    a third node joins, TorchElastic restarts the group at world size 3, and it resumes from
+    the two nodes' snapshots, the new node getting the state from rank 0's over the network:
+    no disk read, and every sample of every epoch seen once."""
+    epochs = 40
+    script = lambda i: ("--memory-every", "1", "--memory-dir", str(tmp_path / f"shm{i}"),  # noqa: E731
+                        "--save-every-steps", "100000", "--epochs", str(epochs))
+    nodes = {i: start(node_cmd(rendezvous, tmp_path, i, script_args=script(i)), tmp_path / f"node{i}.log")
+             for i in (0, 1)}
+    try:
+        wait_for_event([tmp_path / "node0", tmp_path / "node1"], "first_step", timeout=180, procs=nodes.values())
+        nodes[2] = start(node_cmd(rendezvous, tmp_path, 2, script_args=script(2)), tmp_path / "node2.log")
+        results = {i: finish(p, tmp_path / f"node{i}.log", timeout=300) for i, p in nodes.items()}
+    finally:
+        for p in nodes.values():
+            kill_tree(p.pid)
+    for result in results.values():
+        assert result.returncode == 0, result.tail()
+    logs = "".join(r.output for r in results.values())
+    assert "taken at world size 2, now 3" in logs and "got the state from rank" in logs, logs[-4000:]
+    assert "loaded checkpoint" not in logs
+    events = [e for i in nodes for e in read_events(tmp_path / f"node{i}")]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and all((e["source"], e["world_size"]) == ("memory", 3) for e in resumed), resumed
+
+    assert_each_sample_once(effective_steps(read_trace(tmp_path / "shared")), epochs)
+    final = latest_committed(tmp_path / "ckpt")
+    assert final.step == epochs * STEPS_PER_EPOCH and final.world_size == 3
+    for i in nodes:
+        assert not any((tmp_path / f"shm{i}").iterdir())
+
+
 def test_cluster_command_kill_and_restart_a_node(tmp_path):
     """`ftlaunch cluster`: 3 nodes up; node 1 killed -> 2 nodes go on; node 1 started again ->
     the group grows back to 3; the run completes with every sample of every epoch once."""
