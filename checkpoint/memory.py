@@ -64,12 +64,16 @@ class MemorySnapshots:
     """This rank's two snapshot slots."""
 
     def __init__(self, base_dir: str, root: str, run_id: str, rank: int, world_size: int, root_id: str,
-                 allowed_globals: Iterable = (), node_copy: tuple[int, tuple[str, ...]] | None = None):
+                 allowed_globals: Iterable = (), node_copy: tuple[int, tuple[str, ...]] | None = None,
+                 replicated: bool = False):
         """``node_copy``: (the rank, on this node, whose slots hold the state every rank holds
         alike, those top-level keys). Under DDP the weights and the optimizer state are the
         same on every rank, so one copy per node is enough: the other ranks snapshot only
         what is theirs (RNG, data cursor) and read the rest from that rank's slot of the same
-        step. None: this rank's slots hold all of its state."""
+        step. None: this rank's slots hold all of its state. ``replicated``: whether that
+        state (weights, optimizer, ...) is the same on every rank (DDP), so that after the
+        group changed a slot of one rank may serve another (``node_inventory``)."""
+        self.replicated = replicated
         self.base_dir, self.root, self.run_id = base_dir, os.path.abspath(root), run_id
         self.run_dir = os.path.join(base_dir, f"ftckpt-{run_key(root, run_id)}")
         self.dir = os.path.join(self.run_dir, f"rank{rank}")
@@ -123,7 +127,8 @@ class MemorySnapshots:
             # The slot's commit, last: its header.
             header = json.dumps({"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
                                  "root_id": self.root_id, "size": size, "skeleton": [offset, len(blob)],
-                                 "node_copy": self._node_copy.rank if self._node_copy is not None else None})
+                                 "node_copy": self._node_copy.rank if self._node_copy is not None else None,
+                                 "replicated": self.replicated})
             tmp = self._path(slot, "json.tmp")
             with open(tmp, "w") as f:
                 f.write(header[:-1] + ', "tensors": ' + layout_json + "}")
@@ -247,8 +252,8 @@ class MemorySnapshots:
     # -- after the group changed -------------------------------------------------------------
     def node_inventory(self) -> list[tuple[int, int, int, bool]]:
         """Every complete slot in this node's directory of the run, whichever rank and world
-        size took it: (its rank, world size, step, whether it holds the replicated state
-        itself rather than leaving it to another rank's slot)."""
+        size took it: (its rank, world size, step, whether it holds state that is the same on
+        every rank, in full: not left to another rank's slot, not one rank's own shard)."""
         found = []
         try:
             names = os.listdir(self.run_dir)
@@ -262,7 +267,7 @@ class MemorySnapshots:
                 world_size, step = h.get("world_size"), h.get("step")
                 if isinstance(world_size, int) and isinstance(step, int) \
                         and self.of_rank(rank, world_size)._problem(slot, h) is None:
-                    found.append((rank, world_size, step, h.get("node_copy") is None))
+                    found.append((rank, world_size, step, h.get("replicated") is True and h.get("node_copy") is None))
         return sorted(found)
 
     def of_rank(self, rank: int, world_size: int) -> "MemorySnapshots":
@@ -312,6 +317,8 @@ class MemorySnapshots:
             if h.get("step") != step:
                 self._remove(self._path(slot, "json"))
         self._next_slot = None
+        self._mapped.clear()  # the next snapshot maps its slot afresh (the file may have been replaced)
+        self._views.clear()
         if self._node_copy is not None:  # read once, at a resume: let go of its mappings
             self._node_copy._mapped.clear()
             self._node_copy._views.clear()
@@ -378,9 +385,18 @@ def decode(header: dict, data: torch.Tensor, allowed_globals, views: tuple[str, 
             continue
         kind = getattr(torch, dtype)
         tensor = data[off:off + nbytes].view(kind).view(shape) if nbytes else torch.empty(shape, dtype=kind)
-        if device != "cpu":
-            tensor = tensor.to(device, copy=True)  # a CUDA tensor of the extra state goes back to its device
-        elif i not in shared:  # fresh memory: faulting it in costs more than the copy here
+        if i in shared:
+            pass  # load_state_dict copies it, to the parameter's device
+        elif device != "cpu":  # back to this process's GPU (the writer may have been another rank's)
+            tensor = tensor.to(_this_device(device), copy=True)
+        else:  # fresh memory: faulting it in costs more than the copy here
             tensor = tensor.clone()
         tensors.append(tensor)
     return join(skeleton, tensors)
+
+
+def _this_device(device: str) -> torch.device:
+    """A CUDA tensor goes to this process's current GPU: a slot read by another rank of the
+    node (one copy per node) was written from the writer's GPU."""
+    kind = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if kind.type == "cuda" else kind

@@ -45,9 +45,11 @@ class MemoryTier:
         self._last_call: tuple[float, float] | None = None  # (when the last call began, its snapshot's cost)
         root_id = _dist.on_rank0(rank, self._root_id, f"cannot read or write {ROOT_ID_NAME} in {storage.url}", group)
         ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        node_copy = _node_copy(training, rank, ranks_on_node)
+        replicated = _replicated(training)
+        node_copy = (rank - int(os.environ["LOCAL_RANK"]), ("model", "optim")) \
+            if replicated and ranks_on_node > 1 and "LOCAL_RANK" in os.environ else None
         self.snapshots = MemorySnapshots(config.memory_dir, storage.url, os.environ.get("TORCHELASTIC_RUN_ID", ""),
-                                         rank, world_size, root_id, safe_globals, node_copy)
+                                         rank, world_size, root_id, safe_globals, node_copy, replicated)
         # The objects' own state dicts (DCP's get_state_dict would run the optimizer once to make
         # its state, which changes an Adam's step count); before the first step, count two
         # moments per parameter for the optimizer state that will appear.
@@ -156,6 +158,8 @@ class MemoryTier:
         if self.rank == 0 and (newest is not None or "hold none" not in why):
             log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
         self.snapshots.keep_only(None)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # ranks the group no longer has: their space
+            self.snapshots.remove_other_ranks(range(self.snapshots.world_size))
         return None, newest
 
     def _resume_regrouped(self, newest: int | None, started: float) -> Manifest | None:
@@ -169,8 +173,10 @@ class MemoryTier:
         None: not possible (one line says why)."""
         world_size = self.snapshots.world_size
         gather = lambda x: _dist.all_gather(x, self.group)  # noqa: E731
-        inventories = gather(self.snapshots.node_inventory())
-        for step, old_size, holders in regroup_candidates(inventories, newest):
+        first, count = self.rank - int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gathered = gather((self.snapshots.node_inventory(), (first, count)))
+        inventories, node_ranks = [inv for inv, _ in gathered], [ranks for _, ranks in gathered]
+        for step, old_size, holders in regroup_candidates(inventories, node_ranks, world_size, newest):
             held_rngs: dict[int, int] = {}  # old rank i -> the lowest rank whose node holds its slot
             for j, inventory in enumerate(inventories):
                 for r, w, s, _ in inventory:
@@ -189,7 +195,9 @@ class MemoryTier:
             gathered = gather((error, rngs))
             errors = [e for e, _ in gathered if e]
             if not errors and len(holders) < world_size:  # a node that joined: one broadcast
-                header, data = self._broadcast_slot(min(holders), header, data)
+                received = self._broadcast_slot(min(holders), header, data)
+                if self.rank not in holders:
+                    header, data = received
             state = None
             if not errors:
                 try:
@@ -211,9 +219,8 @@ class MemoryTier:
                 state["rng"] = {rng_key(self.rank): held[self.rank]}
             self.training.apply(state, self.rank, dcp=False)
             self.snapshots.keep_only(None)  # this rank's slots of the old numbering
-            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                first = self.rank
-                self.snapshots.remove_other_ranks(range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # ranks the group no longer has
+                self.snapshots.remove_other_ranks(range(world_size))
             if self.rank == 0:
                 fresh = [i for i in range(min(old_size, world_size)) if i not in held]
                 sent = [r for r in range(world_size) if r not in holders]
@@ -227,17 +234,15 @@ class MemoryTier:
         return None
 
     def _broadcast_slot(self, source: int, header: dict | None, data: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-        """Rank ``source``'s slot (header and bytes) on every rank. Under NCCL the bytes
-        travel through the GPU."""
+        """Rank ``source``'s slot (header and bytes) on every rank, over the manager's gloo
+        group (host memory to host memory; every rank takes part, so the other holders
+        receive a copy they do not use: a subgroup would cost a collective of its own)."""
         box = [header]
         torch.distributed.broadcast_object_list(box, src=source, group=self.group)
         header = box[0]
-        nccl = torch.distributed.get_backend(self.group) == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        buffer = data[:header["size"]].to(device) if self.rank == source else \
-            torch.empty(header["size"], dtype=torch.uint8, device=device)
+        buffer = data[:header["size"]] if self.rank == source else torch.empty(header["size"], dtype=torch.uint8)
         torch.distributed.broadcast(buffer, src=source, group=self.group)
-        return header, buffer.cpu() if nccl else buffer
+        return header, buffer
 
     def _newest_committed(self) -> int | None:
         return max((s for s in list_steps(self.storage) if is_committed(self.storage, s)), default=None)
@@ -252,19 +257,17 @@ class MemoryTier:
             self.snapshots.remove_other_ranks(range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _node_copy(training: TrainingState, rank: int, ranks_on_node: int) -> tuple[int, tuple[str, ...]] | None:
-    """Under DDP with a plain optimizer, the weights and the optimizer state are the same on
-    every rank: the node's first rank keeps the node's one copy of them. TorchElastic numbers
-    a node's ranks in a row, so that rank is ``RANK - LOCAL_RANK``. None where a rank's state
-    is its own (one process, a sharded optimizer or model)."""
+def _replicated(training: TrainingState) -> bool:
+    """Whether the weights and the optimizer state are the same on every rank: under DDP with
+    a plain optimizer. Then the node's first rank keeps the node's one copy of them
+    (TorchElastic numbers a node's ranks in a row, so that rank is ``RANK - LOCAL_RANK``),
+    and after the group changed one rank's slot may serve another. Not for one process, a
+    sharded optimizer or model."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
-    if ranks_on_node < 2 or "LOCAL_RANK" not in os.environ or not isinstance(training.model, DistributedDataParallel):
-        return None
-    if isinstance(training.optimizer, ZeroRedundancyOptimizer):
-        return None
-    return rank - int(os.environ["LOCAL_RANK"]), ("model", "optim")
+    return isinstance(training.model, DistributedDataParallel) and \
+        not isinstance(training.optimizer, ZeroRedundancyOptimizer)
 
 
 def check_space(snapshots: MemorySnapshots, state_bytes: int, ranks_on_node: int) -> str | None:
@@ -274,9 +277,11 @@ def check_space(snapshots: MemorySnapshots, state_bytes: int, ranks_on_node: int
         need = 2 * slot * ranks_on_node
         try:  # the rank's directory is made by its first snapshot, with the run's owner.json
             os.makedirs(snapshots.base_dir, exist_ok=True)
-            names = os.listdir(snapshots.dir) if os.path.isdir(snapshots.dir) else []
-            held = sum(os.path.getsize(os.path.join(snapshots.dir, n)) for n in names if n.endswith(".data"))
-            free = shutil.disk_usage(snapshots.base_dir).free + held * ranks_on_node  # our own slots get reused
+            # The run's slots already there get reused, or removed once the group resumed
+            # (those of ranks that had other numbers before it changed too).
+            held = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(snapshots.run_dir)
+                       for n in names if n.endswith(".data"))
+            free = shutil.disk_usage(snapshots.base_dir).free + held
         except OSError as e:
             return f"the memory tier cannot use {snapshots.dir}: {e.strerror or e}; give another --memory-dir " \
                    "(memory_dir=), or turn it off (--memory-every 0)"
@@ -307,17 +312,28 @@ def agree(snapshots: MemorySnapshots, all_gather, newest_durable: int | None) ->
     return [], problems or (f"rank(s) {', '.join(empty)} hold none" if empty else "the ranks hold no step in common")
 
 
-def regroup_candidates(inventories: list[list[tuple[int, int, int, bool]]],
-                       newest_durable: int | None) -> list[tuple[int, int, list[int]]]:
+def regroup_candidates(inventories: list[list[tuple[int, int, int, bool]]], node_ranks: list[tuple[int, int]],
+                       world_size: int, newest_durable: int | None) -> list[tuple[int, int, list[int]]]:
     """(step, world size it was taken at, the ranks whose node holds a slot of it with the
-    replicated state), from every rank's ``MemorySnapshots.node_inventory``: newest first,
-    none older than the newest durable commit; newest first."""
+    replicated state in full), from every rank's ``MemorySnapshots.node_inventory`` and its
+    node's ranks (first, count): newest first, none older than the newest durable commit, and
+    only where the group did change since: another world size, a node holding nothing of the
+    run (it joined), or a node holding slots of ranks it does not run now (renumbered). A
+    group that did not change and holds no step in common (a rank's tier went off) loads
+    from disk, as before: a regroup would lose that rank's RNG state."""
+    joined = any(not inventory for inventory in inventories)
     holders: dict[tuple[int, int], list[int]] = {}
     for rank, inventory in enumerate(inventories):
         for step, size in sorted({(s, w) for _, w, s, full in inventory if full}):
             holders.setdefault((step, size), []).append(rank)
+
+    def changed(step: int, size: int) -> bool:
+        return size != world_size or joined or any(
+            not first <= r < first + count for inventory, (first, count) in zip(inventories, node_ranks)
+            for r, w, s, _ in inventory if (w, s) == (size, step))
+
     usable = [(step, size, ranks) for (step, size), ranks in holders.items()
-              if newest_durable is None or step >= newest_durable]
+              if (newest_durable is None or step >= newest_durable) and changed(step, size)]
     return sorted(usable, key=lambda c: (c[0], len(c[2])), reverse=True)  # one step at two sizes: more holders first
 
 

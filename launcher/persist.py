@@ -30,7 +30,8 @@ def persist_memory(agent) -> None:
     dirs = sorted({e["memory_dir"] for e in contract.read_events(agent.run_dir) if e.get("memory_dir")})
     if not dirs:
         return
-    newest = max((step for d in dirs if (step := _newest_common_step(d)) is not None), default=-1)
+    world_size = agent._worker_group.workers[0].world_size if agent._worker_group.workers else 1
+    newest = max((step for d in dirs if (step := _newest_common_step(d, world_size)) is not None), default=-1)
     pending = newest >= 0 and (agent._known_committed is None or newest > agent._known_committed)
     if pending and (agent._worker_group.group_world_size or 1) > 1:
         log.warning("the memory tier holds step %d, newer than the last commit (%s), in %s on this node; a job "
@@ -74,21 +75,23 @@ def _persist_round(agent, step: int) -> bool:
     return not why
 
 
-def _newest_common_step(run_dir: str) -> int | None:
-    """The newest step every rank's slots in a memory tier directory hold (their headers, the
-    slots' commits, read as JSON; the workers verify the data when they load it)."""
+def _newest_common_step(run_dir: str, world_size: int) -> int | None:
+    """The newest step that the slots of every rank of this node hold at the group's world
+    size (their headers, the slots' commits, read as JSON; the workers check the rest when
+    they load it). Slots of another world size (an earlier launch) do not count."""
     held = []
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
-        if not name.startswith("rank"):
-            continue  # owner.json
+        if not (name.startswith("rank") and name[4:].isdigit()) or int(name[4:]) >= world_size:
+            continue  # owner.json, or a rank this group does not have
         steps = set()
         for slot in (0, 1):
             try:
                 with open(os.path.join(run_dir, name, f"slot{slot}.json")) as f:
-                    step = json.load(f).get("step")
+                    header = json.load(f)
+                step = header.get("step")
             except (OSError, ValueError, AttributeError):
                 continue
-            if isinstance(step, int):
+            if isinstance(step, int) and header.get("world_size") == world_size:
                 steps.add(step)
         held.append(steps)
     common = set.intersection(*held) if held else set()

@@ -436,3 +436,25 @@ def test_auto_interval_keeps_snapshots_within_the_overhead_budget(tmp_path, capl
 def test_memory_flags_are_validated(tmp_path, value, message):
     result = run([sys.executable, "train.py", "--ckpt-dir", str(tmp_path / "c"), "--memory-every", value], timeout=60)
     assert result.returncode == 2 and message in result.output, result.output
+
+
+def test_a_regroup_only_follows_a_change_of_the_group():
+    """Which (step, world size, holders) a changed group may resume from memory; an
+    unchanged group whose ranks hold no step in common (one rank's tier went off) may not:
+    that rank's RNG state would be lost, so it loads from disk as before."""
+    from checkpoint.memory_tier import regroup_candidates
+    full = lambda rank, size, step: (rank, size, step, True)  # noqa: E731
+    # One node, ranks 0 and 1; rank 1's tier went off (only rank 0's full slots remain).
+    assert regroup_candidates([[full(0, 2, 7)], [full(0, 2, 7)]], [(0, 2), (0, 2)], 2, None) == []
+    # Three nodes of one rank each; the last was lost: world size 3 -> 2.
+    lost = [[full(0, 3, 7), full(0, 3, 8)], [full(1, 3, 7), full(1, 3, 8)]]
+    assert regroup_candidates(lost, [(0, 1), (1, 1)], 2, None) == [(8, 3, [0, 1]), (7, 3, [0, 1])]
+    assert regroup_candidates(lost, [(0, 1), (1, 1)], 2, 8) == [(8, 3, [0, 1])]  # none older than the disk
+    # The first node was lost and a new one took its place: world size 2 again, ranks renumbered.
+    renumbered = [[full(1, 2, 8)], []]
+    assert regroup_candidates(renumbered, [(0, 1), (1, 1)], 2, None) == [(8, 2, [0])]
+    # A node joined two that keep their numbers: world size 2 -> 3, the new node holds nothing.
+    joined = [[full(0, 2, 9)], [full(1, 2, 9)], []]
+    assert regroup_candidates(joined, [(0, 1), (1, 1), (2, 1)], 3, None) == [(9, 2, [0, 1])]
+    # Slots that are not the replicated state in full (another rank's node copy, or per-rank state).
+    assert regroup_candidates([[(1, 3, 8, False)], [(2, 3, 8, False)]], [(0, 1), (1, 1)], 2, None) == []
