@@ -129,7 +129,7 @@ class FaultInjector:
         os.kill(os.getpid(), signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL)
 
 
-def _kill_node(kind: str) -> None:
+def _kill_node(kind: str = "kill-node") -> None:
     """SIGKILL the ftlaunch agent and every process under it (TorchElastic puts workers in
     sessions of their own, so a process-group kill would miss them), this worker last."""
     from .bootstrap import outlive_parent
