@@ -153,6 +153,10 @@ def train(cfg: TrainConfig) -> dict:
         # One optimizer step on the global batch, split across ranks.
         epoch = cursor.epoch
         idx, global_n = cursor.next_batch(rank, world)
+        # Traced before the step: a rank killed after its gradients went into the all-reduce
+        # still counts, as the survivors' step (and a memory snapshot of it) includes them; a
+        # step that no rank finished is run again, and the later generation's trace wins.
+        trace.record(progress.step + 1, epoch, idx)
         rows = idx.to(device)
         x, y = train_split.images[rows], train_split.labels[rows]
         optimizer.zero_grad(set_to_none=True)
@@ -165,7 +169,6 @@ def train(cfg: TrainConfig) -> dict:
         progress.step += 1
         progress.samples_seen += global_n
 
-        trace.record(progress.step, epoch, idx)
         injector.after_step(progress.step)
         train_loss = losses.update(progress.step, cursor.epoch, loss_sum.item(), len(idx))
         reporter.beat(progress.step, ckpt.last_committed)
