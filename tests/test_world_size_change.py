@@ -21,7 +21,9 @@ def test_two_workers_then_one_sees_every_sample_once(tmp_path):
     assert "resumed from step 30 (committed checkpoint, saved at world size 2; now 1)" in second.output
 
     all_records = read_trace(tmp_path / "ckpt")
-    assert max(r["step"] for r in all_records if r["resumed_from"] == 0) == 33  # 31..33 were lost
+    # 31..33 were lost; rank 1 has normally begun step 34 (a step is traced before it runs)
+    # by the time torchrun stops it.
+    assert max(r["step"] for r in all_records if r["resumed_from"] == 0) in (33, 34)
     records = effective_steps(all_records)
     assert_each_sample_once(records, 3)
     # The epoch that changed world size really was split across both runs and world sizes.
