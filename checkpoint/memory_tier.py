@@ -44,9 +44,12 @@ class MemoryTier:
         self._steps: list[float] = []
         self._last_call: tuple[float, float] | None = None  # (when the last call began, its snapshot's cost)
         root_id = _dist.on_rank0(rank, self._root_id, f"cannot read or write {ROOT_ID_NAME} in {storage.url}", group)
-        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # This node's ranks: TorchElastic numbers a node's ranks in a row.
+        local_rank, ranks_on_node = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.first_on_node = local_rank == 0
+        self.node_ranks = range(rank - local_rank, rank - local_rank + ranks_on_node)
         replicated = _replicated(training)
-        node_copy = (rank - int(os.environ["LOCAL_RANK"]), ("model", "optim")) \
+        node_copy = (self.node_ranks[0], ("model", "optim")) \
             if replicated and ranks_on_node > 1 and "LOCAL_RANK" in os.environ else None
         self.snapshots = MemorySnapshots(config.memory_dir, storage.url, os.environ.get("TORCHELASTIC_RUN_ID", ""),
                                          rank, world_size, root_id, safe_globals, node_copy, replicated)
@@ -59,7 +62,7 @@ class MemoryTier:
             state_bytes += 2 * sum(t.numel() * t.element_size() for t in _tensors(state.get("model", {})))
         # One rank per node removes what earlier runs on this root left behind; only where the
         # root's lease (local roots) guarantees that no other run on it is alive.
-        if storage.is_local and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if storage.is_local and self.first_on_node:
             for path in self.snapshots.remove_stale():
                 log.info("removed the memory snapshots an earlier run on this root left in %s", path)
         error = check_space(self.snapshots, state_bytes, 1 if node_copy else ranks_on_node)
@@ -158,7 +161,7 @@ class MemoryTier:
         if self.rank == 0 and (newest is not None or "hold none" not in why):
             log.warning("not resuming from memory: %s; loading the newest durable checkpoint", why)
         self.snapshots.keep_only(None)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # ranks the group no longer has: their space
+        if self.first_on_node:  # ranks the group no longer has: their space
             self.snapshots.remove_other_ranks(range(self.snapshots.world_size))
         return None, newest
 
@@ -170,11 +173,10 @@ class MemoryTier:
         the replicated state from the lowest rank that holds it (one broadcast). Rank i
         restores the RNG state of the earlier rank i wherever the group holds it (as a disk
         resume would), else keeps its own stream, like a rank that did not exist before.
-        None: not possible (one line says why)."""
+        None: no such step (the caller says why in one line) or none could be read."""
         world_size = self.snapshots.world_size
         gather = lambda x: _dist.all_gather(x, self.group)  # noqa: E731
-        first, count = self.rank - int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        gathered = gather((self.snapshots.node_inventory(), (first, count)))
+        gathered = gather((self.snapshots.node_inventory(), (self.node_ranks[0], len(self.node_ranks))))
         inventories, node_ranks = [inv for inv, _ in gathered], [ranks for _, ranks in gathered]
         for step, old_size, holders in regroup_candidates(inventories, node_ranks, world_size, newest):
             held_rngs: dict[int, int] = {}  # old rank i -> the lowest rank whose node holds its slot
@@ -219,7 +221,7 @@ class MemoryTier:
                 state["rng"] = {rng_key(self.rank): held[self.rank]}
             self.training.apply(state, self.rank, dcp=False)
             self.snapshots.keep_only(None)  # this rank's slots of the old numbering
-            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # ranks the group no longer has
+            if self.first_on_node:  # ranks the group no longer has
                 self.snapshots.remove_other_ranks(range(world_size))
             if self.rank == 0:
                 fresh = [i for i in range(min(old_size, world_size)) if i not in held]
@@ -252,16 +254,13 @@ class MemoryTier:
         the node's first rank also that of ranks the group no longer has (a node that was lost
         and whose machine shares this one's /dev/shm, as on loopback)."""
         self.snapshots.remove()
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the others remove their own
-            first = self.snapshots.rank
-            self.snapshots.remove_other_ranks(range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        if self.first_on_node:  # the others remove their own
+            self.snapshots.remove_other_ranks(self.node_ranks)
 
 
 def _replicated(training: TrainingState) -> bool:
     """Whether the weights and the optimizer state are the same on every rank: under DDP with
-    a plain optimizer. Then the node's first rank keeps the node's one copy of them
-    (TorchElastic numbers a node's ranks in a row, so that rank is ``RANK - LOCAL_RANK``),
-    and after the group changed one rank's slot may serve another. Not for one process, a
+    a plain optimizer. Then the node's first rank keeps the node's one copy of them, and after the group changed one rank's slot may serve another. Not for one process, a
     sharded optimizer or model."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
