@@ -133,13 +133,14 @@ def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     ckpt = CheckpointManager(tmp_path, model=model, optimizer=opt, async_mode="thread", keep_last=2, verify="size")
     proc = psutil.Process()
-    for step in (1, 2, 3, 4):  # warm-up: staging buffers, DCP's and the allocator's first-use growth
+    for step in range(1, 7):  # warm-up: staging buffers, DCP's and the allocator's first-use growth (4 saves
+        # left the writer thread's malloc arena still growing once in a fresh CI process: 21.9 MB)
         ckpt.save(step)
         _train_step(model, opt, step)
         ckpt.wait()
     warm = proc.memory_info().rss
     peak = warm
-    for step in range(5, 25):
+    for step in range(7, 27):
         ckpt.save(step)
         _train_step(model, opt, step)  # training goes on while the write is in flight
         peak = max(peak, proc.memory_info().rss)
@@ -152,7 +153,7 @@ def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
     # after other tests in this process is a few MB.
     assert end - warm < 0.2 * state_bytes, f"grew {(end - warm) / 1e6:.1f} MB over 20 saves"
     assert peak - warm < 0.5 * state_bytes, f"peak {(peak - warm) / 1e6:.1f} MB above the warm level"
-    assert find_latest(Storage(tmp_path), "hash").step == 24
+    assert find_latest(Storage(tmp_path), "hash").step == 26
 
 
 @pytest.mark.parametrize("if_busy", ["wait", "skip"])
