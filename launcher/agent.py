@@ -217,9 +217,13 @@ class FaultTolerantAgent(LocalElasticAgent):
             else:  # not at its script yet (a pre-warmed one may wait for the fork server's imports)
                 phase, since, step = self._phase_without_beat(), self._generation_started, -1
                 limit = self.policy.limit_for(phase)
-            if limit and now - since > limit:
-                stopped = beat is not None and is_stopped(beat.os_pid)
-                hung.append((not stopped, worker.global_rank, phase, step, now - since))
+            silent = now - since
+            # A rank the kernel shows stopped (SIGSTOP) does no I/O either: past the hang
+            # limit it is hung in any phase. Stopped mid-save, it would otherwise leave itself
+            # and its peers (waiting in the save's collectives) under the long I/O limit.
+            stopped = beat is not None and 0 < self.policy.hang_timeout < silent and is_stopped(beat.os_pid)
+            if stopped or (limit and silent > limit):
+                hung.append((not stopped, worker.global_rank, phase, step, silent))
         return [h[1:] for h in sorted(hung, key=lambda h: (h[0], -h[4]))]
 
     def _phase_without_beat(self) -> str:

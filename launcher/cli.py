@@ -31,7 +31,7 @@ from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.elastic.agent.server.api import WorkerState
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
-from . import contract, prewarm
+from . import contract, faults, prewarm
 from .agent import FaultTolerantAgent
 from .policy import Policy
 from .launch import launch_agent
@@ -65,7 +65,7 @@ def build_parser():
                       help="also import MODULE in the fork server (repeatable), e.g. transformers")
     ours.add_argument("--inject", action="append", default=[], metavar="SPEC",
                       help="fault for the workers, repeatable: "
-                           "kill|kill-before-commit|kill-node-before-commit|kill-load|hang|raise:rank=R:step=N, "
+                           f"{'|'.join(k for k in faults.KINDS if k != 'fail-at-start')}:rank=R:step=N, "
                            "fail-at-start:rank=LOCAL_RANK:step=0 (a broken device on this node, every generation)")
     return parser
 

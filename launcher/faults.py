@@ -12,6 +12,8 @@ Kinds:
                          under it) right after it finishes step N
     kill-node-before-commit  the same, after the shards of step N are written
     hang                 SIGSTOP this worker after step N (it stays alive, silent: a hang)
+    hang-before-commit   SIGSTOP after the shards of step N are written, before the commit
+                         record (a hang in the middle of a save, its peers waiting in it)
     raise                raise RuntimeError after step N
     fail-at-start        a broken device: the worker whose LOCAL rank is R fails at start, before
                          it joins the process group, in every generation (no marker; step is
@@ -31,7 +33,7 @@ import signal
 from dataclasses import dataclass
 
 KINDS = ("kill", "kill-node", "kill-before-commit", "kill-node-before-commit", "kill-while-writing", "kill-load", "hang",
-         "raise", "fail-at-start")
+         "hang-before-commit", "raise", "fail-at-start")
 INJECT_ENV = "FTLAUNCH_INJECT"
 
 
@@ -92,7 +94,7 @@ class FaultInjector:
 
     def before_commit(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.kind in ("kill-before-commit", "kill-node-before-commit"):
+            if fault.step == step and fault.kind in ("kill-before-commit", "kill-node-before-commit", "hang-before-commit"):
                 self._fire(fault)
 
     def before_save(self, step: int) -> None:
@@ -126,7 +128,7 @@ class FaultInjector:
             raise RuntimeError(f"injected fault at step {fault.step}")
         if fault.kind in ("kill-node", "kill-node-before-commit"):
             _kill_node(fault.kind)
-        os.kill(os.getpid(), signal.SIGSTOP if fault.kind == "hang" else signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if fault.kind.startswith("hang") else signal.SIGKILL)
 
 
 def _kill_node(kind: str = "kill-node") -> None:

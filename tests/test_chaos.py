@@ -27,6 +27,9 @@ def test_chaos_smoke(tmp_path):
     assert len(kinds) == 14, kinds  # every kind: a whole node killed and a network cut included
     assert {e["script"] for e in episodes} == {"train", "plain"}
     bad = [e for e in episodes if e.get("violations")]
-    assert not bad, "\n".join(f"{e['kind']} ({e['script']}): {e['violations']}" for e in bad) + "\n" + result.tail()
+    # A bad episode's folder is kept: its job's log says what the job did (CI keeps no files).
+    logs = "".join(f"\n--- the end of episode {e['episode']}'s log ---\n" + "\n".join(
+        (tmp_path / f"ep{e['episode']:04d}" / "log").read_text(errors="replace").splitlines()[-80:]) for e in bad)
+    assert not bad, "\n".join(f"{e['kind']} ({e['script']}): {e['violations']}" for e in bad) + "\n" + result.tail() + logs
     assert result.returncode == 0, result.tail()
     assert "16 episodes, 16 without violations, 0 with" in result.output

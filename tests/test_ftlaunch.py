@@ -40,8 +40,11 @@ def ftl_reference(tmp_path_factory):
     # Generation 1 dies while loading step 30 (no "resumed" event); generation 2 loads it.
     (["kill:rank=1:step=35", "kill-load:rank=0:step=30"], 1, "signal SIGKILL", [30]),
     (["hang:rank=1:step=35"], 1, "hang (training)", [30]),
+    # Stopped in the middle of a save, its peer waiting in the save's gather: both are under
+    # the long I/O limit, but the kernel shows rank 1 stopped, so --hang-timeout applies.
+    (["hang-before-commit:rank=1:step=40"], 1, "hang (saving)", [30]),
     (["raise:rank=0:step=35"], 0, "exit code 1", [30]),
-], ids=["kill", "kill-before-commit", "kill-while-loading", "hang", "raise"])
+], ids=["kill", "kill-before-commit", "kill-while-loading", "hang", "hang-mid-save", "raise"])
 def test_fault_is_recovered_bit_exactly(ftl_reference, tmp_path, faults, failed_rank, kind, resumes):
     run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
     injections = [a for f in faults for a in ("--inject", f)]

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from checkpoint.config import CheckpointConfig
+from launcher import faults
 
 DATASETS = ("digits", "mnist", "synthetic")
 
@@ -50,8 +51,8 @@ class TrainConfig(CheckpointConfig):
     seed: int = field(default=0, metadata={"help": "seed for model init, data order and every RNG"})
     log_every: int = field(default=20, metadata={"help": "print a progress line every N steps"})
     inject: list[str] = field(default_factory=list, metadata={
-        "help": "fault to inject, repeatable: KIND:rank=R:step=N, KIND one of kill, kill-before-commit, "
-                "kill-while-writing, kill-load, hang, raise (fires once per run; see launcher/faults.py)"})
+        "help": "fault to inject, repeatable: KIND:rank=R:step=N, KIND one of " + ", ".join(faults.KINDS)
+                + " (fires once per run; see launcher/faults.py)"})
     run_dir: str = field(default="", metadata={
         "help": "folder for run-local files (fault markers, sample traces); default: --ckpt-dir when it is local"})
     trace_samples: bool = field(default=False, metadata={
