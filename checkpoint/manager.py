@@ -122,6 +122,18 @@ class CheckpointManager:
         a launcher cleans up, or persists from, after the job ends for good."""
         return self._memory.snapshots.run_dir if self._memory is not None else None
 
+    @property
+    def last_snapshot(self) -> int | None:
+        """The newest step this process put in the memory tier (None: none, or the tier is off)."""
+        return self._memory.last_step if self._memory is not None and not self._memory.off else None
+
+    def snapshot_now(self, step: int) -> int | None:
+        """Put ``step`` in the memory tier now, whatever its interval (no collective), e.g. the
+        step reached before a planned restart; the step held, or None when the tier is off."""
+        if self._memory is not None:
+            self._memory.snapshot(step)
+        return self.last_snapshot if self.last_snapshot == step else None
+
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)
 

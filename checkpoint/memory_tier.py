@@ -37,6 +37,7 @@ class MemoryTier:
                  world_size: int, group, safe_globals: list):
         self.storage, self.training, self.rank, self.group = storage, training, rank, group
         self.off = False
+        self.last_step: int | None = None  # the newest step this process put in the tier
         # A fixed interval, or None while "auto" is still measuring (a snapshot every step until then).
         self.interval: int | None = None if config.memory_every == "auto" else config.memory_every
         self.overhead = config.memory_overhead
@@ -119,6 +120,7 @@ class MemoryTier:
             return
         try:
             self.snapshots.snapshot(step, self.training.state_dict(self.rank, dcp=False))
+            self.last_step = step
         except MemoryTierError as e:
             log.error("%s; the memory tier is off on rank %d from now on (training goes on; a restart loads "
                       "the durable checkpoint)", e, self.rank)

@@ -36,6 +36,8 @@ from . import contract
 from .policy import Policy
 from .proctree import is_running, is_stopped
 
+PAUSE_WAIT = 10.0  # the most a restart for a node that joins waits for the workers' snapshot (s)
+
 log = logging.getLogger("ftlaunch")
 
 
@@ -60,8 +62,9 @@ class FaultTolerantAgent(LocalElasticAgent):
         self.stop_reason: str | None = None  # why the agent gave up restarting, if it did
         self.attempt = 0  # 0 for the first generation, +1 per restart
         self._beat_cache: dict[int, contract.Beat] = {}
-        if os.path.exists(contract.stop_path(run_dir)):
-            os.unlink(contract.stop_path(run_dir))  # left by an earlier, preempted launch
+        for path in (contract.stop_path(run_dir), contract.restart_path(run_dir)):
+            if os.path.exists(path):
+                os.unlink(path)  # left by an earlier launch (preempted, killed)
 
     # -- helpers ------------------------------------------------------------------------
     def event(self, name: str, **fields) -> None:
@@ -125,7 +128,11 @@ class FaultTolerantAgent(LocalElasticAgent):
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
         delay = self.policy.backoff_for(self._streak) if self._last_failed else 0.0
+        if not self._last_failed:  # a node joins (TorchElastic restarts a healthy group)
+            self._pause_before_restart(worker_group)
         self._stop_workers(worker_group)
+        if os.path.exists(contract.restart_path(self.run_dir)):
+            os.unlink(contract.restart_path(self.run_dir))
         worker_group.state = WorkerState.STOPPED
         self.attempt += 1
         self.event("restart", backoff_seconds=delay, reason="failure" if self._last_failed else "membership change")
@@ -134,6 +141,31 @@ class FaultTolerantAgent(LocalElasticAgent):
             time.sleep(delay)  # the backoff itself, not synchronization
         self._last_failed = False
         self._initialize_workers(worker_group)
+
+    def _pause_before_restart(self, worker_group: WorkerGroup) -> None:
+        """Before TorchElastic restarts a healthy group for a node that joins: ask the workers
+        to put the step they reached in the memory tier and wait (``StopRequest``'s pause), so
+        that the new group resumes from that step and none is run twice. Only workers whose
+        beats show a memory tier are asked, and they get at most PAUSE_WAIT s (a kill without
+        the pause costs the steps since their last snapshot)."""
+        workers = worker_group.workers
+        beats = self._beats(worker_group)
+        if len(beats) < len(workers) or any(b.snapshot is None for b in beats.values()) or not all(
+                is_running(w.id) for w in workers):
+            return
+        started = time.monotonic()
+        with open(contract.restart_path(self.run_dir), "w") as f:
+            f.write("a node joins: snapshot the step reached and wait for the restart\n")
+        while time.monotonic() - started < PAUSE_WAIT and all(is_running(w.id) for w in workers):
+            beats = self._beats(worker_group)
+            steps = {b.step for b in beats.values() if b.phase == contract.PAUSED and b.snapshot == b.step}
+            if len(steps) == 1 and all(b.phase == contract.PAUSED for b in beats.values()) and len(beats) == len(workers):
+                self.event("workers_paused", step=steps.pop(), seconds=round(time.monotonic() - started, 4))
+                return
+            time.sleep(0.01)  # sleep-ok: polling the beats, with a deadline
+        log.warning("the workers did not pause within %.0f s; restarting them anyway (the new group resumes from "
+                    "their newest memory snapshots)", PAUSE_WAIT)
+        self.event("pause_timeout", seconds=round(time.monotonic() - started, 4))
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)

@@ -6,6 +6,9 @@ agent exports ``FTLAUNCH_RUN_DIR``, a directory on the node's local disk holding
     events.jsonl             one JSON object per line, appended by the agent and by rank 0
     heartbeat/rank<R>.json   each worker's latest progress, rewritten in place every step
     stop                     exists once the agent asks the workers to stop (preemption)
+    restart                  exists while the agent asks the workers to snapshot the step they
+                             reached into the memory tier and wait: it is about to restart the
+                             group for a node that joins (``StopRequest``)
     logs/                    TorchElastic's per-attempt, per-rank stdout/stderr
 
 A script run by plain torchrun has no ``FTLAUNCH_RUN_DIR``: the worker side then does nothing.
@@ -25,8 +28,9 @@ AGENT_PID_ENV = "FTLAUNCH_AGENT_PID"  # set by ftlaunch: its agent's pid (worker
 
 STARTING = "starting"  # launcher.bootstrap: the script begins (torch imported); Reporter: it exists
 LOADING, TRAINING, SAVING, STOPPING = "loading", "training", "saving", "stopping"
+PAUSED = "paused"  # a snapshot of the step reached is taken; waiting for the agent's restart (a node joins)
 FINISHING = "finishing"  # training is over (Reporter.finish, bootstrap at destroy_process_group): eval, final save, exit
-PHASES = (STARTING, LOADING, TRAINING, SAVING, STOPPING, FINISHING)  # a Reporter's phases
+PHASES = (STARTING, LOADING, TRAINING, SAVING, STOPPING, PAUSED, FINISHING)  # a Reporter's phases
 JOINING = "joining"  # written by launcher.bootstrap as a worker enters init_process_group
 LAUNCHING = "launching"  # no beat yet from a bootstrapped worker: its interpreter (or the fork server) imports torch
 BOOTSTRAP, OPTIMIZER, REPORTER = "bootstrap", "optimizer", "reporter"  # who wrote a beat (Beat.source)
@@ -46,6 +50,10 @@ def heartbeat_path(run_dir: str, rank: int) -> str:
 
 def stop_path(run_dir: str) -> str:
     return os.path.join(run_dir, "stop")
+
+
+def restart_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "restart")
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Beat:
     committed: int | None = None  # newest committed checkpoint step this worker knows of
     source: str = REPORTER
     os_pid: int = 0  # the process that trains (a pre-warmed worker's pid differs from ``pid``)
+    snapshot: int | None = None  # the newest step in the memory tier (None: no memory tier)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -92,6 +92,7 @@ class Reporter:
         self.phase_name = contract.STARTING
         self.step = -1
         self.committed: int | None = None
+        self.snapshot: int | None = None  # the newest step in the memory tier, for the agent
         self._writer = contract.BeatWriter(self.run_dir, env.rank) if self.run_dir else None
         if self._writer is not None:
             from .bootstrap import silence_optimizer_beats
@@ -101,11 +102,27 @@ class Reporter:
         self._pid = int(os.environ.get(contract.WORKER_ID_ENV, os.getpid()))
         self._write()
 
-    def beat(self, step: int, committed: int | None = None) -> None:
+    def beat(self, step: int, committed: int | None = None, snapshot: int | None = None) -> None:
         """Call after every training step (a 512-byte pwrite)."""
         self.step, self.phase_name = step, contract.TRAINING
         if committed is not None:
             self.committed = committed
+        if snapshot is not None:
+            self.snapshot = snapshot
+        self._write()
+
+    def pause(self, snapshot: int, timeout: float = 60.0) -> None:
+        """The ranks agreed to pause (``StopRequest``): a node joins and the agents are about
+        to restart the group. Say that the memory tier holds ``snapshot`` (the step reached)
+        and wait for the restart, which kills this process. Each node's agent restarts its
+        workers once it sees the join (the one that asked first may be on another node), so
+        this waits for the kill, not for a file of this node. Returns if no restart came
+        within ``timeout`` s: the caller trains on (a peer that is gone then fails a
+        collective, and the restart is an ordinary one)."""
+        self.snapshot, self.phase_name = snapshot, contract.PAUSED
+        self._write()
+        time.sleep(timeout)  # sleep-ok: waiting to be killed; the agent acts on the beat above
+        self.phase_name = contract.TRAINING
         self._write()
 
     @contextlib.contextmanager
@@ -144,11 +161,14 @@ class Reporter:
             self._writer.write(contract.Beat(
                 rank=self.env.rank, pid=self._pid, generation=self.env.restart_count, step=self.step,
                 phase=self.phase_name, time=time.monotonic(), committed=self.committed,
-                os_pid=os.getpid()))
+                os_pid=os.getpid(), snapshot=self.snapshot))
+
+
+STOP, PAUSE = "stop", "pause"  # what the ranks agreed on (StopRequest.agreed)
 
 
 class StopRequest:
-    """Preemption: stop at a step every rank agrees on.
+    """Preemption: stop at a step every rank agrees on; and a pause before a restart.
 
     A stop is requested by SIGTERM/SIGINT to this worker or by the agent's stop file. The
     ranks combine their flags with a small all_reduce (MAX), so all of them stop after the
@@ -158,6 +178,10 @@ class StopRequest:
     ``check_seconds`` apart: each check also carries every rank's proposal for the number
     of steps to the next check, and the MAX of those is what all ranks use, so they stay in
     step. A stop therefore lands within about two check intervals of the request.
+
+    The same all_reduce carries the agent's pause request (its restart file): a node is
+    joining, and the agent is about to restart the group; the ranks agree on a step, put it
+    in the memory tier and wait to be restarted, so that no step is run twice.
     """
 
     def __init__(self, env: WorkerEnv, check_seconds: float = 0.1):
@@ -181,16 +205,17 @@ class StopRequest:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self) -> bool:
-        """Call after every step on every rank; True on all ranks after the same step once
-        any rank was asked to stop."""
+    def agreed(self) -> str | None:
+        """Call after every step on every rank: ``STOP`` on all ranks after the same step once
+        any rank was asked to stop, ``PAUSE`` likewise once any rank's agent asked for a pause;
+        else None."""
         if self.requested_by is None and self.run_dir and os.path.exists(contract.stop_path(self.run_dir)):
             self.requested_by = "ftlaunch"
         if not dist.is_initialized():
-            return self.requested_by is not None
+            return STOP if self.requested_by else PAUSE if self._pause_asked() else None
         self._calls += 1
         if self._calls < self._next_check:
-            return False
+            return None
         steps_to_next = 1
         if self._pending is not None:
             work, result = self._pending
@@ -198,16 +223,21 @@ class StopRequest:
             self._pending = None
             if result[0].item():
                 self.requested_by = self.requested_by or "another rank"
-                return True
+                return STOP
+            if result[2].item():
+                return PAUSE
             steps_to_next = int(result[1].item())
         calls, since = self._last_check
         per_step = (time.monotonic() - since) / max(self._calls - calls, 1)
         proposal = max(1, min(1000, int(self.check_seconds / max(per_step, 1e-6))))
         self._last_check = (self._calls, time.monotonic())
-        flag = torch.tensor([1 if self.requested_by else 0, proposal])
+        flag = torch.tensor([1 if self.requested_by else 0, proposal, int(self._pause_asked())])
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         self._next_check = self._calls + steps_to_next
-        return False
+        return None
+
+    def _pause_asked(self) -> bool:
+        return bool(self.run_dir) and os.path.exists(contract.restart_path(self.run_dir))
 
     def close(self) -> None:
         """Finish the all_reduce still in flight (every rank issued it), before the group goes."""

@@ -108,12 +108,13 @@ def test_survivors_of_a_lost_node_resume_from_memory_at_the_smaller_world_size(r
 
 
 def test_a_node_that_joins_gets_the_state_from_the_others_memory(rendezvous, tmp_path):
-    """Scale-up: two nodes train (memory tier every step, no durable save before the end);
-    a third node joins, TorchElastic restarts the group at world size 3, and it resumes from
-    the two nodes' snapshots, the new node getting the state from rank 0's over the network:
-    no disk read, and every sample of every epoch seen once."""
+    """Scale-up: two nodes train (memory tier every 5 steps, no durable save before the end);
+    a third node joins, the two nodes' workers put the step they reached in the memory tier
+    and pause, TorchElastic restarts the group at world size 3, and it resumes from that
+    step, the new node getting the state from rank 0's snapshot over the network: no disk
+    read, no step run twice, and every sample of every epoch seen once."""
     epochs = 40
-    script = lambda i: ("--memory-every", "1", "--memory-dir", str(tmp_path / f"shm{i}"),  # noqa: E731
+    script = lambda i: ("--memory-every", "5", "--memory-dir", str(tmp_path / f"shm{i}"),  # noqa: E731
                         "--save-every-steps", "100000", "--epochs", str(epochs))
     nodes = {i: start(node_cmd(rendezvous, tmp_path, i, script_args=script(i)), tmp_path / f"node{i}.log")
              for i in (0, 1)}
@@ -132,6 +133,13 @@ def test_a_node_that_joins_gets_the_state_from_the_others_memory(rendezvous, tmp
     events = [e for i in nodes for e in read_events(tmp_path / f"node{i}")]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed and all((e["source"], e["world_size"]) == ("memory", 3) for e in resumed), resumed
+    paused = [e for e in events if e["event"] == "workers_paused"]
+    assert {e["step"] for e in paused} == {resumed[0]["step"]} and len(paused) == 2, (paused, resumed)
+
+    launches: dict[int, set] = {}  # step -> the generations that traced it
+    for record in read_trace(tmp_path / "shared"):
+        launches.setdefault(record["step"], set()).add(record["launch"])
+    assert not [step for step, gens in launches.items() if len(gens) > 1], "a step ran twice"
 
     assert_each_sample_once(effective_steps(read_trace(tmp_path / "shared")), epochs)
     final = latest_committed(tmp_path / "ckpt")
