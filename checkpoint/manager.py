@@ -125,7 +125,12 @@ class CheckpointManager:
     @property
     def last_snapshot(self) -> int | None:
         """The newest step this process put in the memory tier (None: none, or the tier is off)."""
-        return self._memory.last_step if self._memory is not None and not self._memory.off else None
+        return self._memory.last_step if self.memory_on else None
+
+    @property
+    def memory_on(self) -> bool:
+        """Whether this rank's memory tier is on (it turns off for good if shared memory fills up)."""
+        return self._memory is not None and not self._memory.off
 
     def snapshot_now(self, step: int) -> int | None:
         """Put ``step`` in the memory tier now, whatever its interval (no collective), e.g. the

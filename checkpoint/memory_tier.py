@@ -152,6 +152,7 @@ class MemoryTier:
             if not errors:
                 self.training.apply(state, self.rank, dcp=False)
                 self.snapshots.keep_only(step)
+                self.last_step = step
                 log.info("resumed from the memory snapshot of step %d in %.3f s (no disk read); newest durable "
                          "checkpoint: step %s", step, time.monotonic() - started, newest)
                 record = Manifest(step=step, world_size=self.snapshots.world_size, files={},

@@ -23,10 +23,12 @@ hooks of that loop:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
@@ -36,7 +38,8 @@ from . import contract
 from .policy import Policy
 from .proctree import is_running, is_stopped
 
-PAUSE_WAIT = 10.0  # the most a restart for a node that joins waits for the workers' snapshot (s)
+PAUSE_WAIT = 10.0  # the least a restart for a node that joins waits for the workers' snapshot (s)
+STOP_CHECK_AFTER = 0.5  # a rank silent this long is looked at: is the kernel showing it stopped? (s)
 
 log = logging.getLogger("ftlaunch")
 
@@ -62,6 +65,9 @@ class FaultTolerantAgent(LocalElasticAgent):
         self.stop_reason: str | None = None  # why the agent gave up restarting, if it did
         self.attempt = 0  # 0 for the first generation, +1 per restart
         self._beat_cache: dict[int, contract.Beat] = {}
+        self._survivors_killed: set[int] = set()  # global ranks this agent SIGKILLed after a peer failed
+        self._step_seconds = 0.0  # the latest seconds per step seen in the beats
+        self._stopped_since: dict[int, float] = {}  # os pid -> when the kernel was first seen showing it stopped
         for path in (contract.stop_path(run_dir), contract.restart_path(run_dir)):
             if os.path.exists(path):
                 os.unlink(path)  # left by an earlier launch (preempted, killed)
@@ -78,6 +84,9 @@ class FaultTolerantAgent(LocalElasticAgent):
             if beat is None or beat.pid != worker.id:
                 beat = self._beat_cache.get(worker.global_rank)  # torn read or none yet
             if beat is not None and beat.pid == worker.id:
+                before = self._beat_cache.get(worker.global_rank)
+                if before is not None and before.pid == beat.pid and beat.step > before.step >= 0:
+                    self._step_seconds = (beat.time - before.time) / (beat.step - before.step)
                 beats[worker.global_rank] = self._beat_cache[worker.global_rank] = beat
                 if beat.committed is not None:
                     self._known_committed = max(beat.committed, self._known_committed or beat.committed)
@@ -117,6 +126,7 @@ class FaultTolerantAgent(LocalElasticAgent):
     def _start_workers(self, worker_group: WorkerGroup):
         shutil.rmtree(contract.heartbeat_dir(self.run_dir), ignore_errors=True)
         os.makedirs(contract.heartbeat_dir(self.run_dir), exist_ok=True)
+        self._survivors_killed, self._stopped_since = set(), {}
         pids = super()._start_workers(worker_group)
         self._generation_started = time.monotonic()
         self.event("workers_started", pids={str(k): v for k, v in pids.items()})
@@ -145,39 +155,81 @@ class FaultTolerantAgent(LocalElasticAgent):
     def _pause_before_restart(self, worker_group: WorkerGroup) -> None:
         """Before TorchElastic restarts a healthy group for a node that joins: ask the workers
         to put the step they reached in the memory tier and wait (``StopRequest``'s pause), so
-        that the new group resumes from that step and none is run twice. Only workers whose
-        beats show a memory tier are asked, and they get at most PAUSE_WAIT s (a kill without
-        the pause costs the steps since their last snapshot)."""
+        that the new group resumes from that step and none is run twice. Only when every
+        worker of this node has a memory tier (the flag then reaches every rank of every node
+        through the stop request's all_reduce), and for at most PAUSE_WAIT s or three steps,
+        whichever is longer (the ranks see the request at their next check, a step or more
+        apart); a restart without the pause costs the steps since the last snapshot."""
         workers = worker_group.workers
         beats = self._beats(worker_group)
-        if len(beats) < len(workers) or any(b.snapshot is None for b in beats.values()) or not all(
-                is_running(w.id) for w in workers):
+        if (worker_group.state != WorkerState.HEALTHY or not self._node_joins(worker_group) or len(beats) < len(workers)
+                or not all(b.memory for b in beats.values()) or not all(is_running(w.id) for w in workers)):
             return
         started = time.monotonic()
+        wait = max(PAUSE_WAIT, 3 * self._step_seconds)
         with open(contract.restart_path(self.run_dir), "w") as f:
             f.write("a node joins: snapshot the step reached and wait for the restart\n")
-        while time.monotonic() - started < PAUSE_WAIT and all(is_running(w.id) for w in workers):
+        while True:
             beats = self._beats(worker_group)
-            steps = {b.step for b in beats.values() if b.phase == contract.PAUSED and b.snapshot == b.step}
-            if len(steps) == 1 and all(b.phase == contract.PAUSED for b in beats.values()) and len(beats) == len(workers):
-                self.event("workers_paused", step=steps.pop(), seconds=round(time.monotonic() - started, 4))
+            if len(beats) == len(workers) and all(b.phase == contract.PAUSED for b in beats.values()):
+                steps = sorted({b.snapshot for b in beats.values()}, key=lambda s: -1 if s is None else s)
+                self.event("workers_paused", step=steps[0] if len(steps) == 1 else None, snapshots=steps,
+                           seconds=round(time.monotonic() - started, 4))
+                if len(steps) > 1:
+                    log.warning("the workers paused with different snapshots (%s); the new group resumes from the "
+                                "newest step they all hold", steps)
+                return
+            exited = [w.global_rank for w in workers if not is_running(w.id)]
+            why = (f"rank(s) {exited} exited while pausing" if exited else
+                   "the job is being stopped" if self.stop_requested_at is not None else
+                   f"the workers did not pause within {wait:.0f} s" if time.monotonic() - started > wait else None)
+            if why:
+                log.warning("%s; restarting the group now (it resumes from the newest memory snapshots)", why)
+                self.event("pause_failed", reason=why, seconds=round(time.monotonic() - started, 4))
                 return
             time.sleep(0.01)  # sleep-ok: polling the beats, with a deadline
-        log.warning("the workers did not pause within %.0f s; restarting them anyway (the new group resumes from "
-                    "their newest memory snapshots)", PAUSE_WAIT)
-        self.event("pause_timeout", seconds=round(time.monotonic() - started, 4))
+
+    def _node_joins(self, worker_group: WorkerGroup) -> bool:
+        """The rendezvous shows a node waiting to join while every node of this generation is
+        still in it (another node that restarts after a failure also waits, but left first)."""
+        holder = getattr(worker_group.spec.rdzv_handler, "_state_holder", None)
+        if holder is None:
+            return True  # another rendezvous backend: TorchElastic restarts a healthy group only for a join
+        state = holder.state  # synced by the num_nodes_waiting() that led here
+        return state.complete and len(state.participants) == (worker_group.group_world_size or 1) and bool(state.wait_list)
+
+    def _kill_survivors_of_a_failure(self, worker_group: WorkerGroup) -> None:
+        """A worker exited with an error: SIGKILL the others before TorchElastic's poll sees
+        it. That poll SIGTERMs them and waits for each to exit (up to 30 s), and a survivor
+        blocked in a collective with the dead rank exits only when the collective fails
+        (0.26 s here under gloo; under NCCL, its timeout). A failed group has nothing left to
+        commit (``_stop_workers`` SIGKILLs it next anyway). Not while the job is stopping:
+        the stop's commit may still be in flight."""
+        handlers = getattr(self._pcontext, "subprocess_handlers", None)
+        if not handlers or self.stop_requested_at is not None:
+            return
+        codes = {local_rank: handler.proc.poll() for local_rank, handler in handlers.items()}
+        if any(code not in (None, 0) for code in codes.values()) and None in codes.values():
+            self._survivors_killed = {worker_group.workers[r].global_rank for r, code in codes.items() if code is None}
+            self._kill_workers()
+            for local_rank, code in codes.items():  # gone in a moment: TorchElastic's poll, next, sees them all
+                if code is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        handlers[local_rank].proc.wait(timeout=2)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        self._kill_survivors_of_a_failure(worker_group)
         result = super()._monitor_workers(worker_group)
         beats = self._beats(worker_group)
         if result.state == WorkerState.FAILED:
-            # Root cause first. TorchElastic SIGTERMs the others once one has failed, and a
-            # rank whose peer died exits with an error a moment later, after one more step:
-            # so SIGTERM last, other signals first, then the rank that got least far.
+            # Root cause first. The others are SIGKILLed by us (or SIGTERMed by TorchElastic)
+            # once one has failed, and a rank whose peer died exits with an error a moment
+            # later, after one more step: so those last, other signals first, then the rank
+            # that got least far.
             def order(item):
                 rank, failure = item
                 beat = beats.get(rank)
-                return (failure.exitcode == -signal.SIGTERM, failure.exitcode > 0,
+                return (rank in self._survivors_killed or failure.exitcode == -signal.SIGTERM, failure.exitcode > 0,
                         beat.step if beat else -1, failure.timestamp, rank)
 
             at_start = False
@@ -202,6 +254,11 @@ class FaultTolerantAgent(LocalElasticAgent):
             if any(b.phase == contract.TRAINING for b in beats.values()):
                 self._start_failures = 0
             left = self._peer_node_left(worker_group)
+            if left and beats and all(b.phase == contract.PAUSED for b in beats.values()):
+                # Our workers paused for a node that joins, and another node's agent, which
+                # saw the join first, restarted its own and left the round: not a lost node.
+                # TorchElastic sees the nodes waiting and restarts ours (no restart used).
+                return result
             if left:
                 self.event("node_left", nodes_now=left[0], nodes_before=left[1],
                            step=max((b.step for b in beats.values()), default=None))
@@ -250,11 +307,19 @@ class FaultTolerantAgent(LocalElasticAgent):
                 phase, since, step = self._phase_without_beat(), self._generation_started, -1
                 limit = self.policy.limit_for(phase)
             silent = now - since
-            # A rank the kernel shows stopped (SIGSTOP) does no I/O either: past the hang
-            # limit it is hung in any phase. Stopped mid-save, it would otherwise leave itself
-            # and its peers (waiting in the save's collectives) under the long I/O limit.
-            stopped = beat is not None and 0 < self.policy.hang_timeout < silent and is_stopped(beat.os_pid)
-            if stopped or (limit and silent > limit):
+            # A rank the kernel shows stopped (SIGSTOP) does no I/O either: stopped for longer
+            # than the hang limit, it is hung in any phase. Stopped mid-save, it would otherwise
+            # leave itself and its peers (waiting in the save's collectives) under the long I/O
+            # limit. Counted from when it was first seen stopped, so a stop and continue (an
+            # operator's, a scheduler's) during a long save or evaluation is not a hang.
+            stopped_for = 0.0
+            if beat is not None and silent > STOP_CHECK_AFTER:
+                if is_stopped(beat.os_pid):
+                    stopped_for = now - self._stopped_since.setdefault(beat.os_pid, now)
+                else:
+                    self._stopped_since.pop(beat.os_pid, None)
+            stopped = beat is not None and beat.os_pid in self._stopped_since
+            if (limit and silent > limit) or 0 < self.policy.hang_timeout < stopped_for:
                 hung.append((not stopped, worker.global_rank, phase, step, silent))
         return [h[1:] for h in sorted(hung, key=lambda h: (h[0], -h[4]))]
 

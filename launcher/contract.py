@@ -76,7 +76,8 @@ class Beat:
     committed: int | None = None  # newest committed checkpoint step this worker knows of
     source: str = REPORTER
     os_pid: int = 0  # the process that trains (a pre-warmed worker's pid differs from ``pid``)
-    snapshot: int | None = None  # the newest step in the memory tier (None: no memory tier)
+    snapshot: int | None = None  # the newest step this worker put in the memory tier (None: none yet)
+    memory: bool = False  # the worker has a memory tier that is on: it can pause for a restart (a node joins)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -20,7 +20,8 @@ class Policy:
     hang_timeout: float = field(default=120.0, metadata={"help": (
         "seconds a training rank may go without a step before the group is restarted (0: off). A step is a "
         "Reporter.beat() or, for any other Python script, an optimizer.step() (torch's global optimizer hook, no "
-        "code change); such a script that goes longer without a step (a long eval) needs a larger value")})
+        "code change); such a script that goes longer without a step (a long eval) needs a larger value. A rank "
+        "the kernel shows stopped (SIGSTOP) for this long is hung in any phase, saving and loading included")})
     startup_timeout: float | None = field(default=None, metadata={"help": (
         "seconds a worker may take from the start of its script to its first heartbeat. Default: 300 s for scripts "
         "that report with launcher.worker.Reporter (they announce themselves at start), and no limit for any other "
@@ -62,7 +63,7 @@ class Policy:
             return self.hang_timeout
         if phase == contract.STARTING:
             return REPORTER_STARTUP_TIMEOUT if self.startup_timeout is None else self.startup_timeout
-        return self.io_timeout  # launching, loading, saving, stopping, finishing
+        return self.io_timeout  # launching, loading, saving, stopping, paused (for a restart), finishing
 
     def backoff_for(self, streak: int) -> float:
         """Wait before a restart; ``streak`` = failures in a row without progress."""

@@ -49,7 +49,18 @@ _server_pid = 0
 
 WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict",
                 "torch.nn.parallel", "torch.optim", "torch._dynamo", "numpy")  # torch._dynamo: the first optimizer imports it
+# This project's own modules and the libraries they use: imported by the server only for a
+# script of this project (train.py), whose imports resolve to them anyway; any other script
+# could have a module of the same name (a "trainer" of its own) that these would shadow.
+OWN_MODULES = ("fsspec", "psutil", "tqdm", "checkpoint", "launcher.worker", "trainer.loop")
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def own_modules(script: str) -> tuple[str, ...]:
+    """``OWN_MODULES`` when ``script`` is one of this project's (in the folder that holds the
+    ``launcher`` package), else none."""
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return OWN_MODULES if os.path.dirname(os.path.abspath(script)) == project else ()
 
 
 # -- server ---------------------------------------------------------------------------------

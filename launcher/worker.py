@@ -92,7 +92,8 @@ class Reporter:
         self.phase_name = contract.STARTING
         self.step = -1
         self.committed: int | None = None
-        self.snapshot: int | None = None  # the newest step in the memory tier, for the agent
+        self.snapshot: int | None = None  # the newest step this worker put in the memory tier
+        self.memory = False  # whether it has a memory tier that is on (it can pause for a restart)
         self._writer = contract.BeatWriter(self.run_dir, env.rank) if self.run_dir else None
         if self._writer is not None:
             from .bootstrap import silence_optimizer_beats
@@ -102,19 +103,21 @@ class Reporter:
         self._pid = int(os.environ.get(contract.WORKER_ID_ENV, os.getpid()))
         self._write()
 
-    def beat(self, step: int, committed: int | None = None, snapshot: int | None = None) -> None:
-        """Call after every training step (a 512-byte pwrite)."""
+    def beat(self, step: int, committed: int | None = None, snapshot: int | None = None,
+             memory: bool = False) -> None:
+        """Call after every training step (a 512-byte pwrite). ``snapshot``, ``memory``: the
+        newest step in this rank's memory tier and whether the tier is on; a rank that says
+        so is asked to pause (``StopRequest``) before a restart for a node that joins."""
         self.step, self.phase_name = step, contract.TRAINING
         if committed is not None:
             self.committed = committed
-        if snapshot is not None:
-            self.snapshot = snapshot
+        self.snapshot, self.memory = snapshot, memory
         self._write()
 
-    def pause(self, snapshot: int, timeout: float = 60.0) -> None:
+    def pause(self, snapshot: int | None, timeout: float = 60.0) -> None:
         """The ranks agreed to pause (``StopRequest``): a node joins and the agents are about
-        to restart the group. Say that the memory tier holds ``snapshot`` (the step reached)
-        and wait for the restart, which kills this process. Each node's agent restarts its
+        to restart the group. Say that the memory tier holds ``snapshot`` (the step reached,
+        or what it holds if that snapshot failed) and wait for the restart, which kills this process. Each node's agent restarts its
         workers once it sees the join (the one that asked first may be on another node), so
         this waits for the kill, not for a file of this node. Returns if no restart came
         within ``timeout`` s: the caller trains on (a peer that is gone then fails a
@@ -161,10 +164,7 @@ class Reporter:
             self._writer.write(contract.Beat(
                 rank=self.env.rank, pid=self._pid, generation=self.env.restart_count, step=self.step,
                 phase=self.phase_name, time=time.monotonic(), committed=self.committed,
-                os_pid=os.getpid(), snapshot=self.snapshot))
-
-
-STOP, PAUSE = "stop", "pause"  # what the ranks agreed on (StopRequest.agreed)
+                os_pid=os.getpid(), snapshot=self.snapshot, memory=self.memory))
 
 
 class StopRequest:
@@ -180,8 +180,9 @@ class StopRequest:
     step. A stop therefore lands within about two check intervals of the request.
 
     The same all_reduce carries the agent's pause request (its restart file): a node is
-    joining, and the agent is about to restart the group; the ranks agree on a step, put it
-    in the memory tier and wait to be restarted, so that no step is run twice.
+    joining, and the agent is about to restart the group. ``agreed()`` then stays False and
+    ``pause_agreed`` turns True on all ranks after the same step: they put it in the memory
+    tier and wait to be restarted (``Reporter.pause``), so that no step is run twice.
     """
 
     def __init__(self, env: WorkerEnv, check_seconds: float = 0.1):
@@ -189,7 +190,8 @@ class StopRequest:
         self.requested_by: str | None = None
         self.check_seconds = check_seconds
         self._group = None
-        self._pending = None  # (work, tensor[flag, steps to next check]) in flight
+        self._pending = None  # (work, tensor[stop flag, steps to next check, pause flag]) in flight
+        self.pause_agreed = False
         self._calls = 0
         self._next_check = 1
         self._last_check = (0, time.monotonic())
@@ -205,17 +207,18 @@ class StopRequest:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self) -> str | None:
-        """Call after every step on every rank: ``STOP`` on all ranks after the same step once
-        any rank was asked to stop, ``PAUSE`` likewise once any rank's agent asked for a pause;
-        else None."""
+    def agreed(self) -> bool:
+        """Call after every step on every rank; True on all ranks after the same step once
+        any rank was asked to stop (and ``pause_agreed`` likewise for a pause)."""
         if self.requested_by is None and self.run_dir and os.path.exists(contract.stop_path(self.run_dir)):
             self.requested_by = "ftlaunch"
+        self.pause_agreed = False
         if not dist.is_initialized():
-            return STOP if self.requested_by else PAUSE if self._pause_asked() else None
+            self.pause_agreed = self.requested_by is None and self._pause_asked()
+            return self.requested_by is not None
         self._calls += 1
         if self._calls < self._next_check:
-            return None
+            return False
         steps_to_next = 1
         if self._pending is not None:
             work, result = self._pending
@@ -223,9 +226,10 @@ class StopRequest:
             self._pending = None
             if result[0].item():
                 self.requested_by = self.requested_by or "another rank"
-                return STOP
+                return True
             if result[2].item():
-                return PAUSE
+                self.pause_agreed = True
+                return False
             steps_to_next = int(result[1].item())
         calls, since = self._last_check
         per_step = (time.monotonic() - since) / max(self._calls - calls, 1)
@@ -234,7 +238,7 @@ class StopRequest:
         flag = torch.tensor([1 if self.requested_by else 0, proposal, int(self._pause_asked())])
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         self._next_check = self._calls + steps_to_next
-        return None
+        return False
 
     def _pause_asked(self) -> bool:
         return bool(self.run_dir) and os.path.exists(contract.restart_path(self.run_dir))

@@ -85,6 +85,23 @@ def test_sigstopped_worker_is_detected_within_hang_timeout(tmp_path):
     assert 4 <= hang["silent_seconds"] <= 4 + 10, hang
 
 
+def test_survivors_of_a_failure_are_killed_at_once(tmp_path):
+    """Rank 1 exits 1; rank 0 ignores SIGTERM and blocks (as in an NCCL collective with a dead
+    peer). TorchElastic would SIGTERM it and wait 30 s; ftlaunch SIGKILLs it at once, restarts,
+    and still names rank 1 as the failure."""
+    run_dir = tmp_path / "run"
+    result = run(ftlaunch_cmd(2, "--run-dir", str(run_dir), "--max-restarts", "1",
+                              script=str(REPO / "tests/scripts/stuck_survivor.py")), timeout=120)
+    assert result.returncode == 0, result.tail()
+    events = read_events(run_dir)
+    started = next(e["time"] for e in events if e["event"] == "workers_started")
+    restarted = next(e["time"] for e in events if e["event"] == "restart")
+    assert restarted - started < 15, result.tail()  # 30 s and more with TorchElastic's SIGTERM wait
+    assert next(e for e in events if e["event"] == "worker_failed")["rank"] == 1, events
+    assert "1 x exit code 1" in result.output, result.tail()
+    assert result.output.count("stuck_survivor: generation 1") == 2
+
+
 def test_generation_that_never_starts_is_a_hang(tmp_path):
     run_dir = tmp_path / "run"
     # 10 s: the first generation also waits for the fork server to import torch (2-4 s here).

@@ -133,8 +133,12 @@ def test_a_node_that_joins_gets_the_state_from_the_others_memory(rendezvous, tmp
     events = [e for i in nodes for e in read_events(tmp_path / f"node{i}")]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed and all((e["source"], e["world_size"]) == ("memory", 3) for e in resumed), resumed
-    paused = [e for e in events if e["event"] == "workers_paused"]
-    assert {e["step"] for e in paused} == {resumed[0]["step"]} and len(paused) == 2, (paused, resumed)
+    # Both nodes' workers paused at the step the group of 3 resumed from (the agent that saw
+    # the join first asked; the other one may have seen that agent restart first).
+    paused = [e for e in events if e["event"] == "paused"]  # rank 0's
+    assert [e["step"] for e in paused] == [resumed[0]["step"]], (paused, resumed)
+    assert [e["step"] for e in events if e["event"] == "workers_paused"][:1] == [resumed[0]["step"]], events
+    assert not [e for e in events if e["event"] in ("node_left", "pause_failed", "worker_failed")], events
 
     launches: dict[int, set] = {}  # step -> the generations that traced it
     for record in read_trace(tmp_path / "shared"):

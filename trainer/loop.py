@@ -18,7 +18,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointManager
 from launcher import contract
 from launcher.faults import FaultInjector, fail_at_start, faults_from_env, parse_fault
-from launcher.worker import PAUSE, STOP, Reporter, StopRequest, init_process_group
+from launcher.worker import Reporter, StopRequest, init_process_group
 
 from .config import ConfigError, TrainConfig
 from .data import DataCursor, Split, load_dataset
@@ -171,17 +171,16 @@ def train(cfg: TrainConfig) -> dict:
 
         injector.after_step(progress.step)
         train_loss = losses.update(progress.step, cursor.epoch, loss_sum.item(), len(idx))
-        reporter.beat(progress.step, ckpt.last_committed, ckpt.last_snapshot)
+        reporter.beat(progress.step, ckpt.last_committed, ckpt.last_snapshot, ckpt.memory_on)
         if progress.step == resumed_from + 1:
             reporter.event("first_step", step=progress.step)
-        agreed = stop.agreed()
-        if agreed == STOP:  # preemption: every rank stops after this same step, saved
+        if stop.agreed():  # preemption: every rank stops after this same step, saved
             _save_and_stop(ckpt, reporter, stop, rank, progress.step, train_loss)
             break
-        if agreed == PAUSE and ckpt.snapshot_now(progress.step) is not None:
-            # ftlaunch restarts the group for a node that joins: it resumes from this step.
+        if stop.pause_agreed:  # ftlaunch restarts the group for a node that joins: it resumes from this step
             reporter.event("paused", step=progress.step)
-            reporter.pause(progress.step)
+            taken = ckpt.snapshot_now(progress.step)
+            reporter.pause(taken if taken is not None else ckpt.last_snapshot)
         if progress.step < total_steps:  # the last step's checkpoint comes after evaluation
             ckpt.maybe_save(progress.step, {"train_loss": train_loss})
     losses.close()
