@@ -112,6 +112,27 @@ def watch_optimizer_steps(env=os.environ) -> None:
     _mark_joining(_beats)
 
 
+def _wait_for_rank0_store(timeout: float = 10.0) -> None:
+    """Without the agent's store (ftlaunch gives each generation a fresh one), rank 0 starts
+    the group's TCPStore and the others connect to it; one that comes first is refused and
+    retries with a backoff that cost 0.3-0.4 s of a 0.5 s restart here. Wait for the port
+    with short polls instead (a connection closed at once is harmless to the store); after
+    ``timeout`` torch's own retries take over."""
+    import socket
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if (os.environ.get("RANK", "0") == "0" or not addr or not port.isdigit()
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((addr, int(port)), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.005)  # sleep-ok: polling a port with a deadline
+
+
 def _mark_joining(beats: _OptimizerBeats) -> None:
     """Wrap ``torch.distributed.init_process_group`` so that the worker's heartbeat says
     ``joining`` before it first talks to its peers. The agent uses it to tell a worker that
@@ -127,6 +148,8 @@ def _mark_joining(beats: _OptimizerBeats) -> None:
     def init_process_group(*args, **kwargs):
         if not beats.silenced and beats.steps == 0:
             _write_phase(beats, contract.JOINING, -1)
+        if "store" not in kwargs and kwargs.get("init_method", "env://") == "env://" and len(args) < 2:
+            _wait_for_rank0_store()
         return real(*args, **kwargs)
 
     real_destroy = dist.destroy_process_group
