@@ -39,7 +39,7 @@ from . import contract
 from .policy import Policy
 from .proctree import is_running, is_stopped
 
-PAUSE_WAIT = 10.0  # the least a restart for a node that joins waits for the workers' snapshot (s)
+PAUSE_WAIT = 10.0  # a restart for a node that joins waits for the workers' snapshot at most this, or 3 steps (s)
 STOP_CHECK_AFTER = 0.5  # a rank silent this long is looked at: is the kernel showing it stopped? (s)
 _torch_delay = dynamic_rendezvous._delay
 
@@ -95,7 +95,8 @@ class FaultTolerantAgent(LocalElasticAgent):
                 beat = self._beat_cache.get(worker.global_rank)  # torn read or none yet
             if beat is not None and beat.pid == worker.id:
                 before = self._beat_cache.get(worker.global_rank)
-                if before is not None and before.pid == beat.pid and beat.step > before.step >= 0:
+                if (before is not None and before.pid == beat.pid and beat.step > before.step >= 0
+                        and before.phase == beat.phase == contract.TRAINING):
                     self._step_seconds = (beat.time - before.time) / (beat.step - before.step)
                 beats[worker.global_rank] = self._beat_cache[worker.global_rank] = beat
                 if beat.committed is not None:
@@ -104,10 +105,14 @@ class FaultTolerantAgent(LocalElasticAgent):
 
     def _kill_workers(self) -> None:
         for pid in (self._pcontext.pids().values() if self._pcontext else []):
-            try:
-                os.kill(pid, signal.SIGKILL)  # also ends a SIGSTOPped process
-            except ProcessLookupError:
-                pass
+            # Its process group, as TorchElastic's own close does (each worker leads a session
+            # of its own): a --no-python wrapper's trainer, a script's children go too.
+            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    kill()  # also ends a SIGSTOPped process
+                    break
+                except (ProcessLookupError, PermissionError):
+                    continue
 
     def record_event(self, succeeded: bool) -> None:
         """TorchElastic's own agent event (``--event-log-handler``), as its launch_agent records it."""
@@ -132,7 +137,10 @@ class FaultTolerantAgent(LocalElasticAgent):
         # skew the nodes' first joins; its round counter is still 0 at the first restart,
         # which paid it too (measured: 0.02-0.28 s of a 0.7 s recovery). Restarts skip it.
         dynamic_rendezvous._delay = _torch_delay if self.attempt == 0 else _fixed_delays_only
-        super()._rendezvous(worker_group)
+        try:
+            super()._rendezvous(worker_group)
+        finally:
+            dynamic_rendezvous._delay = _torch_delay
         self.event("rendezvous", seconds=round(time.monotonic() - started, 4),
                    world_size=worker_group.workers[0].world_size if worker_group.workers else 0,
                    group_rank=worker_group.group_rank, group_world_size=worker_group.group_world_size)
@@ -203,6 +211,10 @@ class FaultTolerantAgent(LocalElasticAgent):
                 return
             time.sleep(0.01)  # sleep-ok: polling the beats, with a deadline
 
+    def _nodes_waiting(self, worker_group: WorkerGroup) -> bool:
+        holder = getattr(worker_group.spec.rdzv_handler, "_state_holder", None)
+        return holder is None or bool(holder.state.wait_list)
+
     def _node_joins(self, worker_group: WorkerGroup) -> bool:
         """The rendezvous shows a node waiting to join while every node of this generation is
         still in it (another node that restarts after a failure also waits, but left first)."""
@@ -226,13 +238,15 @@ class FaultTolerantAgent(LocalElasticAgent):
         if any(code not in (None, 0) for code in codes.values()) and None in codes.values():
             self._survivors_killed = {worker_group.workers[r].global_rank for r, code in codes.items() if code is None}
             self._kill_workers()
+            deadline = time.monotonic() + 2
             for local_rank, code in codes.items():  # gone in a moment: TorchElastic's poll, next, sees them all
                 if code is None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
-                        handlers[local_rank].proc.wait(timeout=2)
+                        handlers[local_rank].proc.wait(timeout=max(0.01, deadline - time.monotonic()))
             # Its close() then stops the console tails of their output one after the other, each
             # waiting out its thread's 0.1 s poll; told now, they finish together (each reads
-            # its file to the end first, and every writer is dead).
+            # its file to the end first; a line a dying process writes after that stays in its
+            # log file under the run directory, only the console misses it).
             for tail in getattr(self._pcontext, "_tail_logs", ()):
                 for finished in getattr(tail, "_finished_events", {}).values():
                     finished.set()
@@ -274,7 +288,7 @@ class FaultTolerantAgent(LocalElasticAgent):
             if any(b.phase == contract.TRAINING for b in beats.values()):
                 self._start_failures = 0
             left = self._peer_node_left(worker_group)
-            if left and beats and all(b.phase == contract.PAUSED for b in beats.values()):
+            if left and beats and all(b.phase == contract.PAUSED for b in beats.values()) and self._nodes_waiting(worker_group):
                 # Our workers paused for a node that joins, and another node's agent, which
                 # saw the join first, restarted its own and left the round: not a lost node.
                 # TorchElastic sees the nodes waiting and restarts ours (no restart used).
@@ -333,10 +347,10 @@ class FaultTolerantAgent(LocalElasticAgent):
             # limit. Counted from when it was first seen stopped, so a stop and continue (an
             # operator's, a scheduler's) during a long save or evaluation is not a hang.
             stopped_for = 0.0
-            if beat is not None and silent > STOP_CHECK_AFTER:
-                if is_stopped(beat.os_pid):
+            if beat is not None:
+                if silent > STOP_CHECK_AFTER and is_stopped(beat.os_pid):
                     stopped_for = now - self._stopped_since.setdefault(beat.os_pid, now)
-                else:
+                else:  # it beat since, or runs: a later stop counts afresh
                     self._stopped_since.pop(beat.os_pid, None)
             stopped = beat is not None and beat.os_pid in self._stopped_since
             if (limit and silent > limit) or 0 < self.policy.hang_timeout < stopped_for:

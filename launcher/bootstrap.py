@@ -124,13 +124,18 @@ def _wait_for_rank0_store(timeout: float = 10.0) -> None:
     if (os.environ.get("RANK", "0") == "0" or not addr or not port.isdigit()
             or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"):
         return
-    deadline = time.monotonic() + timeout
+    try:  # resolved once: a poll must not become a stream of DNS queries
+        family, kind, proto, _, where = socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return  # torch reports it
+    deadline, pause = time.monotonic() + timeout, 0.005
     while time.monotonic() < deadline:
-        try:
-            socket.create_connection((addr, int(port)), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.005)  # sleep-ok: polling a port with a deadline
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(1)
+            if probe.connect_ex(where) == 0:
+                return
+        time.sleep(pause)  # sleep-ok: polling a port with a deadline
+        pause = min(pause * 1.5, 0.05)  # gentle on rank 0's host when it is slow to start
 
 
 def _mark_joining(beats: _OptimizerBeats) -> None:

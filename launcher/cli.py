@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with contextlib.ExitStack() as stack:
         if entrypoint == sys.executable and not args.no_prewarm:
-            extra = [*prewarm.own_modules(args.training_script), *args.prewarm_import]
-            cmd_args = [*stack.enter_context(prewarm.fork_server(run_dir, extra)), *cmd_args]
+            server = prewarm.fork_server(run_dir, args.prewarm_import, own=prewarm.is_own_script(args.training_script))
+            cmd_args = [*stack.enter_context(server), *cmd_args]
         elif entrypoint == sys.executable:  # plain interpreters, through the same bootstrap
             cmd_args = ["-u", "-m", "launcher.bootstrap", *cmd_args]
         agent = launch_agent(config, entrypoint, cmd_args, run_dir, args.policy,

@@ -56,21 +56,30 @@ OWN_MODULES = ("fsspec", "psutil", "tqdm", "checkpoint", "launcher.worker", "tra
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def own_modules(script: str) -> tuple[str, ...]:
-    """``OWN_MODULES`` when ``script`` is one of this project's (in the folder that holds the
-    ``launcher`` package), else none."""
-    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return OWN_MODULES if os.path.dirname(os.path.abspath(script)) == project else ()
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds ``launcher``
+
+
+def is_own_script(script: str) -> bool:
+    """``script`` is one of this project's (its modules are worth pre-importing)."""
+    return os.path.dirname(os.path.abspath(script)) == PROJECT
 
 
 # -- server ---------------------------------------------------------------------------------
-def serve(socket_path: str, modules: list[str]) -> None:
+def serve(socket_path: str, modules: list[str], own: bool = False) -> None:
     bootstrap.die_with_parent()  # ftlaunch dies -> so does the server
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen(256)  # clients may connect (and wait) while the imports below run
     for name in modules:
         importlib.import_module(name)
+    if own:  # from the project's folder, whatever ftlaunch's working directory holds; never fatal
+        sys.path.insert(0, PROJECT)
+        for name in OWN_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # the workers import it themselves, as without the server
+                print(f"prewarm: not pre-importing {name}: {type(e).__name__}: {e}", flush=True)
+        sys.path.remove(PROJECT)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     global _server_pid
     _server_pid = os.getpid()
@@ -167,15 +176,16 @@ def _become_worker(request: dict, fds: list[int], supervisor: int) -> None:
 
 # -- the server's lifetime, from ftlaunch -------------------------------------------------------
 @contextlib.contextmanager
-def fork_server(run_dir: str, extra_modules: list[str]):
+def fork_server(run_dir: str, extra_modules: list[str], own: bool = False):
     """Start a fork server for this launch (its output in RUN_DIR/fork-server.log); yield the
     interpreter arguments that run a worker through it (the script and its arguments follow);
     on exit kill it and remove its socket's folder."""
     folder = tempfile.mkdtemp(prefix="ftl-")  # short: AF_UNIX paths <= 107 bytes
     socket_path = os.path.join(folder, "fork.sock")
     modules = ",".join([*WARM_MODULES, *extra_modules])
+    own_flag = ["--own"] if own else []
     with open(os.path.join(run_dir, "fork-server.log"), "ab") as log_file:
-        server = subprocess.Popen([sys.executable, "-u", "-m", "launcher.prewarm", "serve", "--modules", modules,
+        server = subprocess.Popen([sys.executable, "-u", "-m", "launcher.prewarm", "serve", "--modules", modules, *own_flag,
                                    "--socket", socket_path], stdout=log_file, stderr=subprocess.STDOUT)
     try:
         yield ["-m", "launcher.prewarm", "run", "--socket", socket_path]
@@ -237,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--socket", required=True)
     parser.add_argument("--modules", default=",".join(WARM_MODULES))
+    parser.add_argument("--own", action="store_true", help="also import OWN_MODULES, from the project's folder")
     args = parser.parse_args(argv)
-    serve(args.socket, [m for m in args.modules.split(",") if m])
+    serve(args.socket, [m for m in args.modules.split(",") if m], args.own)
     return 0
 
 
