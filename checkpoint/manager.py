@@ -134,10 +134,10 @@ class CheckpointManager:
 
     def snapshot_now(self, step: int) -> int | None:
         """Put ``step`` in the memory tier now, whatever its interval (no collective), e.g. the
-        step reached before a planned restart; the step held, or None when the tier is off."""
+        step reached before a planned restart; ``step``, or None when the tier is off."""
         if self._memory is not None:
             self._memory.snapshot(step)
-        return self.last_snapshot if self.last_snapshot == step else None
+        return step if self.last_snapshot == step else None
 
     def _on_rank0(self, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
         return _dist.on_rank0(self.rank, fn, what, self._group if group is None else group)

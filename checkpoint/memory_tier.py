@@ -263,7 +263,8 @@ class MemoryTier:
 
 def _replicated(training: TrainingState) -> bool:
     """Whether the weights and the optimizer state are the same on every rank: under DDP with
-    a plain optimizer. Then the node's first rank keeps the node's one copy of them, and after the group changed one rank's slot may serve another. Not for one process, a
+    a plain optimizer. Then the node's first rank keeps the node's one copy of them, and
+    after the group changed one rank's slot may serve another. Not for one process, a
     sharded optimizer or model."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel

@@ -211,26 +211,29 @@ class FaultTolerantAgent(LocalElasticAgent):
                 return
             time.sleep(0.01)  # sleep-ok: polling the beats, with a deadline
 
-    def _nodes_waiting(self, worker_group: WorkerGroup) -> bool:
+    @staticmethod
+    def _rdzv_state(worker_group: WorkerGroup):
+        """The c10d/etcd-v2 rendezvous' state as last synced (by the ``num_nodes_waiting()``
+        TorchElastic calls after every monitor pass); None for other backends."""
         holder = getattr(worker_group.spec.rdzv_handler, "_state_holder", None)
-        return holder is None or bool(holder.state.wait_list)
+        return holder.state if holder is not None else None
 
     def _node_joins(self, worker_group: WorkerGroup) -> bool:
         """The rendezvous shows a node waiting to join while every node of this generation is
         still in it (another node that restarts after a failure also waits, but left first)."""
-        holder = getattr(worker_group.spec.rdzv_handler, "_state_holder", None)
-        if holder is None:
+        state = self._rdzv_state(worker_group)
+        if state is None:
             return True  # another rendezvous backend: TorchElastic restarts a healthy group only for a join
-        state = holder.state  # synced by the num_nodes_waiting() that led here
         return state.complete and len(state.participants) == (worker_group.group_world_size or 1) and bool(state.wait_list)
 
     def _kill_survivors_of_a_failure(self, worker_group: WorkerGroup) -> None:
         """A worker exited with an error: SIGKILL the others before TorchElastic's poll sees
         it. That poll SIGTERMs them and waits for each to exit (up to 30 s), and a survivor
         blocked in a collective with the dead rank exits only when the collective fails
-        (0.26 s here under gloo; under NCCL, its timeout). A failed group has nothing left to
-        commit (``_stop_workers`` SIGKILLs it next anyway). Not while the job is stopping:
-        the stop's commit may still be in flight."""
+        (0.26 s here under gloo; under NCCL, its timeout). ``_stop_workers`` SIGKILLs them
+        next anyway; all this can cost is a durable commit in its last milliseconds (rank 0
+        writing the record, atomically: the step is then not committed). Not while the job
+        is stopping: the stop's commit may still be in flight."""
         handlers = getattr(self._pcontext, "subprocess_handlers", None)
         if not handlers or self.stop_requested_at is not None:
             return
@@ -288,7 +291,8 @@ class FaultTolerantAgent(LocalElasticAgent):
             if any(b.phase == contract.TRAINING for b in beats.values()):
                 self._start_failures = 0
             left = self._peer_node_left(worker_group)
-            if left and beats and all(b.phase == contract.PAUSED for b in beats.values()) and self._nodes_waiting(worker_group):
+            if left and beats and all(b.phase == contract.PAUSED for b in beats.values()) and \
+                    self._rdzv_state(worker_group).wait_list:
                 # Our workers paused for a node that joins, and another node's agent, which
                 # saw the join first, restarted its own and left the round: not a lost node.
                 # TorchElastic sees the nodes waiting and restarts ours (no restart used).
@@ -365,11 +369,10 @@ class FaultTolerantAgent(LocalElasticAgent):
         the generation started with: a node whose agent left or died stopped its keep-alive,
         and the rendezvous dropped it. Its workers would otherwise leave ours waiting in a
         collective (or in init_process_group) until a timeout."""
-        holder = getattr(worker_group.spec.rdzv_handler, "_state_holder", None)
+        state = self._rdzv_state(worker_group)
         before = worker_group.group_world_size or 1
-        if holder is None or before <= 1:
+        if state is None or before <= 1:
             return None
-        state = holder.state  # synced by num_nodes_waiting() after every monitor pass
         if state.complete and 0 < len(state.participants) < before:
             return len(state.participants), before
         return None

@@ -10,7 +10,7 @@ import sys
 
 from torch.distributed.elastic import metrics
 from torch.distributed.elastic.agent.server.api import WorkerSpec
-from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousParameters, dynamic_rendezvous
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 from torch.distributed.launcher.api import _get_addr_and_port
 
@@ -36,8 +36,6 @@ def launch_agent(config, entrypoint, cmd_args, run_dir: str, policy: Policy, boo
     where torch's own ``launch_agent`` puts it (``tests/test_launch_flags.py`` walks torchrun's parser
     to keep it so)."""
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
-    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
-
     if hasattr(dynamic_rendezvous, "get_method_name"):
         dynamic_rendezvous.get_method_name = _method_name
     params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,

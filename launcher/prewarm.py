@@ -53,10 +53,8 @@ WARM_MODULES = ("torch", "torch.distributed", "torch.distributed.checkpoint", "t
 # script of this project (train.py), whose imports resolve to them anyway; any other script
 # could have a module of the same name (a "trainer" of its own) that these would shadow.
 OWN_MODULES = ("fsspec", "psutil", "tqdm", "checkpoint", "launcher.worker", "trainer.loop")
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-
-
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds ``launcher``
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def is_own_script(script: str) -> bool:

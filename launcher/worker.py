@@ -116,12 +116,12 @@ class Reporter:
 
     def pause(self, snapshot: int | None, timeout: float = 60.0) -> None:
         """The ranks agreed to pause (``StopRequest``): a node joins and the agents are about
-        to restart the group. Say that the memory tier holds ``snapshot`` (the step reached,
-        or what it holds if that snapshot failed) and wait for the restart, which kills this process. Each node's agent restarts its
-        workers once it sees the join (the one that asked first may be on another node), so
-        this waits for the kill, not for a file of this node. Returns if no restart came
-        within ``timeout`` s: the caller trains on (a peer that is gone then fails a
-        collective, and the restart is an ordinary one)."""
+        to restart the group. Say that the memory tier holds ``snapshot`` (the step reached;
+        None if the tier is off) and wait for the restart, which kills this process. Each
+        node's agent restarts its workers once it sees the join (the one that asked first
+        may be on another node), so this waits for the kill, not for a file of this node.
+        Returns if no restart came within ``timeout`` s: the caller trains on (a peer that
+        is gone then fails a collective, and the restart is an ordinary one)."""
         self.snapshot, self.phase_name = snapshot, contract.PAUSED
         self._write()
         time.sleep(timeout)  # sleep-ok: waiting to be killed; the agent acts on the beat above

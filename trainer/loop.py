@@ -179,8 +179,8 @@ def train(cfg: TrainConfig) -> dict:
             break
         if stop.pause_agreed:  # ftlaunch restarts the group for a node that joins: it resumes from this step
             reporter.event("paused", step=progress.step)
-            taken = ckpt.snapshot_now(progress.step)
-            reporter.pause(taken if taken is not None else ckpt.last_snapshot)
+            ckpt.snapshot_now(progress.step)
+            reporter.pause(ckpt.last_snapshot)
         if progress.step < total_steps:  # the last step's checkpoint comes after evaluation
             ckpt.maybe_save(progress.step, {"train_loss": train_loss})
     losses.close()
