@@ -14,6 +14,8 @@ back into the live objects). Results go to --out as JSON (rank 0).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
@@ -43,6 +45,40 @@ def build(state_mb: float, seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     return model, width
+
+
+def forget_optimizer_state(opt) -> None:
+    """As in a restarted worker, which has the model's weights but no optimizer state yet:
+    drop it and hand its pages back to the kernel (glibc would otherwise reuse them warm),
+    so that the load pays for fresh memory as a new process does."""
+    opt.state.clear()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the load may reuse warm memory
+        pass
+
+
+def rank_memcpy_seconds(nbytes: int, device: torch.device) -> tuple[float, float]:
+    """Every rank copies ``nbytes`` at the same time (they share the memory bandwidth, as
+    their snapshots do): the slowest rank's time into a reused buffer, and into fresh
+    memory that the kernel must first hand out (what a new process's load must do)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    warm = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    warm.copy_(src)
+    warm_s, fresh_s = [], []
+    for _ in range(3):
+        dist.barrier()
+        started = time.monotonic()
+        warm.copy_(src)
+        warm_s.append(wall_max(time.monotonic() - started))
+        dist.barrier()
+        started = time.monotonic()
+        fresh = torch.empty(nbytes, dtype=torch.uint8)  # one large block: glibc maps it fresh each time
+        fresh.copy_(src)
+        fresh_s.append(wall_max(time.monotonic() - started))
+        del fresh
+    return min(warm_s), min(fresh_s)
 
 
 def wall_max(seconds: float) -> float:
@@ -218,11 +254,14 @@ def main() -> None:
     for _ in range(2):
         train_step()  # AdamW state exists from the first step on
     step_seconds = timed_steps(5) / 5
-    state_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters())
-                      + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)])
+    param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    state_bytes = param_bytes + sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                                    if torch.is_tensor(v))
 
+    warm_s, fresh_s = rank_memcpy_seconds(state_bytes, device)
     results: dict = {"state_bytes": state_bytes, "width": width, "step_seconds": step_seconds, "device": args.device,
-                     "world_size": dist.get_world_size(), "arms": {}}
+                     "world_size": dist.get_world_size(), "arms": {}, "param_bytes": param_bytes,
+                     "ranks_memcpy_Bps": state_bytes / warm_s, "ranks_fresh_memcpy_Bps": state_bytes / fresh_s}
     arms: dict[str, Arm] = {}
     for name in ARMS:
         root = os.path.join(args.ckpt_root, name)
@@ -258,6 +297,8 @@ def main() -> None:
             dist.barrier()
             if rank == 0 and name != "M":  # M's load reads shared memory (RAM): nothing to evict
                 evict(arm.root)
+            if name == "M":
+                forget_optimizer_state(opt)
             dist.barrier()
             started = time.monotonic()
             arm.load()
