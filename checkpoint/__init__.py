@@ -19,9 +19,9 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, CheckpointMismatchError
 from .manager import CheckpointManager
 from .manifest import Manifest, find_latest, step_dir_name, verify
-from .observer import ALREADY_COMMITTED, COMMITTED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
+from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .storage import Storage
 
 __all__ = ["CheckpointManager", "CheckpointConfig", "CheckpointError", "CheckpointMismatchError", "Manifest",
-           "Observer", "SaveResult", "SaveStats", "COMMITTED", "STAGED", "SKIPPED", "ALREADY_COMMITTED",
+           "Observer", "SaveResult", "SaveStats", "COMMITTED", "STAGED", "SKIPPED", "ALREADY_COMMITTED", "FAILED",
            "Storage", "find_latest", "step_dir_name", "verify"]

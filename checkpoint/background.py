@@ -5,10 +5,11 @@ The blocking part copies the state into reused staging buffers (``staging.Stager
 first save, only the tensors DCP had this rank write, and any new ones). The background
 thread then runs the whole synchronous save protocol (``manifest.py`` describes it) on the
 staged copy, on a process group of its own, so its collectives never interleave with
-training's. A background failure never commits: the thread logs it the moment it happens,
-and the next save (or ``wait``) raises it on every rank at the same step, since every rank
-learnt of it through the save's own collectives. ``poll()`` raises it sooner, on the calling
-rank alone.
+training's. A background failure never commits: the thread logs it the moment it happens
+(rank 0; the error names the ranks that failed), and the next save (or ``wait``) raises it on
+every rank at the same step, since every rank learnt of it through the save's own
+collectives (``CheckpointManager`` counts it against ``save_failures_allowed`` and goes on, or
+raises it). ``poll()`` raises it sooner, on the calling rank alone.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class BackgroundSaver:
             return manifest
         except BaseException as e:
             # Also logged here: a process that exits without wait() still says what happened.
-            log.error("background save of step %d failed (nothing committed; raised at the next save): %s",
-                      step, e)
+            (log.error if _dist.rank() == 0 else log.info)(
+                "background save of step %d failed (nothing of it committed; the previous commit stays): %s", step, e)
             raise
         finally:
             # CPU the writer thread took from this process: what training competes with when

@@ -38,10 +38,11 @@ class Committer:
         """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``.
         Returns the record and what this rank's writer wrote."""
         dirname = step_dir_name(step)
-        path = self.storage.join(dirname)
+        path = self.storage.url_of(dirname)  # what the user gave: s3://... keeps its protocol
         try:
             writer, written = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                  io_threads=self.config.io_threads, sha256=self.hmac_key is not None)
+                                                  io_threads=self.config.io_threads, sha256=self.hmac_key is not None,
+                                                  storage_options=self.storage.options)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"writing checkpoint {path} failed: {one_line(e)}; "

@@ -46,6 +46,10 @@ class CheckpointConfig:
         "help": "memory tier, auto interval only: the share of training time snapshots may take"})
     memory_dir: str = field(default="/dev/shm", metadata={
         "help": "memory tier: the tmpfs directory the snapshots live in (they outlive the worker, not the node)"})
+    save_failures_allowed: int = field(default=3, metadata={
+        "help": "scheduled saves that may fail in a row (a storage outage, a full disk): each is logged in one "
+                "line, nothing of it is committed, the previous commit stays and training goes on; one more "
+                "raises. A save you call yourself (the final one, one on a stop) raises if it fails itself"})
     allow_fresh_start: bool = field(default=False, metadata={
         "help": "start from scratch even when the root holds committed checkpoints of which none verifies "
                 "(by default that is refused, naming them)"})
@@ -60,7 +64,7 @@ class CheckpointConfig:
             elif f.type in ("bool", "str") and not isinstance(value, {"bool": bool, "str": str}[f.type]):
                 self._invalid(f.name, f"must be a {f.type}")
             setattr(self, f.name, {"int": int, "float": float}.get(f.type, lambda v: v)(value))
-        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every"):
+        for name in ("save_every_steps", "save_every_seconds", "keep_last", "keep_every", "save_failures_allowed"):
             if getattr(self, name) < 0:
                 self._invalid(name, "must be >= 0")
         every = self.memory_every

@@ -34,9 +34,9 @@ from .errors import CheckpointError, one_line
 from .lease import Lease
 from .manifest import Manifest, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
-from .observer import ALREADY_COMMITTED, COMMITTED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
-from .reader import DirectFileSystemReader
-from .safe_load import SafeLoadPlanner, default_item_globals, fsspec_reader
+from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
+from .reader import reader_for
+from .safe_load import SafeLoadPlanner, default_item_globals
 from .state import TrainingState, incompatibility
 from .storage import Storage
 from .writer import WriteRecord
@@ -64,12 +64,15 @@ class CheckpointManager:
             the record an HMAC-SHA256 signature; only checkpoints signed with this key load or
             count for retention, so someone who can write the directory but does not hold the
             key cannot forge one that passes (``verify="hash"`` then checks the SHA-256s).
+        storage_options: fsspec's options for a remote root, e.g. ``{"endpoint_url": ...}`` for
+            S3 (the standard AWS variables, ``AWS_ENDPOINT_URL`` among them, need none).
     """
 
     def __init__(self, root: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
                  state: Mapping[str, Any] | None = None, config: CheckpointConfig | None = None,
                  observer: Observer | None = None, metadata: Mapping[str, Any] | None = None,
-                 safe_globals: list | tuple = (), hmac_key: bytes | str | None = None, **options):
+                 safe_globals: list | tuple = (), hmac_key: bytes | str | None = None,
+                 storage_options: Mapping[str, Any] | None = None, **options):
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(CheckpointConfig)})
         if unknown:
             raise TypeError(f"CheckpointManager got unknown option(s) {', '.join(unknown)}; the options are "
@@ -78,7 +81,7 @@ class CheckpointManager:
                             "checkpoint.Observer passed as observer=")
         config = config.checkpoint_config() if config is not None else CheckpointConfig()
         self.config = dataclasses.replace(config, **options)  # validated again
-        self.storage = Storage(root)
+        self.storage = Storage(root, dict(storage_options or {}))
         self.training = TrainingState(model, optimizer, scheduler, state)
         self.observer = observer or Observer()
         self.metadata = dict(metadata or {})
@@ -96,6 +99,7 @@ class CheckpointManager:
                             if self.config.async_mode == "thread" else None)
         self.resumed_from_memory = False  # whether the last load() came from the memory tier
         self._save_owed = False
+        self._failures_in_row = 0  # scheduled saves that failed since the last commit
         self._memory: MemoryTier | None = None
         self._committer = Committer(self.storage, self.config, self.observer, self.metadata, self.hmac_key,
                                     self.safe_globals, self.rank, self.world_size)
@@ -164,7 +168,27 @@ class CheckpointManager:
         if not self.should_save(step):
             return None
         self._save_owed = False
-        return self.save(step, metrics, skip_if_busy=self.config.if_busy == "skip")
+        started = time.monotonic()
+        try:
+            return self.save(step, metrics, skip_if_busy=self.config.if_busy == "skip")
+        except CheckpointError as e:
+            self._save_failed(step, e, logged=False)  # raises beyond the allowance
+            return SaveResult(step, FAILED, time.monotonic() - started, 0)
+
+    def _save_failed(self, step: int, error: CheckpointError, logged: bool) -> None:
+        """A save failed on every rank (its collectives carry one rank's failure to all): go on
+        without it, or raise once ``save_failures_allowed`` in a row have failed. ``logged``:
+        the background writer already said what failed, when it failed."""
+        self._failures_in_row += 1
+        allowed = self.config.save_failures_allowed
+        if self._failures_in_row > allowed:
+            raise CheckpointError(f"{error} ({self._failures_in_row} saves in a row failed; "
+                                  f"save_failures_allowed is {allowed})") from error
+        if self.rank == 0:
+            (log.info if logged else log.error)(
+                "the save of step %d failed; training goes on (%d more failed save(s) in a row allowed)%s",
+                step, allowed - self._failures_in_row, "" if logged else f": {error}")
+        self.observer.save_failed(step, str(error))
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, Any] | None = None, *,
@@ -199,8 +223,11 @@ class CheckpointManager:
                 log.warning("skipping the save of step %d: step %d is still being written (if_busy='skip')",
                             step, self._background.staged_step)
                 return result(SKIPPED)
-            self.wait()  # back-pressure; raises the previous save's error
-        path = self.storage.join(step_dir_name(step))
+            try:
+                self.wait()  # back-pressure
+            except CheckpointError as e:  # the previous save failed: counted, then this one goes ahead
+                self._save_failed(self._background.staged_step, e, logged=True)
+        path = self.storage.url_of(step_dir_name(step))
         if self._on_rank0(lambda: self._committer.prepare(step), f"cannot prepare {path}"):
             log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
             self._last_save_time = time.monotonic()
@@ -209,6 +236,7 @@ class CheckpointManager:
         state = self.training.state_dict(self.rank)
         if self._background is None:
             manifest, _ = self._write_and_commit(step, state, metrics, started, self._group)
+            self._committed(manifest)
             self._last_save_time = time.monotonic()
             return result(COMMITTED, manifest.total_bytes, manifest)
         nbytes = self._background.submit(step, state, metrics, started)
@@ -228,12 +256,17 @@ class CheckpointManager:
         None; raises ``CheckpointError`` if it failed. No collective: ranks may learn of a
         finished save a step apart, so under several ranks prefer the next save (or
         ``wait``), which raises a failure on every rank at the same step."""
-        return self._background.poll() if self._background is not None else None
+        return self._committed(self._background.poll() if self._background is not None else None)
 
     def wait(self) -> Manifest | None:
         """Block until the save in flight (if any) is committed; return its record, or raise
         ``CheckpointError`` if it failed (nothing was committed)."""
-        return self._background.wait() if self._background is not None else None
+        return self._committed(self._background.wait() if self._background is not None else None)
+
+    def _committed(self, manifest: Manifest | None) -> Manifest | None:
+        if manifest is not None:
+            self._failures_in_row = 0
+        return manifest
 
     def close(self) -> None:
         """Wait for the save in flight, stop the background thread, give the root's lease up.
@@ -254,9 +287,7 @@ class CheckpointManager:
         return manifest, written
 
     def _reader(self, dirname: str):
-        if self.storage.is_local:
-            return DirectFileSystemReader(self.storage.join(dirname))
-        return fsspec_reader(self.storage.url_of(dirname))
+        return reader_for(self.storage, dirname)
 
     # -- load ------------------------------------------------------------------------------
     def load(self, memory_only: bool = False) -> Manifest | None:

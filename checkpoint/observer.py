@@ -16,12 +16,13 @@ COMMITTED = "committed"  # a synchronous save wrote and committed the step
 STAGED = "staged"  # an async save copied the state; a background thread writes and commits it
 SKIPPED = "skipped"  # an async save was due while one was in flight (if_busy="skip")
 ALREADY_COMMITTED = "already committed"  # the step was validly committed before: never written twice
+FAILED = "failed"  # a scheduled save failed within config.save_failures_allowed; nothing of it committed
 
 
 @dataclass(frozen=True)
 class SaveResult:
     step: int
-    outcome: str  # one of the four above
+    outcome: str  # one of the five above
     stall_seconds: float  # how long save() blocked its caller
     bytes: int  # committed: bytes of every rank's files; staged: bytes this rank copied; else 0
     manifest: Manifest | None = None  # the commit record, when committed
@@ -51,6 +52,10 @@ class Observer:
 
     def save_returned(self, result: SaveResult) -> None:
         """``save`` is about to return ``result`` to its caller."""
+
+    def save_failed(self, step: int, error: str) -> None:
+        """The save of ``step`` failed and training goes on (``save_failures_allowed``); the
+        same step on every rank. A failure beyond the allowance raises instead."""
 
     def before_commit(self, step: int) -> None:
         """The shards of ``step`` are written, the record not yet: a hook for fault injection

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from .safe_load import SafeMetadataReader
+from .safe_load import SafeMetadataReader, fsspec_reader
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 
@@ -76,3 +76,12 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
                 filled += n
         planner.commit_tensor(req, target)
         return True
+
+
+def reader_for(storage, dirname: str):
+    """The DCP reader for checkpoint ``dirname`` under ``storage`` (a ``Storage``): direct
+    reads on a local disk, fsspec's reader (with the root's options) elsewhere; both read
+    ``.metadata`` through the restricted unpickler."""
+    if storage.is_local:
+        return DirectFileSystemReader(storage.join(dirname))
+    return fsspec_reader(storage.url_of(dirname), storage.options)

@@ -144,13 +144,13 @@ class SafeMetadataReader:
         return metadata
 
 
-def fsspec_reader(url: str):
+def fsspec_reader(url: str, storage_options: dict | None = None):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     class SafeFsspecReader(SafeMetadataReader, FsspecReader):
         pass
 
-    return SafeFsspecReader(url)
+    return SafeFsspecReader(url, **(storage_options or {}))
 
 
 def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:

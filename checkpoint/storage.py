@@ -22,13 +22,26 @@ _CHUNK = 8 << 20  # bytes read per call while checksumming
 
 
 class Storage:
-    """A checkpoint root on the local disk or behind fsspec."""
+    """A checkpoint root on the local disk or behind fsspec.
 
-    def __init__(self, root: str | os.PathLike):
+    ``options``: fsspec's storage options for the root's filesystem (for S3: ``endpoint_url``,
+    ``key``, ``client_kwargs``...; the standard AWS variables, ``AWS_ENDPOINT_URL`` among
+    them, apply without any). DCP's reader and writer get the same, so they share one
+    filesystem instance (fsspec caches them by options)."""
+
+    def __init__(self, root: str | os.PathLike, options: dict | None = None):
         root = os.fspath(root)
         if not root:
             raise ValueError("checkpoint root is empty: give a directory or an fsspec URL")
-        self.fs, path = fsspec.core.url_to_fs(root)
+        protocol = root.split("://", 1)[0] if "://" in root else "file"
+        # Object stores: no listing cache. Other processes (the other ranks, the job before a
+        # restart) write under the root, and a cached listing would hide their commits.
+        self.options = {**({"use_listings_cache": False} if protocol in ("s3", "s3a", "gs", "gcs") else {}),
+                        **(options or {})}
+        try:
+            self.fs, path = fsspec.core.url_to_fs(root, **self.options)
+        except (ImportError, ValueError, TypeError) as e:  # no s3fs, an unknown protocol or option
+            raise CheckpointError(f"cannot open checkpoint root {root!r}: {e}") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.url = self.root if self.is_local else root.rstrip("/")
@@ -111,6 +124,8 @@ class Storage:
     def check_writable(self) -> None:
         """Raise ``CheckpointError`` naming the root unless we can create, write and delete in it."""
         probe = self.join(f".write-probe-{uuid.uuid4().hex}")
+        if "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            self._check_bucket()
         try:
             self.makedirs(self.root)
             self.fs.pipe_file(probe, b"ok")
@@ -118,6 +133,20 @@ class Storage:
         except Exception as e:  # every backend raises its own type; name the root in one line
             raise CheckpointError(f"checkpoint directory {self.url!r} is not writable ({e}); "
                                   "choose a directory this job can write to") from e
+
+
+    def _check_bucket(self) -> None:
+        """s3fs would create a missing bucket when the root's "directory" is made: a typo in the
+        bucket's name must be an error, not a new bucket."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception as e:  # the endpoint unreachable, credentials refused...
+            raise CheckpointError(f"cannot reach the bucket of checkpoint root {self.url!r} ({type(e).__name__}: "
+                                  f"{e}); check the endpoint (AWS_ENDPOINT_URL) and credentials") from e
+        if not found:
+            raise CheckpointError(f"checkpoint root {self.url!r}: bucket {bucket!r} does not exist (or these "
+                                  "credentials cannot see it); create it first")
 
 
 def fsync_dir(directory: str) -> None:

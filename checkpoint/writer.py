@@ -139,15 +139,17 @@ class WriteRecord:
         self.tensor_keys: set[str] = set()  # DCP keys of the tensors this rank wrote
 
 
-def checksumming_writer(url: str, *, local: bool, io_threads: int, sha256: bool = False) -> tuple[Any, WriteRecord]:
+def checksumming_writer(url: str, *, local: bool, io_threads: int, sha256: bool = False,
+                        storage_options: dict | None = None) -> tuple[Any, WriteRecord]:
     """A DCP storage writer for the checkpoint directory ``url``, and the record of what it
-    wrote (complete once ``dcp.save`` returns); ``sha256`` adds a SHA-256 per file (keyed mode)."""
+    wrote (complete once ``dcp.save`` returns); ``sha256`` adds a SHA-256 per file (keyed mode);
+    ``storage_options``: fsspec's, for a remote root (``Storage.options``)."""
     if local:
         cls = dcp.FileSystemWriter
         kwargs = {"sync_files": True}
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter as cls
-        kwargs = {"sync_files": False}  # object stores have no fsync; a finished PUT is durable
+        kwargs = {"sync_files": False, **(storage_options or {})}  # object stores have no fsync; a finished PUT is durable
 
     class Writer(cls):
         def write_data(self, plan, planner):

@@ -64,10 +64,10 @@ def ftlaunch_cmd(nproc: int, *launch_args: str, script: str = TRAIN, script_args
     return [sys.executable, "-m", "launcher.cli", f"--nproc-per-node={nproc}", *launch_args, script, *script_args]
 
 
-def start(cmd: list[str], log_path: Path, cwd: str | Path = REPO) -> subprocess.Popen:
+def start(cmd: list[str], log_path: Path, cwd: str | Path = REPO, env_extra: dict | None = None) -> subprocess.Popen:
     """Start ``cmd`` in a new session with its output in ``log_path`` (for tests that act on
     a running job); pair with ``finish``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

@@ -92,7 +92,7 @@ def test_background_write_failure_is_reported_and_commits_nothing(can_go_read_on
                 make_read_only()
 
     ckpt = CheckpointManager(root, model=model, optimizer=opt, async_mode="thread", save_every_steps=2,
-                             keep_last=0, observer=ReadOnlyAtStep4())
+                             keep_last=0, observer=ReadOnlyAtStep4(), save_failures_allowed=0)
     caplog.set_level(logging.ERROR, logger="checkpoint")
     failure = None
     for step in range(1, 11):
@@ -110,7 +110,8 @@ def test_background_write_failure_is_reported_and_commits_nothing(can_go_read_on
     assert failure is not None, "the failed background save was never reported"
     step, message = failure
     assert step == 6, failure  # raised by the next save, the same step on every rank
-    assert "background save of step 4 failed (nothing committed; raised at the next save)" in caplog.text
+    assert "background save of step 4 failed (nothing of it committed; the previous commit stays)" in caplog.text
+    assert "1 saves in a row failed; save_failures_allowed is 0" in message
     assert "step-00000004" in message and ("Read-only file system" in message or "Permission denied" in message)
     assert "previous committed checkpoint stays" in message
     assert "\n" not in message
@@ -125,6 +126,51 @@ def test_background_write_failure_is_reported_and_commits_nothing(can_go_read_on
     for a, b in zip(fresh.parameters(), twin.parameters()):
         assert torch.equal(a, b)
 
+
+
+def test_failed_saves_within_the_allowance_let_training_go_on(can_go_read_only, caplog):
+    """The default: a storage outage costs the saves it hits (one line each), not the job;
+    the saves after it commit. One failure more than ``save_failures_allowed`` raises."""
+    root, make_read_only, make_writable = can_go_read_only
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    failed = []
+
+    class Outage(Observer):
+        def before_commit(self, step: int) -> None:
+            if step in (4, 6):
+                make_read_only()
+
+        def save_failed(self, step: int, error: str) -> None:
+            failed.append(step)
+            make_writable()
+
+    ckpt = CheckpointManager(root, model=model, optimizer=opt, async_mode="thread", save_every_steps=2,
+                             keep_last=0, observer=Outage(), save_failures_allowed=2)
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    for step in range(1, 11):
+        _train_step(model, opt, step)
+        ckpt.maybe_save(step)
+    ckpt.close()
+    assert failed == [4, 6]  # each learnt at the next save, which then went ahead
+    assert find_latest(Storage(root), "hash").step == 10
+    assert not (root / "step-00000004" / "manifest.json").exists()
+    assert not (root / "step-00000006" / "manifest.json").exists()
+    assert "the save of step 4 failed; training goes on (1 more failed save(s) in a row allowed)" in caplog.text
+    assert "the save of step 6 failed; training goes on (0 more failed save(s) in a row allowed)" in caplog.text
+
+    # Three failures in a row with two allowed: the third raises, naming the count.
+    ckpt = CheckpointManager(root, model=model, optimizer=opt, async_mode="off", save_every_steps=2,
+                             keep_last=0, save_failures_allowed=2)
+    make_read_only()
+    outcomes = []
+    with pytest.raises(CheckpointError, match="3 saves in a row failed; save_failures_allowed is 2"):
+        for step in range(12, 20, 2):
+            outcomes.append(ckpt.maybe_save(step).outcome)
+    make_writable()
+    ckpt.close()
+    assert outcomes == ["failed", "failed"]
+    assert find_latest(Storage(root), "hash").step == 10
 
 def test_host_memory_stays_bounded_over_20_async_saves(tmp_path):
     model = _model(width=1024, layers=8)  # 8.4 M params: ~100 MB with AdamW's two moments

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from checkpoint.config import CheckpointConfig
@@ -34,7 +35,11 @@ class TrainConfig(CheckpointConfig):
     async_mode: str = field(default="thread", metadata=_checkpoint_help("async_mode"))
     memory_every: int | str = field(default="auto", metadata=_checkpoint_help("memory_every"))
     ckpt_dir: str = field(default="runs/default", metadata={
-        "help": "where checkpoints go: a directory or an fsspec URL (memory://...). Resumes from the newest committed checkpoint found there."})
+        "help": "where checkpoints go: a directory or an fsspec URL (s3://bucket/prefix, memory://...; S3's endpoint "
+                "and credentials from the standard AWS variables, e.g. AWS_ENDPOINT_URL). Resumes from the newest "
+                "committed checkpoint found there."})
+    storage_options: str = field(default="", metadata={
+        "help": "fsspec storage options for a remote --ckpt-dir, as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'"})
     dataset: str = field(default="digits", metadata={
         "help": "digits (sklearn's handwritten digits, no download), mnist (torchvision, see --data-dir) or synthetic"})
     data_dir: str = field(default="data", metadata={
@@ -77,12 +82,24 @@ class TrainConfig(CheckpointConfig):
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not self.ckpt_dir:
             raise ConfigError("--ckpt-dir is empty; give a directory or an fsspec URL")
+        self.storage_options_dict()  # checked now, not when the first save happens
         if not self.run_dir:
             if "://" in self.ckpt_dir and not self.ckpt_dir.startswith("file://"):
                 if self.inject or self.trace_samples:
                     raise ConfigError("--inject/--trace-samples with a remote --ckpt-dir need a local --run-dir")
             else:
                 self.run_dir = self.ckpt_dir.removeprefix("file://")
+
+    def storage_options_dict(self) -> dict:
+        if not self.storage_options:
+            return {}
+        try:
+            options = json.loads(self.storage_options)
+        except ValueError as e:
+            raise ConfigError(f"--storage-options is not valid JSON ({e}): {self.storage_options!r}") from None
+        if not isinstance(options, dict):
+            raise ConfigError(f"--storage-options must be a JSON object ({{...}}), got {self.storage_options!r}")
+        return options
 
     def _invalid(self, name: str, rule: str):
         raise ConfigError(f"{flag_of(name)} {rule}, got {getattr(self, name)!r}")

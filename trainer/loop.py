@@ -52,6 +52,8 @@ class Progress:
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"[rank{rank}] %(name)s: %(message)s", force=True)
+    for chatty in ("botocore", "aiobotocore", "s3fs"):  # "Found credentials in environment variables"...
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _seed_everything(seed: int) -> None:
@@ -135,7 +137,8 @@ def train(cfg: TrainConfig) -> dict:
         state={"progress": progress, "data": cursor}, config=cfg,
         observer=TrainingObserver(reporter, injector),
         metadata={"dataset": cfg.dataset, "width": cfg.width, "seed": cfg.seed},
-        hmac_key=os.environ.get("FTLAUNCH_CKPT_KEY") or None)  # keyed mode: signed records, SHA-256 files
+        hmac_key=os.environ.get("FTLAUNCH_CKPT_KEY") or None,
+        storage_options=cfg.storage_options_dict())  # keyed mode: signed records, SHA-256 files
 
     if ckpt.memory_dir:  # for ftlaunch: persisted and freed after the job (launcher.persist)
         reporter.node_event("memory_tier", memory_dir=ckpt.memory_dir)

@@ -34,6 +34,9 @@ class TrainingObserver(Observer):
             self.reporter.event("save_staged", step=result.step, stall_seconds=round(result.stall_seconds, 4))
         self.injector.after_save(result.step)
 
+    def save_failed(self, step: int, error: str) -> None:
+        self.reporter.event("save_failed", step=step, error=error)
+
     def before_commit(self, step: int) -> None:
         self.injector.before_commit(step)
 
