@@ -16,12 +16,12 @@ This package imports nothing else of this project.
 """
 
 from .config import CheckpointConfig
-from .errors import CheckpointError, CheckpointMismatchError
+from .errors import CheckpointError, CheckpointMismatchError, SaveFailuresExceeded
 from .manager import CheckpointManager
 from .manifest import Manifest, find_latest, step_dir_name, verify
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .storage import Storage
 
-__all__ = ["CheckpointManager", "CheckpointConfig", "CheckpointError", "CheckpointMismatchError", "Manifest",
+__all__ = ["CheckpointManager", "CheckpointConfig", "CheckpointError", "CheckpointMismatchError", "SaveFailuresExceeded", "Manifest",
            "Observer", "SaveResult", "SaveStats", "COMMITTED", "STAGED", "SKIPPED", "ALREADY_COMMITTED", "FAILED",
            "Storage", "find_latest", "step_dir_name", "verify"]

@@ -76,17 +76,19 @@ def gather_or_raise(value: Any, error: str | None, group: Any = None) -> list[An
 
 def on_rank0(rank: int, fn: Callable[[], Any], what: str, group: Any = None) -> Any:
     """Run ``fn`` on rank 0 alone; every rank returns its result or raises the same
-    ``CheckpointError``, so no rank is left waiting in a collective."""
+    ``CheckpointError`` (of the same subclass: a lost lease stays a ``LeaseHeldError``), so
+    no rank is left waiting in a collective."""
     from .errors import CheckpointError, one_line
 
-    result, error = None, None
+    result, error, kind = None, None, CheckpointError
     if rank == 0:
         try:
             result = fn()
         except Exception as e:  # any backend's error type: fsspec, S3, OSError...
             detail = str(e) if isinstance(e, CheckpointError) else one_line(e)
             error = f"{what}: {detail}" if what else detail
-    result, error = broadcast((result, error), group)
+            kind = type(e) if isinstance(e, CheckpointError) else CheckpointError
+    result, error, kind = broadcast((result, error, kind), group)
     if error:
-        raise CheckpointError(error)
+        raise kind(error)
     return result

@@ -9,7 +9,7 @@ training's. A background failure never commits: the thread logs it the moment it
 (rank 0; the error names the ranks that failed), and the next save (or ``wait``) raises it on
 every rank at the same step, since every rank learnt of it through the save's own
 collectives (``CheckpointManager`` counts it against ``save_failures_allowed`` and goes on, or
-raises it). ``poll()`` raises it sooner, on the calling rank alone.
+raises it). ``poll()`` reports commits only, for the same reason.
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ class BackgroundSaver:
         return self._inflight is not None and not self._inflight.done()
 
     def poll(self) -> Manifest | None:
-        """Non-blocking: the record of a save that finished since the last call, or None;
-        raises ``CheckpointError`` if it failed."""
-        if self._inflight is None or not self._inflight.done():
+        """Non-blocking: the record of a save committed since the last call, or None. A failed
+        save is left for the next ``wait`` (the next save's), so that every rank learns of
+        it at the same step."""
+        if self._inflight is None or not self._inflight.done() or self._inflight.exception() is not None:
             return None
         return self.wait()
 

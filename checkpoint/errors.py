@@ -7,6 +7,10 @@ class CheckpointError(RuntimeError):
     """A save, commit or load could not be done; nothing committed was harmed."""
 
 
+class SaveFailuresExceeded(CheckpointError):
+    """More scheduled saves failed in a row than ``save_failures_allowed``."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint on disk holds a different model/optimizer than the one being loaded."""
 

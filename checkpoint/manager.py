@@ -30,8 +30,8 @@ from . import retention
 from .background import BackgroundSaver
 from .commit import Committer
 from .config import CheckpointConfig
-from .errors import CheckpointError, one_line
-from .lease import Lease
+from .errors import CheckpointError, SaveFailuresExceeded, one_line
+from .lease import Lease, LeaseHeldError
 from .manifest import Manifest, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
@@ -100,6 +100,7 @@ class CheckpointManager:
         self.resumed_from_memory = False  # whether the last load() came from the memory tier
         self._save_owed = False
         self._failures_in_row = 0  # scheduled saves that failed since the last commit
+        self._scheduled = False  # inside maybe_save: a failure past the allowance raises
         self._memory: MemoryTier | None = None
         self._committer = Committer(self.storage, self.config, self.observer, self.metadata, self.hmac_key,
                                     self.safe_globals, self.rank, self.world_size)
@@ -169,26 +170,39 @@ class CheckpointManager:
             return None
         self._save_owed = False
         started = time.monotonic()
+        self._scheduled = True
         try:
             return self.save(step, metrics, skip_if_busy=self.config.if_busy == "skip")
+        except (SaveFailuresExceeded, LeaseHeldError):
+            raise  # past the allowance; or another job owns the root now: never go on writing into it
         except CheckpointError as e:
+            self._last_save_time = time.monotonic()  # the next try waits a whole interval, time-based too
             self._save_failed(step, e, logged=False)  # raises beyond the allowance
             return SaveResult(step, FAILED, time.monotonic() - started, 0)
+        finally:
+            self._scheduled = False
 
-    def _save_failed(self, step: int, error: CheckpointError, logged: bool) -> None:
+    def _save_failed(self, step: int, error: CheckpointError, logged: bool, may_raise: bool = True) -> None:
         """A save failed on every rank (its collectives carry one rank's failure to all): go on
         without it, or raise once ``save_failures_allowed`` in a row have failed. ``logged``:
-        the background writer already said what failed, when it failed."""
+        the background writer already said what failed, when it failed. ``may_raise``: False
+        for the previous save's failure learnt by an explicit save, which still gets its own
+        try (a final save, one on a stop: storage may be back)."""
+        if isinstance(error, LeaseHeldError):
+            raise error
         self._failures_in_row += 1
         allowed = self.config.save_failures_allowed
-        if self._failures_in_row > allowed:
-            raise CheckpointError(f"{error} ({self._failures_in_row} saves in a row failed; "
-                                  f"save_failures_allowed is {allowed})") from error
+        if self._failures_in_row > allowed and may_raise:
+            raise SaveFailuresExceeded(f"{error} ({self._failures_in_row} saves in a row failed; "
+                                       f"save_failures_allowed is {allowed})") from error
         if self.rank == 0:
             (log.info if logged else log.error)(
                 "the save of step %d failed; training goes on (%d more failed save(s) in a row allowed)%s",
-                step, allowed - self._failures_in_row, "" if logged else f": {error}")
-        self.observer.save_failed(step, str(error))
+                step, max(0, allowed - self._failures_in_row), "" if logged else f": {error}")
+        try:  # a hook failing on one rank must not make the ranks disagree
+            self.observer.save_failed(step, str(error))
+        except Exception as e:
+            log.warning("the observer's save_failed() failed for step %d: %s", step, one_line(e))
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, metrics: Mapping[str, Any] | None = None, *,
@@ -226,7 +240,7 @@ class CheckpointManager:
             try:
                 self.wait()  # back-pressure
             except CheckpointError as e:  # the previous save failed: counted, then this one goes ahead
-                self._save_failed(self._background.staged_step, e, logged=True)
+                self._save_failed(self._background.staged_step, e, logged=True, may_raise=self._scheduled)
         path = self.storage.url_of(step_dir_name(step))
         if self._on_rank0(lambda: self._committer.prepare(step), f"cannot prepare {path}"):
             log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
@@ -252,10 +266,9 @@ class CheckpointManager:
         return self._background is not None and self._background.in_flight
 
     def poll(self) -> Manifest | None:
-        """Non-blocking: the record of a background save that finished since the last call, or
-        None; raises ``CheckpointError`` if it failed. No collective: ranks may learn of a
-        finished save a step apart, so under several ranks prefer the next save (or
-        ``wait``), which raises a failure on every rank at the same step."""
+        """Non-blocking: the record of a background save committed since the last call, or
+        None. No collective: ranks may learn of a commit a step apart. A failed save is left
+        for the next save (or ``wait``), which reports it on every rank at the same step."""
         return self._committed(self._background.poll() if self._background is not None else None)
 
     def wait(self) -> Manifest | None:

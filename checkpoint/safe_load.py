@@ -106,6 +106,12 @@ def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) 
         detail = text.rpartition("WeightsUnpickler error:")[2].strip() or "no detail"
         raise UnsafeCheckpointError(f"{what}: not loaded, its pickle is damaged or holds an operation that loading "
                                     f"does not allow (torch: {detail.splitlines()[0]})") from None
+    except Exception as e:
+        # Damaged bytes that get past the unpickler's allow-list and then break it in any way
+        # (a flipped bit in a string, a cut stream, an assertion inside torch): refused like
+        # any other damage, never a crash (tests/test_ftckpt.py flips every byte of every item).
+        raise UnsafeCheckpointError(f"{what}: not loaded, damaged ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -16,7 +16,7 @@ import zlib
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 
 _CHUNK = 8 << 20  # bytes read per call while checksumming
 
@@ -36,7 +36,8 @@ class Storage:
         protocol = root.split("://", 1)[0] if "://" in root else "file"
         # Object stores: no listing cache. Other processes (the other ranks, the job before a
         # restart) write under the root, and a cached listing would hide their commits.
-        self.options = {**({"use_listings_cache": False} if protocol in ("s3", "s3a", "gs", "gcs") else {}),
+        self.options = {**({"use_listings_cache": False} if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+                           else {}),
                         **(options or {})}
         try:
             self.fs, path = fsspec.core.url_to_fs(root, **self.options)
@@ -93,7 +94,14 @@ class Storage:
         return digest.hexdigest()
 
     # -- changes -------------------------------------------------------------------------
+    @property
+    def is_object_store(self) -> bool:
+        """S3 and the like: "directories" are key prefixes, made by writing under them."""
+        return is_object_store(self.fs)
+
     def makedirs(self, path: str) -> None:
+        if self.is_object_store:
+            return  # s3fs's makedirs creates a missing bucket: never behind the user's back
         self.fs.makedirs(path, exist_ok=True)
         if self.is_local:  # make the new directory's entry durable, not only its contents
             fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -124,7 +132,7 @@ class Storage:
     def check_writable(self) -> None:
         """Raise ``CheckpointError`` naming the root unless we can create, write and delete in it."""
         probe = self.join(f".write-probe-{uuid.uuid4().hex}")
-        if "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+        if "s3" in _protocols(self.fs):
             self._check_bucket()
         try:
             self.makedirs(self.root)
@@ -139,14 +147,25 @@ class Storage:
         """s3fs would create a missing bucket when the root's "directory" is made: a typo in the
         bucket's name must be an error, not a new bucket."""
         bucket = self.root.split("/", 1)[0]
-        try:
-            found = self.fs.exists(bucket)
-        except Exception as e:  # the endpoint unreachable, credentials refused...
-            raise CheckpointError(f"cannot reach the bucket of checkpoint root {self.url!r} ({type(e).__name__}: "
-                                  f"{e}); check the endpoint (AWS_ENDPOINT_URL) and credentials") from e
-        if not found:
-            raise CheckpointError(f"checkpoint root {self.url!r}: bucket {bucket!r} does not exist (or these "
-                                  "credentials cannot see it); create it first")
+        try:  # not fs.exists(): it answers False for an endpoint that cannot be reached at all
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint root {self.url!r}: bucket {bucket!r} does not exist; "
+                                  "create it first") from None
+        except PermissionError as e:
+            raise CheckpointError(f"checkpoint root {self.url!r}: access to bucket {bucket!r} refused "
+                                  f"({one_line(e)}); check the credentials") from None
+        except Exception as e:  # the endpoint unreachable...
+            raise CheckpointError(f"cannot reach the bucket of checkpoint root {self.url!r} ({one_line(e)}); "
+                                  "check the endpoint (AWS_ENDPOINT_URL) and the network") from None
+
+
+def _protocols(fs) -> tuple:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def is_object_store(fs) -> bool:
+    return bool({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"} & set(_protocols(fs)))
 
 
 def fsync_dir(directory: str) -> None:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 import torch.utils.serialization.config as serialization_config
 
 from .manifest import FileRecord
+from .storage import is_object_store
 
 
 class _ChecksumStream:
@@ -118,6 +119,11 @@ class _ChecksummingFileSystem:
         with self._lock:
             self.files[_basename(path)] = FileRecord(stream.size, f"{stream.crc & 0xffffffff:08x}",
                                                      stream.sha.hexdigest() if stream.sha is not None else "")
+
+    def mkdir(self, path) -> None:
+        if getattr(self._fs, "fs", None) is not None and is_object_store(self._fs.fs):  # fsspec-backed
+            return  # prefixes need no making, and s3fs would create a missing bucket
+        self._fs.mkdir(path)
 
     def rename(self, path, new_path) -> None:
         self._fs.rename(path, new_path)

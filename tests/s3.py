@@ -38,7 +38,8 @@ class S3Server:
         cmd = [sys.executable, SERVER, "--journal", str(self.journal), "--port", str(self.port)]
         if die_on_put:
             cmd += ["--die-on-put", die_on_put]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        self.log = self.journal.with_suffix(".log")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(self.log, "a"), text=True,
                                      start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         line = ""
@@ -48,7 +49,8 @@ class S3Server:
                 line = self.proc.stdout.readline().strip()
         if not line.isdigit():
             self.stop()
-            raise RuntimeError(f"the S3 server did not start (exit code {self.proc.returncode})")
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+            raise RuntimeError(f"the S3 server did not start (exit code {self.proc.returncode}):\n{tail}")
         self.port = int(line)
         # fsspec keeps one filesystem per set of options, whatever the environment says: one
         # made in this process for an earlier server would still talk to that server's port.

@@ -4,7 +4,10 @@ upload and back, damaged objects skipped at discovery, a bucket that does not ex
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import sys
 
 import pytest
 
@@ -104,6 +107,14 @@ def test_truncated_and_missing_objects_are_skipped_at_discovery(s3, tmp_path):
     client.pipe_file(shard30, client.cat_file(shard30)[:100])  # truncated
     client.rm(f"{prefix}/{step_dir_name(20)}/__0_0.distcp")  # missing
 
+    # ftckpt sees the same on S3 as discovery will.
+    listed = run([sys.executable, "-m", "checkpoint.cli", "ls", root, "--json"], timeout=120)
+    assert listed.returncode == 0, listed.tail()
+    assert {r["step"]: r["state"] for r in json.loads(listed.output)} == {10: "committed", 20: "corrupt",
+                                                                          30: "corrupt"}
+    checked = run([sys.executable, "-m", "checkpoint.cli", "verify", root, "--hash"], timeout=120)
+    assert checked.returncode == 1 and "1 of 3 checkpoint(s) verify" in checked.output, checked.output
+
     again = run(train_cmd(*args), timeout=TIMEOUT)
     assert again.returncode == 0, again.tail()
     skipped = [line for line in again.output.splitlines() if "skipping checkpoint" in line]
@@ -119,5 +130,15 @@ def test_a_bucket_that_does_not_exist_is_one_line(s3, tmp_path):
                            "--run-dir", str(tmp_path)), timeout=120)
     assert result.returncode != 0
     errors = [line for line in result.output.splitlines() if "error" in line.lower()]
-    assert errors and "bucket 'no-such-bucket' does not exist" in errors[-1], result.tail()
+    assert errors and "bucket 'no-such-bucket' does not exist; create it first" in errors[-1], result.tail()
     assert not s3.client().exists("no-such-bucket")  # not created behind the user's back
+
+    # An endpoint nobody listens on is said so, not "no such bucket".
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    result = run(train_cmd("--ckpt-dir", f"s3://{BUCKET}/x", "--max-steps", "5", "--run-dir", str(tmp_path)),
+                 timeout=180, env_extra={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "AWS_MAX_ATTEMPTS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.output.splitlines() if "error" in line.lower()]
+    assert errors and "cannot reach the bucket of checkpoint root" in errors[-1], result.tail()

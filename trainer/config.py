@@ -96,9 +96,9 @@ class TrainConfig(CheckpointConfig):
         try:
             options = json.loads(self.storage_options)
         except ValueError as e:
-            raise ConfigError(f"--storage-options is not valid JSON ({e}): {self.storage_options!r}") from None
+            raise ConfigError(f"--storage-options is not valid JSON ({e})") from None  # the value may hold keys
         if not isinstance(options, dict):
-            raise ConfigError(f"--storage-options must be a JSON object ({{...}}), got {self.storage_options!r}")
+            raise ConfigError(f"--storage-options must be a JSON object ({{...}}), got a {type(options).__name__}")
         return options
 
     def _invalid(self, name: str, rule: str):

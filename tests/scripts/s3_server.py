@@ -5,7 +5,10 @@
 Prints the port it listens on (``--port 0``, the default: a free one), then serves until it is
 killed. moto keeps objects in memory; to come back from a SIGKILL with what it held, as a
 real server with a disk does, every request it served is appended to ``--journal`` (moto's
-own recorder), and a server started on an existing journal replays it before it listens.
+own recorder), and a server started on an existing journal replays it (through a private
+server on another port: moto's state is per process) before it listens on ``--port``.
+Objects uploaded in several parts cannot be replayed (moto's upload ids are random): the
+tests' objects are small.
 
 ``--die-on-put TEXT``: on the first PUT whose path contains TEXT, read half of the body, then
 SIGKILL this process: the server dies in the middle of an upload.
@@ -43,19 +46,25 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return app(environ, start_response)
 
-    server = make_server("127.0.0.1", args.port, dies_on_put, threaded=True, request_handler=MotoRequestHandler)
-    port = server.server_address[1]
     if os.path.exists(args.journal) and os.path.getsize(args.journal):
-        # The state before the last kill: replayed through the server's own HTTP interface.
-        serving = threading.Thread(target=server.serve_forever, daemon=True)
+        _trim_to_whole_lines(args.journal)  # a kill may have cut the last entry
+        private = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+        serving = threading.Thread(target=private.serve_forever, daemon=True)
         serving.start()
-        recorder.replay_recording(target_host=f"http://127.0.0.1:{port}")
-        print(port, flush=True)
-        serving.join()
+        recorder.replay_recording(target_host=f"http://127.0.0.1:{private.server_address[1]}")
+        private.shutdown()
+        private.server_close()
     else:
         open(args.journal, "a").close()
-        print(port, flush=True)
-        server.serve_forever()
+    server = make_server("127.0.0.1", args.port, dies_on_put, threaded=True, request_handler=MotoRequestHandler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def _trim_to_whole_lines(path: str) -> None:
+    with open(path, "rb+") as f:
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 if __name__ == "__main__":
