@@ -63,6 +63,12 @@ def build_parser():
                            "has imported torch already (restarts then pay for `import torch` again)")
     ours.add_argument("--prewarm-import", action="append", default=[], metavar="MODULE",
                       help="also import MODULE in the fork server (repeatable), e.g. transformers")
+    ours.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                      help="serve Prometheus metrics of the run (restarts, failures by kind, hangs, last committed "
+                           "step, steps/s, save stall and durable seconds, recovery seconds, steps redone) at "
+                           "http://ADDR:PORT/metrics; 0: a free port (logged, and in events.jsonl as a metrics event)")
+    ours.add_argument("--metrics-addr", default="127.0.0.1",
+                      help="address the metrics endpoint binds to (0.0.0.0 for every interface)")
     ours.add_argument("--inject", action="append", default=[], metavar="SPEC",
                       help="fault for the workers, repeatable: "
                            f"{'|'.join(k for k in faults.KINDS if k != 'fail-at-start')}:rank=R:step=N, "
@@ -93,6 +99,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error(str(e))
     if args.max_restarts < 0:
         parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be a port number (0-65535; 0: a free one), got {args.metrics_port}")
     for spec in args.inject:
         try:
             parse_fault(spec)
@@ -161,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             cmd_args = ["-u", "-m", "launcher.bootstrap", *cmd_args]
         agent = launch_agent(config, entrypoint, cmd_args, run_dir, args.policy,
                              bootstrapped=entrypoint == sys.executable)
+        if args.metrics_port is not None:
+            from . import metrics
+
+            try:
+                metrics.serve(run_dir, args.metrics_port, args.metrics_addr, agent)
+            except OSError as e:  # the port is taken, the address is not this host's
+                print(f"ftlaunch: error: --metrics-port {args.metrics_port} on {args.metrics_addr}: {e.strerror or e}",
+                      file=sys.stderr)
+                return 2
         return run(agent, run_dir)
 
 
