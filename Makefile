@@ -30,6 +30,7 @@ demo: $(STAMP)
 	    train.py --ckpt-dir runs/demo/ckpt --epochs 10 2>&1 | tee runs/demo.log
 	@echo; echo "== what happened (full log: runs/demo.log, events: runs/demo/run/events.jsonl) =="
 	@grep -E "injecting|made no progress|exitcode: -9|resumed from step|final test accuracy" runs/demo.log
+	@echo; $(VENV)/bin/ftlaunch report runs/demo/run -o runs/demo/report.png
 
 # pyflakes first (an undefined name in a rarely taken branch, an unused import), then the suite.
 test: $(STAMP)

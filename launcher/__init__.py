@@ -8,6 +8,7 @@ Agent side: the ``ftlaunch`` process (and ``ftlaunch rendezvous`` / ``ftlaunch c
     policy      Policy: per-phase limits, backoff, crash-loop limit (the flags' source)
     summary     the run summary, from events.jsonl
     metrics     ``--metrics-port``: a Prometheus endpoint computed from events.jsonl and the beats
+    report      ``ftlaunch report``: a timeline picture and the summary of a run, from events.jsonl
     prewarm     server side: ``fork_server`` (in ftlaunch) and the fork server it starts
     rendezvous  ``ftlaunch rendezvous``: a c10d store that outlives every node
     cluster     ``ftlaunch cluster``: a multi-node cluster on loopback

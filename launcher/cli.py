@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import cluster
 
         return cluster.main(argv[1:])
+    if argv[:1] == ["report"]:
+        from . import report
+
+        return report.main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="[ftlaunch] %(message)s")
     args = parse_args(argv)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", "ftlaunch", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
