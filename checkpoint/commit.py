@@ -32,6 +32,7 @@ class Committer:
         self.hmac_key, self.safe_globals = hmac_key, safe_globals
         self.rank, self.world_size = rank, world_size
         self.lease: Lease | None = None  # rank 0's hold on a local root: checked before every commit
+        self.mirror = None  # rank 0: a mirror.Mirror that each commit is copied to (config.mirror)
         self._verified = retention.VerifiedCache()
 
     def write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
@@ -88,6 +89,8 @@ class Committer:
         except Exception as e:
             log.warning("the observer's committed() failed for step %d: %s", step, one_line(e))
         if self.rank == 0:  # after the commit, and never raises: no collective needed
+            if self.mirror is not None:
+                self.mirror.submit(step)
             self._verified.remember_good(self.storage, dirname, manifest)
             retention.apply(self.storage, self._verified, step, keep_last=self.config.keep_last,
                             keep_every=self.config.keep_every, mode=self.config.verify,

@@ -46,6 +46,10 @@ class CheckpointConfig:
         "help": "memory tier, auto interval only: the share of training time snapshots may take"})
     memory_dir: str = field(default="/dev/shm", metadata={
         "help": "memory tier: the tmpfs directory the snapshots live in (they outlive the worker, not the node)"})
+    mirror: str = field(default="", metadata={
+        "help": "a second root (s3://bucket/prefix, any fsspec URL, or a directory) that every commit is copied "
+                "to in the background, its record last, with the same retention; loading takes the newer of the "
+                "two, so a node with an empty local root resumes from the mirror"})
     save_failures_allowed: int = field(default=3, metadata={
         "help": "scheduled saves that may fail in a row (a storage outage, a full disk): each is logged in one "
                 "line, nothing of it is committed, the previous commit stays and training goes on; one more "

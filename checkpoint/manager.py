@@ -32,6 +32,7 @@ from .commit import Committer
 from .config import CheckpointConfig
 from .errors import CheckpointError, SaveFailuresExceeded, one_line
 from .lease import Lease, LeaseHeldError
+from .mirror import Mirror
 from .manifest import Manifest, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
@@ -108,6 +109,15 @@ class CheckpointManager:
         # Fail before any training happens when the root cannot be written, or is another
         # live job's (rank 0 holds the root's lease while it may commit).
         self._on_rank0(self.storage.check_writable, "")
+        self._mirror: Mirror | None = None
+        self.mirror_storage = Storage(self.config.mirror, dict(storage_options or {})) if self.config.mirror else None
+        if self.mirror_storage is not None:
+            if self.mirror_storage.url == self.storage.url:
+                raise CheckpointError(f"mirror {self.config.mirror!r} is the checkpoint root itself; give another place")
+            self._on_rank0(self.mirror_storage.check_writable, "")
+            if self.rank == 0:
+                self._mirror = self._committer.mirror = Mirror(self.storage, self.mirror_storage, self.config.keep_last,
+                                                               self.config.keep_every, self.observer)
         self._lease: Lease | None = None
         if self.storage.is_local:
             self._on_rank0(self._take_lease, "")
@@ -288,6 +298,8 @@ class CheckpointManager:
         try:
             if self._background is not None:
                 self._background.close()
+            if self._mirror is not None:  # the last commit gets to the mirror before the job ends
+                self._mirror.close()
             if self._memory is not None:
                 self._memory.close()
         finally:
@@ -298,9 +310,6 @@ class CheckpointManager:
         manifest, written = self._committer.write_and_commit(step, state, metrics, started, group)
         self.last_committed = step
         return manifest, written
-
-    def _reader(self, dirname: str):
-        return reader_for(self.storage, dirname)
 
     # -- load ------------------------------------------------------------------------------
     def load(self, memory_only: bool = False) -> Manifest | None:
@@ -333,21 +342,30 @@ class CheckpointManager:
             return None
 
         def discover():
+            # With a mirror: the newer of the two (a fresh node's local root is empty). The
+            # refusal of a fresh start over checkpoints of which none verifies stays the local
+            # root's; the mirror's bad ones are skipped with their warnings.
             manifest = retention.find_loadable(self.storage, self.config.verify, self.safe_globals, self.hmac_key,
-                                               self.config.allow_fresh_start)
-            return None if manifest is None else manifest.to_json()
+                                               self.config.allow_fresh_start or self.mirror_storage is not None)
+            mirrored = None if self.mirror_storage is None else retention.find_loadable(
+                self.mirror_storage, self.config.verify, self.safe_globals, self.hmac_key, True)
+            if mirrored is not None and (manifest is None or mirrored.step > manifest.step):
+                return mirrored.to_json(), True
+            return (None, False) if manifest is None else (manifest.to_json(), False)
 
-        found = self._on_rank0(discover, "")
+        found, from_mirror = self._on_rank0(discover, "")
         if found is None:
-            log.info("no committed checkpoint in %s; starting from scratch", self.storage.url)
+            log.info("no committed checkpoint in %s%s; starting from scratch", self.storage.url,
+                     f" or its mirror {self.mirror_storage.url}" if self.mirror_storage is not None else "")
             return None
         manifest = Manifest.from_json(found)
         dirname = step_dir_name(manifest.step)
-        where = self.storage.url_of(dirname)
+        source = self.mirror_storage if from_mirror else self.storage
+        where = source.url_of(dirname)
 
         # Ranks beyond the saved world size have no RNG state of their own to restore.
         state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
-        reader = self._reader(dirname)
+        reader = reader_for(source, dirname)
         error = incompatibility(state, reader, where)
         errors = [e for e in _dist.all_gather(error, self._group) if e]
         if errors:  # the same error on every rank, before any rank enters DCP's collectives

@@ -64,5 +64,9 @@ class Observer:
     def committed(self, manifest: Manifest) -> None:
         """``manifest`` was committed. An exception here is logged, never undoes the commit."""
 
+    def mirrored(self, manifest: Manifest, seconds: float) -> None:
+        """Rank 0, in the mirror's thread: ``manifest``'s checkpoint is committed on the mirror
+        too (``config.mirror``), ``seconds`` after its upload began."""
+
     def before_load(self, step: int) -> None:
         """Every rank agreed to load ``step``; its data is read next."""

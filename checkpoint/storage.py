@@ -38,7 +38,7 @@ class Storage:
         # restart) write under the root, and a cached listing would hide their commits.
         self.options = {**({"use_listings_cache": False} if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
                            else {}),
-                        **(options or {})}
+                        **((options or {}) if protocol != "file" else {})}  # for a remote root (or a mirror)
         try:
             self.fs, path = fsspec.core.url_to_fs(root, **self.options)
         except (ImportError, ValueError, TypeError) as e:  # no s3fs, an unknown protocol or option

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import sys
 
@@ -16,8 +17,8 @@ pytest.importorskip("moto")
 
 from checkpoint import Storage, find_latest, step_dir_name, verify  # noqa: E402
 from conftest import REFERENCE_ARGS, REFERENCE_TIMEOUT as TIMEOUT  # noqa: E402
-from procs import (assert_training_state_equal, finish, load_checkpoint, run, start, torchrun_cmd,  # noqa: E402
-                   train_cmd, wait_until)
+from procs import (assert_training_state_equal, finish, kill_tree, load_checkpoint, run, start,  # noqa: E402
+                   torchrun_cmd, train_cmd, wait_until)
 from s3 import S3Server  # noqa: E402
 
 BUCKET = "ckpts"
@@ -142,3 +143,32 @@ def test_a_bucket_that_does_not_exist_is_one_line(s3, tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.output.splitlines() if "error" in line.lower()]
     assert errors and "cannot reach the bucket of checkpoint root" in errors[-1], result.tail()
+
+
+def test_a_fresh_node_resumes_from_the_mirror_bit_exactly(reference, s3, tmp_path):
+    """--ckpt-dir local, --mirror on S3. The job freezes at step 35 (rank 1 SIGSTOPs itself; rank
+    0 waits in the all-reduce while its mirror thread goes on); once step 30 is on the mirror it
+    is SIGKILLed whole: the node is lost, its disk with it. The same command on an empty local
+    root resumes from the mirror's step 30 and ends bit-equal to an uninterrupted run; the
+    mirror then holds step 50 too."""
+    _, expected = reference
+    local, mirror = tmp_path / "local", f"s3://{BUCKET}/mirror"
+    args = ["--ckpt-dir", str(local), "--mirror", mirror, "--run-dir", str(tmp_path / "run"), *ARGS]
+    log = tmp_path / "first.log"
+    job = start(torchrun_cmd(2, *args, "--inject", "hang:rank=1:step=35"), log)
+    try:
+        client = s3.client()
+        wait_until(lambda: client.exists(f"{BUCKET}/mirror/{step_dir_name(30)}/manifest.json"), TIMEOUT, job,
+                   "step 30 on the mirror")
+    finally:
+        kill_tree(job.pid)
+        job.wait(timeout=60)
+    shutil.rmtree(local)
+
+    result = run(torchrun_cmd(2, *args), timeout=TIMEOUT)
+    assert result.returncode == 0, result.tail()
+    assert re.findall(r"resumed from step (\d+)", result.output) == ["30"], result.tail()
+    assert f"loaded checkpoint step 30 from {mirror}/{step_dir_name(30)}" in result.output, result.tail()
+    assert_training_state_equal(load_checkpoint(local / step_dir_name(50), tmp_path), expected)
+    assert find_latest(Storage(mirror), "hash").step == 50  # the last commit got there before the exit
+    assert_training_state_equal(download(s3, f"{mirror}/{step_dir_name(50)}", tmp_path), expected)

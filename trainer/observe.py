@@ -44,5 +44,8 @@ class TrainingObserver(Observer):
         self.reporter.event("save_commit", step=manifest.step, seconds=manifest.save_seconds,
                             bytes=manifest.total_bytes)
 
+    def mirrored(self, manifest, seconds: float) -> None:  # rank 0, in the mirror's thread
+        self.reporter.event("mirror_commit", step=manifest.step, seconds=round(seconds, 4), bytes=manifest.total_bytes)
+
     def before_load(self, step: int) -> None:
         self.injector.before_load(step)

@@ -1,0 +1,95 @@
+"""A second, durable copy of every commit: ``--ckpt-dir`` local (fast) and ``--mirror
+s3://...`` (outlives the node).
+
+Rank 0 commits each checkpoint under the local root as always; then a background thread of
+its own uploads the committed directory to the mirror, every file first and the commit
+record last, so the mirror's commit protocol is the local one: a checkpoint there is
+committed iff its record is. Training never waits for the mirror (``close`` does, so the last
+commit gets there), and a failed upload is logged and left behind: the next commit is
+mirrored whole. At most one upload runs and one waits; a newer commit replaces the waiting
+one. After each upload, retention runs on the mirror with the same rules.
+
+Loading looks at both roots and takes the newer verified checkpoint, so a fresh node whose
+local directory is empty resumes from the mirror (read straight from it through DCP).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from . import retention
+from .errors import one_line
+from .manifest import MANIFEST_NAME, Manifest, step_dir_name
+from .storage import Storage
+
+log = logging.getLogger("checkpoint")
+
+
+class Mirror:
+    def __init__(self, local: Storage, remote: Storage, keep_last: int, keep_every: int, observer=None):
+        self.local, self.remote = local, remote
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.observer = observer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-mirror")
+        self._lock = threading.Lock()
+        self._waiting: int | None = None  # the newest commit not yet started
+        self._running: Future | None = None
+        self._verified = retention.VerifiedCache()
+        self.last_mirrored: int | None = None
+
+    def submit(self, step: int) -> None:
+        """Rank 0, after committing ``step`` locally: upload it when the one in flight is done."""
+        with self._lock:
+            queued = self._waiting is not None  # a task that will take the newest is already queued
+            self._waiting = step
+            if not queued:
+                self._running = self._executor.submit(self._next)
+
+    def _next(self) -> None:
+        with self._lock:
+            step, self._waiting = self._waiting, None
+        if step is not None:
+            self._upload(step)
+
+    def _upload(self, step: int) -> None:
+        dirname = step_dir_name(step)
+        started = time.monotonic()
+        try:
+            record = self.local.read_bytes(self.local.join(dirname, MANIFEST_NAME))
+            manifest = Manifest.from_json(record)
+            for name in sorted(manifest.files):  # the shards and DCP's index, then the record
+                self.remote.fs.put_file(self.local.join(dirname, name), self.remote.join(dirname, name))
+            self.remote.write_atomic(self.remote.join(dirname, MANIFEST_NAME), record)
+        except Exception as e:  # never training's problem: the next commit is mirrored whole
+            log.warning("mirroring checkpoint step %d to %s failed (%s); the next commit will be mirrored",
+                        step, self.remote.url_of(dirname), one_line(e))
+            return
+        seconds = time.monotonic() - started
+        self.last_mirrored = step
+        log.info("mirrored checkpoint step %d to %s: %.1f MiB in %.2f s (%.0f MB/s)", step, self.remote.url,
+                 manifest.total_bytes / 2**20, seconds, manifest.total_bytes / max(seconds, 1e-9) / 1e6)
+        if self.observer is not None:
+            try:
+                self.observer.mirrored(manifest, seconds)
+            except Exception as e:
+                log.warning("the observer's mirrored() failed for step %d: %s", step, one_line(e))
+        retention.apply(self.remote, self._verified, step, keep_last=self.keep_last, keep_every=self.keep_every,
+                        mode="size")
+
+    def wait(self) -> None:
+        """Until every commit submitted so far is mirrored or given up (``close`` calls it).
+        The executor runs its tasks in order, so the newest task is the last to finish."""
+        with self._lock:
+            newest = self._running
+        if newest is not None:
+            newest.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
