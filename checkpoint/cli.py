@@ -32,29 +32,45 @@ class UsageError(Exception):
 
 
 def _storage(root: str, options: str) -> Storage:
+    if not root:
+        raise UsageError("the checkpoint root is empty: give a directory or an fsspec URL")
     try:
         opts = json.loads(options) if options else {}
     except ValueError as e:
         raise UsageError(f"--storage-options is not valid JSON ({e})") from None
+    if not isinstance(opts, dict):
+        raise UsageError("--storage-options must be a JSON object ({...})")
     storage = Storage(root, opts)
     if not storage.exists(storage.root):
         raise UsageError(f"{storage.url}: no such checkpoint root")
+    if storage.is_local and not os.path.isdir(storage.root):
+        raise UsageError(f"{storage.url}: not a directory (give the checkpoint root, the folder of the step-* folders)")
     return storage
 
 
+def _key() -> bytes | None:
+    """Keyed mode's key, from the environment as the training job takes it."""
+    key = os.environ.get("FTLAUNCH_CKPT_KEY")
+    return key.encode() if key else None
+
+
 def _status(storage: Storage, step: int, mode: str) -> tuple[str, Manifest | None, str | None]:
-    """(committed | uncommitted | corrupt, the record when readable, why not committed)."""
+    """(committed | uncommitted | corrupt | unchecked, the record when readable, why not
+    committed), by the rule loading follows (``manifest.verify``: sizes or hashes, the record
+    of this step, non-tensor items through the allow-list, the signature with a key).
+    ``unchecked``: signed, and ``FTLAUNCH_CKPT_KEY`` is not set, so it cannot be trusted."""
     dirname = step_dir_name(step)
     if not storage.exists(storage.join(dirname, MANIFEST_NAME)):
-        return "uncommitted", None, "no commit record"
-    manifest, reason = verify(storage, dirname, mode)
+        return "uncommitted", None, "no commit record (a save in flight, or one that died)"
+    key = _key()
+    manifest, reason = verify(storage, dirname, mode, key=key)
+    if manifest is not None and manifest.step != step:
+        return "corrupt", None, f"its record says step {manifest.step} (copied or forged)"
+    if manifest is not None and manifest.signature and key is None:
+        return "unchecked", manifest, "signed, and FTLAUNCH_CKPT_KEY is not set: its signature is not checked"
     if manifest is not None:
         return "committed", manifest, None
-    try:
-        record = Manifest.from_json(storage.read_bytes(storage.join(dirname, MANIFEST_NAME)))
-    except (OSError, ValueError):
-        record = None
-    return "corrupt", record, reason
+    return "corrupt", None, reason  # its record's figures are not to be believed
 
 
 def _age(created: float) -> str:
@@ -87,7 +103,7 @@ def cmd_ls(args) -> int:
         size = f"{r['bytes'] / 2**20:.2f} MiB" if r["bytes"] is not None else "-"
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
         print(f"{r['step']:>10}  {r['state']:<11}  {r['world_size'] or '-':>5}  {size:>10}  "
-              f"{_age(r['created_unix']) if r['created_unix'] else '-':>6}  {metrics or r['problem'] or ''}")
+              f"{_age(r['created_unix']) if r['created_unix'] else '-':>6}  {r['problem'] or metrics}")
     return 0
 
 
@@ -96,38 +112,48 @@ def cmd_verify(args) -> int:
     steps = [args.step] if args.step is not None else list_steps(storage)
     if args.step is not None and args.step not in list_steps(storage):
         raise UsageError(f"{storage.url}: no checkpoint of step {args.step}")
-    bad = 0
+    if not steps:
+        print(f"{storage.url}: no checkpoints to verify", file=sys.stderr)
+        return 1
+    bad = committed = 0
     for step in steps:
         state, _, reason = _status(storage, step, "hash" if args.hash else "size")
+        if state == "uncommitted":  # not a failure: a live job's save in flight looks the same
+            print(f"step {step}: uncommitted: {reason}", file=sys.stderr)
+            continue
+        committed += 1
         if state != "committed":
             bad += 1
             print(f"step {step}: {state}: {reason}", file=sys.stderr)
-    checked = "every byte (crc32/SHA-256)" if args.hash else "sizes (--hash: every byte)"
-    print(f"{len(steps) - bad} of {len(steps)} checkpoint(s) verify ({checked})")
+    checked = ("every byte (SHA-256 and the signature)" if _key() else "every byte (crc32)") if args.hash \
+        else "sizes (--hash: every byte)"
+    print(f"{committed - bad} of {committed} committed checkpoint(s) verify ({checked})")
     return 1 if bad else 0
 
 
-def _committed(storage: Storage, step: int) -> Manifest:
+def _committed(storage: Storage, step: int, mode: str = "hash") -> Manifest:
+    """The record of ``step``, checked every byte (what is exported or compared must be what
+    was committed); raises when it is not committed and sound."""
     if step not in list_steps(storage):
         raise UsageError(f"{storage.url}: no checkpoint of step {step}")
-    state, manifest, reason = _status(storage, step, "size")
+    state, manifest, reason = _status(storage, step, mode)
     if state != "committed":
         raise CheckpointError(f"{storage.url_of(step_dir_name(step))}: {state}: {reason}")
     return manifest
 
 
-def _metadata(storage: Storage, step: int):
+def _metadata(storage: Storage, step: int, mode: str = "hash"):
     from .reader import reader_for
 
-    _committed(storage, step)
-    return reader_for(storage, step_dir_name(step)).read_metadata()
+    manifest = _committed(storage, step, mode)
+    return manifest, reader_for(storage, step_dir_name(step)).read_metadata()
 
 
 def cmd_inspect(args) -> int:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     storage = _storage(args.root, args.storage_options)
-    metadata = _metadata(storage, args.step)
+    _, metadata = _metadata(storage, args.step, "size")
     groups: dict[str, list] = defaultdict(list)
     for fqn, item in sorted(metadata.state_dict_metadata.items()):
         groups[fqn.split(".", 1)[0]].append((fqn, item))
@@ -152,8 +178,11 @@ def _nbytes(item) -> int:
     return math.prod(item.size) * item.properties.dtype.itemsize
 
 
-def read_tensors(storage: Storage, step: int) -> dict[str, Any]:
-    """Every tensor of a committed checkpoint, by its DCP key (``model.fc.weight``), on the CPU."""
+def read_state(storage: Storage, step: int, items: bool = False) -> dict[str, Any]:
+    """Every tensor of a committed, verified checkpoint by its DCP key (``model.fc.weight``),
+    on the CPU; with ``items``, the non-tensor items too (through loading's allow-list)."""
+    import math
+
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -161,10 +190,22 @@ def read_tensors(storage: Storage, step: int) -> dict[str, Any]:
     from .reader import reader_for
     from .safe_load import SafeLoadPlanner, default_item_globals
 
-    metadata = _metadata(storage, step)
-    state = {fqn: torch.empty(tuple(item.size), dtype=item.properties.dtype)
-             for fqn, item in metadata.state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
+    manifest, metadata = _metadata(storage, step)
     where = storage.url_of(step_dir_name(step))
+    tensors = {fqn: item for fqn, item in metadata.state_dict_metadata.items()
+               if isinstance(item, TensorStorageMetadata)}
+    claimed = sum(_nbytes(item) for item in tensors.values())
+    if claimed > manifest.total_bytes:  # a forged index would have us allocate it
+        raise CheckpointError(f"{where}: its index claims {claimed:,} bytes of tensors, its files hold "
+                              f"{manifest.total_bytes:,} (damaged or forged)")
+    for fqn, item in tensors.items():  # every element must come from the files, none from the heap
+        if sum(math.prod(chunk.sizes) for chunk in item.chunks) != math.prod(item.size):
+            raise CheckpointError(f"{where}: tensor {fqn}'s stored chunks do not cover its shape "
+                                  f"{list(item.size)} (damaged or forged)")
+    state: dict[str, Any] = {fqn: torch.zeros(tuple(item.size), dtype=item.properties.dtype)
+                             for fqn, item in tensors.items()}
+    if items:
+        state.update({fqn: None for fqn in metadata.state_dict_metadata if fqn not in tensors})
     dcp.load(state, storage_reader=reader_for(storage, step_dir_name(step)),
              planner=SafeLoadPlanner(default_item_globals(), where), no_dist=True)
     return state
@@ -176,8 +217,11 @@ def cmd_export(args) -> int:
     out = args.output
     if not out.endswith((".pt", ".pth", ".safetensors")):
         raise UsageError(f"-o {out}: give a .pt, .pth or .safetensors file name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"-o {out}: the folder {parent} does not exist")
     storage = _storage(args.root, args.storage_options)
-    tensors = read_tensors(storage, args.step)
+    tensors = read_state(storage, args.step)
     if args.only:
         prefix = args.only.rstrip(".") + "."
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -201,10 +245,15 @@ def cmd_prune(args) -> int:
 
     if args.keep_last < 1:
         raise UsageError("--keep-last must be >= 1 (prune never deletes every checkpoint)")
+    if args.keep_every < 0:
+        raise UsageError("--keep-every must be >= 0")
     storage = _storage(args.root, args.storage_options)
     verified, uncommitted = [], []
-    for step in list_steps(storage):
-        state, _, reason = _status(storage, step, "size")
+    for step in list_steps(storage):  # what loading would accept counts, checked every byte, as retention does
+        state, _, reason = _status(storage, step, "hash")
+        if state == "unchecked":
+            raise UsageError(f"step {step}: {reason}; set it to prune (an unsigned forgery must not push out "
+                             "the signed checkpoints)")
         (verified if state == "committed" else uncommitted if state == "uncommitted" else []).append(step)
         if state == "corrupt":
             print(f"step {step}: corrupt ({reason}); left alone", file=sys.stderr)
@@ -231,22 +280,56 @@ def cmd_prune(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    a = read_tensors(_storage(args.root_a, args.storage_options), args.step_a)
-    b = read_tensors(_storage(args.root_b, args.storage_options), args.step_b)
+    import torch
+
+    a = read_state(_storage(args.root_a, args.storage_options), args.step_a, items=True)
+    b = read_state(_storage(args.root_b, args.storage_options), args.step_b, items=True)
     differ = 0
     for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
         if key not in b or key not in a:
             print(f"{key}: only in {'A' if key in a else 'B'}")
-        elif a[key].shape != b[key].shape or a[key].dtype != b[key].dtype:
-            print(f"{key}: {a[key].dtype} {list(a[key].shape)} vs {b[key].dtype} {list(b[key].shape)}")
-        elif not _equal(a[key], b[key]):  # same shape and dtype
-            print(f"{key}: max abs difference {(a[key].double() - b[key].double()).abs().max().item():.6g}")
+        elif isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            print(f"{key}: a tensor in one, not in the other")
+        elif not isinstance(x, torch.Tensor):  # step counters, the data cursor, RNG states, hyperparameters
+            if _same_item(x, y):
+                continue
+            print(f"{key}: {_short(x)} vs {_short(y)}")
+        elif x.shape != y.shape or x.dtype != y.dtype:
+            print(f"{key}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
+        elif not _equal(x, y):  # same shape and dtype
+            print(f"{key}: max abs difference {(x.double() - y.double()).abs().max().item():.6g}")
         else:
             continue
         differ += 1
-    same = len(set(a) | set(b)) - differ
-    print(f"{same} tensor(s) bitwise equal, {differ} differ")
+    print(f"{len(set(a) | set(b)) - differ} item(s) equal (tensors bitwise), {differ} differ")
     return 1 if differ else 0
+
+
+def _same_item(x, y) -> bool:
+    """Equal all the way down: RNG states are tuples holding arrays, which ``==`` refuses."""
+    import numpy as np
+    import torch
+
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, (tuple, list)):
+        return len(x) == len(y) and all(_same_item(a, b) for a, b in zip(x, y))
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same_item(x[k], y[k]) for k in x)
+    if isinstance(x, np.ndarray):
+        return x.dtype == y.dtype and np.array_equal(x, y)
+    if isinstance(x, torch.Tensor):
+        return x.dtype == y.dtype and x.shape == y.shape and _equal(x, y)
+    try:
+        return bool(x == y)
+    except Exception:  # incomparable: different
+        return False
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _equal(x, y) -> bool:
@@ -256,10 +339,15 @@ def _equal(x, y) -> bool:
     return torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftckpt", description=__doc__.split("\n")[0])
+    p = _Parser(prog="ftckpt", description=__doc__.split("\n")[0])
     p.add_argument("--storage-options", default="", help="fsspec options for a remote root, as JSON")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ls = sub.add_parser("ls", help="the checkpoints under ROOT")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true")
@@ -267,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="exit 0 when every checkpoint (or STEP) verifies")
     v.add_argument("root")
     v.add_argument("step", type=int, nargs="?")
-    v.add_argument("--hash", action="store_true", help="check every byte (crc32; SHA-256 in keyed mode)")
+    v.add_argument("--hash", action="store_true", help="check every byte (crc32; with FTLAUNCH_CKPT_KEY set, "
+                   "as keyed jobs save: SHA-256, and every record's signature whatever the mode)")
     i = sub.add_parser("inspect", help="keys, shapes, dtypes and bytes of one checkpoint")
     i.add_argument("root")
     i.add_argument("step", type=int)
@@ -281,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-last", type=int, required=True)
     pr.add_argument("--keep-every", type=int, default=0)
     pr.add_argument("--dry-run", action="store_true")
-    d = sub.add_parser("diff", help="which tensors of two checkpoints differ (exit 1 when any does)")
+    d = sub.add_parser("diff", help="which tensors and items of two checkpoints differ (exit 1 when any does)")
     d.add_argument("root_a")
     d.add_argument("step_a", type=int)
     d.add_argument("root_b")
@@ -297,14 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # ftckpt ls | head: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as e:
         print(f"ftckpt: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, OSError, ValueError) as e:  # a damaged checkpoint, an unreadable file
+    except CheckpointError as e:  # a damaged checkpoint: its own one line
+        print(f"ftckpt: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # an unreadable file, an unreachable store, a refused write...
         print(f"ftckpt: error: {one_line(e)}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # ftckpt ls | head
-        os._exit(0)
 
 
 if __name__ == "__main__":

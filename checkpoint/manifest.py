@@ -142,6 +142,12 @@ class Manifest:
             raise ValueError(f"malformed record ({type(e).__name__}: {e})") from None
         if DCP_METADATA_NAME not in files:
             raise ValueError(f"record does not list DCP's {DCP_METADATA_NAME}")
+        kinds = {"step": int, "world_size": int, "restart_generation": int, "created_unix": (int, float),
+                 "save_seconds": (int, float), "metadata": dict, "run_id": str, "torch_version": str, "signature": str}
+        wrong = [name for name, kind in kinds.items() if not isinstance(getattr(manifest, name), kind)
+                 or isinstance(getattr(manifest, name), bool)]
+        if wrong:
+            raise ValueError(f"malformed record (wrong type for {', '.join(wrong)})")
         return manifest
 
 

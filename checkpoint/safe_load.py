@@ -106,6 +106,8 @@ def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) 
         detail = text.rpartition("WeightsUnpickler error:")[2].strip() or "no detail"
         raise UnsafeCheckpointError(f"{what}: not loaded, its pickle is damaged or holds an operation that loading "
                                     f"does not allow (torch: {detail.splitlines()[0]})") from None
+    except MemoryError:
+        raise  # a passing shortage, not the checkpoint's damage (retention would set it aside)
     except Exception as e:
         # Damaged bytes that get past the unpickler's allow-list and then break it in any way
         # (a flipped bit in a string, a cut stream, an assertion inside torch): refused like
@@ -173,6 +175,8 @@ def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
         except Exception as e:  # truncated or not a pickle at all
             raise UnsafeCheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
     allowed = list(allowed)
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data or {}, dict):
+        raise UnsafeCheckpointError(f"{path}: not a DCP index (its tables are not tables; damaged or forged)")
     for fqn, item in metadata.state_dict_metadata.items():
         if not isinstance(item, BytesStorageMetadata):
             continue

@@ -65,7 +65,7 @@ def test_verify_exit_status_and_one_line_per_problem(copy):
     assert result.returncode == 1
     problems = [line for line in result.output.splitlines() if line.startswith("step ")]
     assert len(problems) == 1 and problems[0].startswith("step 10: corrupt: ") and "crc32" in problems[0], result.output
-    assert "2 of 3 checkpoint(s) verify" in result.output
+    assert "2 of 3 committed checkpoint(s) verify" in result.output
     assert ftckpt("verify", str(copy), "20", "--hash").returncode == 0
 
 
@@ -98,7 +98,9 @@ def test_diff_is_the_exact_resume_oracle(trained):
     assert same.returncode == 0 and "0 differ" in same.output, same.output
     other = ftckpt("diff", str(trained), "20", str(trained), "30")
     assert other.returncode == 1
-    assert any(line.startswith("model.classifier.weight: max abs difference ") for line in other.output.splitlines())
+    lines = other.output.splitlines()
+    assert any(line.startswith("model.classifier.weight: max abs difference ") for line in lines)
+    assert "progress.step: 20 vs 30" in lines, other.output  # the items too, not only the tensors
 
 
 def test_prune_follows_retention_and_dry_run_touches_nothing(copy):
@@ -156,3 +158,38 @@ def test_any_flipped_byte_in_a_non_tensor_item_is_refused_not_a_crash(trained):
             except Exception as e:
                 escaped.append(f"{fqn} byte {at}: {type(e).__name__}")
     assert not escaped, escaped[:5]
+
+
+def test_a_copied_step_directory_is_corrupt_and_prune_keeps_what_loading_accepts(copy):
+    shutil.copytree(copy / "step-00000010", copy / "step-00000050")  # its record says step 10
+    rows = {r["step"]: r for r in json.loads(ftckpt("ls", str(copy), "--json").output)}
+    assert rows[50]["state"] == "corrupt" and "record says step 10" in rows[50]["problem"]
+    done = ftckpt("prune", str(copy), "--keep-last", "1")
+    assert done.returncode == 0, done.output
+    assert sorted(p.name for p in copy.glob("step-*")) == ["step-00000030", "step-00000050"]  # 30 stays
+
+
+def test_keyed_checkpoints_are_checked_with_the_key_and_never_trusted_without(tmp_path):
+    root = tmp_path / "keyed"
+    key = {"FTLAUNCH_CKPT_KEY": "k" * 32}
+    made = run(train_cmd("--ckpt-dir", str(root), *ARGS), timeout=240, env_extra=key)
+    assert made.returncode == 0, made.tail()
+    assert run([sys.executable, "-m", "checkpoint.cli", "verify", str(root), "--hash"], timeout=120,
+               env_extra=key).returncode == 0
+    unkeyed = ftckpt("verify", str(root))
+    assert unkeyed.returncode == 1 and "signed, and FTLAUNCH_CKPT_KEY is not set" in unkeyed.output
+    assert ftckpt("prune", str(root), "--keep-last", "1").returncode == 2  # refuses to judge them
+    record = root / "step-00000030" / "manifest.json"
+    forged = json.loads(record.read_text())
+    forged["metadata"]["train_loss"] = 0.0001  # a better-looking loss, signature left as it was
+    record.write_text(json.dumps(forged))
+    checked = run([sys.executable, "-m", "checkpoint.cli", "verify", str(root)], timeout=120, env_extra=key)
+    assert checked.returncode == 1 and "step 30: corrupt:" in checked.output and "signature" in checked.output
+
+
+def test_ls_into_a_closed_pipe_is_not_an_error(copy):
+    for step in range(100, 3100):  # more rows than a pipe buffer holds: the reader is gone before the end
+        (copy / f"step-{step:08d}").mkdir()
+    result = run(["bash", "-c", f"{sys.executable} -m checkpoint.cli ls {copy} | head -1; exit ${{PIPESTATUS[0]}}"],
+                 timeout=120)
+    assert result.returncode == 0 and result.output.split() == ["step", "state", "world", "size", "age", "metrics"]
