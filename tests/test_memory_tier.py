@@ -383,7 +383,8 @@ def test_a_durable_save_lost_to_the_failure_is_made_after_a_memory_resume(tmp_pa
                 raise RuntimeError("died before the commit")
 
     root, shm = tmp_path / "ckpt", tmp_path / "shm"
-    model, opt, ckpt = _job(root, shm, save_every_steps=2, observer=FailStep4())
+    # The job dies of it: no failed save is allowed to pass (the default lets training go on).
+    model, opt, ckpt = _job(root, shm, save_every_steps=2, observer=FailStep4(), save_failures_allowed=0)
     with pytest.raises(Exception, match="died before the commit"):
         _train(model, opt, ckpt, range(1, 5))
     model, opt, again = _job(root, shm, save_every_steps=2)
