@@ -114,7 +114,7 @@ def test_truncated_and_missing_objects_are_skipped_at_discovery(s3, tmp_path):
     assert {r["step"]: r["state"] for r in json.loads(listed.output)} == {10: "committed", 20: "corrupt",
                                                                           30: "corrupt"}
     checked = run([sys.executable, "-m", "checkpoint.cli", "verify", root, "--hash"], timeout=120)
-    assert checked.returncode == 1 and "1 of 3 checkpoint(s) verify" in checked.output, checked.output
+    assert checked.returncode == 1 and "1 of 3 committed checkpoint(s) verify" in checked.output, checked.output
 
     again = run(train_cmd(*args), timeout=TIMEOUT)
     assert again.returncode == 0, again.tail()
