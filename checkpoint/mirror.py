@@ -11,6 +11,11 @@ one. After each upload, retention runs on the mirror with the same rules.
 
 Loading looks at both roots and takes the newer verified checkpoint, so a fresh node whose
 local directory is empty resumes from the mirror (read straight from it through DCP).
+
+Rank 0 uploads what its local root holds: every rank's files must be there, as they must for
+any commit (one node, or a root on a filesystem the nodes share). A node-local root on
+several nodes misses the other nodes' shards, and each upload fails with a warning naming
+the missing file.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ class Mirror:
         self._waiting: int | None = None  # the newest commit not yet started
         self._running: Future | None = None
         self._verified = retention.VerifiedCache()
-        self.last_mirrored: int | None = None
 
     def submit(self, step: int) -> None:
         """Rank 0, after committing ``step`` locally: upload it when the one in flight is done."""
@@ -68,7 +72,6 @@ class Mirror:
                         step, self.remote.url_of(dirname), one_line(e))
             return
         seconds = time.monotonic() - started
-        self.last_mirrored = step
         log.info("mirrored checkpoint step %d to %s: %.1f MiB in %.2f s (%.0f MB/s)", step, self.remote.url,
                  manifest.total_bytes / 2**20, seconds, manifest.total_bytes / max(seconds, 1e-9) / 1e6)
         if self.observer is not None:
