@@ -29,8 +29,9 @@ from .writer import WriteRecord
 
 log = logging.getLogger("checkpoint")
 
-# (step, state, metrics, started, process group) -> the committed record and what this rank wrote
-WriteAndCommit = Callable[[int, dict, object, float, object], "tuple[Manifest, WriteRecord]"]
+# (step, state, metrics, started, process group) -> the committed record and what this rank
+# wrote, or (None, None) when the step was committed before and nothing was written
+WriteAndCommit = Callable[[int, dict, object, float, object], "tuple[Manifest | None, WriteRecord | None]"]
 
 
 class BackgroundSaver:
@@ -94,9 +95,10 @@ class BackgroundSaver:
         cpu = time.thread_time()
         try:
             manifest, written = self._write_and_commit(step, staged, metrics, started, self._group)
-            # From now on, stage only what this rank writes, and tensors not seen in this save.
-            mine = frozenset(written.tensor_keys)
-            self._others_write = lambda key: key in known and key not in mine
+            if written is not None:  # None: the step was committed already, nothing written
+                # From now on, stage only what this rank writes, and tensors not seen in this save.
+                mine = frozenset(written.tensor_keys)
+                self._others_write = lambda key: key in known and key not in mine
             return manifest
         except BaseException as e:
             # Also logged here: a process that exits without wait() still says what happened.

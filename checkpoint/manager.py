@@ -96,7 +96,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self.last_committed: int | None = None
         self.stats = SaveStats()
-        self._background = (BackgroundSaver(self._write_and_commit, self.stats)
+        self._background = (BackgroundSaver(self._prepare_write_and_commit, self.stats)
                             if self.config.async_mode == "thread" else None)
         self.resumed_from_memory = False  # whether the last load() came from the memory tier
         self._save_owed = False
@@ -251,19 +251,16 @@ class CheckpointManager:
                 self.wait()  # back-pressure
             except CheckpointError as e:  # the previous save failed: counted, then this one goes ahead
                 self._save_failed(self._background.staged_step, e, logged=True, may_raise=self._scheduled)
-        path = self.storage.url_of(step_dir_name(step))
-        if self._on_rank0(lambda: self._committer.prepare(step), f"cannot prepare {path}"):
-            log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
-            self._last_save_time = time.monotonic()
-            return result(ALREADY_COMMITTED)
-
-        state = self.training.state_dict(self.rank)
         if self._background is None:
-            manifest, _ = self._write_and_commit(step, state, metrics, started, self._group)
+            if self._prepare(step, self._group):
+                self._last_save_time = time.monotonic()
+                return result(ALREADY_COMMITTED)
+            manifest, _ = self._write_and_commit(step, self.training.state_dict(self.rank), metrics, started,
+                                                 self._group)
             self._committed(manifest)
             self._last_save_time = time.monotonic()
             return result(COMMITTED, manifest.total_bytes, manifest)
-        nbytes = self._background.submit(step, state, metrics, started)
+        nbytes = self._background.submit(step, self.training.state_dict(self.rank), metrics, started)
         self._last_save_time = time.monotonic()
         staged = result(STAGED, nbytes)
         log.info("step %d staged in %.3f s (%.2f MiB); writing it in the background",
@@ -306,10 +303,27 @@ class CheckpointManager:
             if self._lease is not None:
                 self._lease.release()
 
+    def _prepare(self, step: int, group) -> bool:
+        """Rank 0 clears what a failed earlier save of ``step`` left, for every rank; True
+        if ``step`` is validly committed already (then it is not written again)."""
+        path = self.storage.url_of(step_dir_name(step))
+        if self._on_rank0(lambda: self._committer.prepare(step), f"cannot prepare {path}", group):
+            log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
+            return True
+        return False
+
     def _write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
         manifest, written = self._committer.write_and_commit(step, state, metrics, started, group)
         self.last_committed = step
         return manifest, written
+
+    def _prepare_write_and_commit(self, step: int, state: dict, metrics, started: float, group):
+        """The writer thread's whole save. Preparing is done here, not in the training
+        thread: on an object store it is a few requests (0.1-0.3 s), which training need not
+        wait for. A step already committed is not written again: (None, None)."""
+        if self._prepare(step, group):
+            return None, None
+        return self._write_and_commit(step, state, metrics, started, group)
 
     # -- load ------------------------------------------------------------------------------
     def load(self, memory_only: bool = False) -> Manifest | None:

@@ -173,27 +173,39 @@ def test_nothing_committed_loads_nothing(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_committed_step_is_never_overwritten(tmp_path):
-    mgr, model, opt, sched, counter = make_job(tmp_path)
+@pytest.mark.parametrize("async_mode", ["off", "thread"])
+def test_committed_step_is_never_overwritten(tmp_path, async_mode):
+    mgr, model, opt, sched, counter = make_job(tmp_path, async_mode=async_mode)
     train_step(model, opt, sched, counter)
-    first = mgr.save(5).manifest
+    mgr.save(5, wait=True)
+    first = find_latest(Storage(tmp_path))
     step_dir = tmp_path / "step-00000005"
     before = {p.name: p.read_bytes() for p in step_dir.iterdir()}
     train_step(model, opt, sched, counter)  # different weights, same step number
-    assert mgr.save(5).outcome == ALREADY_COMMITTED
+    if async_mode == "off":
+        assert mgr.save(5).outcome == ALREADY_COMMITTED
+    else:  # the writer thread prepares the save (off the training thread) and writes nothing
+        mgr.save(5)
+        assert mgr.wait() is None
     assert {p.name: p.read_bytes() for p in step_dir.iterdir()} == before
     assert find_latest(Storage(tmp_path)).files == first.files
+    mgr.close()
 
 
-def test_stale_uncommitted_save_of_same_step_is_replaced(tmp_path):
-    mgr, model, opt, sched, counter = make_job(tmp_path)
+@pytest.mark.parametrize("async_mode", ["off", "thread"])
+def test_stale_uncommitted_save_of_same_step_is_replaced(tmp_path, async_mode):
+    mgr, model, opt, sched, counter = make_job(tmp_path, async_mode=async_mode)
     stale = tmp_path / "step-00000005"
     stale.mkdir()
     (stale / "__7_0.distcp").write_bytes(b"left by a crashed generation")
     train_step(model, opt, sched, counter)
-    manifest = mgr.save(5).manifest
+    mgr.save(5)
+    mgr.wait()
+    manifest = find_latest(Storage(tmp_path))
+    assert manifest.step == 5
     assert not (stale / "__7_0.distcp").exists()
     assert "__7_0.distcp" not in manifest.files
+    mgr.close()
 
 
 def test_retention_keeps_last_k_and_sweeps_stale(tmp_path):

@@ -17,7 +17,7 @@ class TrainingObserver(Observer):
         self.reporter, self.injector = reporter, injector
 
     def blocking(self, what: str, step: int | None):
-        # All of it is checkpoint I/O: rank 0's preparation (re-verifying a committed step,
+        # All of it is checkpoint I/O: rank 0's preparation of a sync save (re-verifying a committed step,
         # deleting what a failed save left), the first async staging (allocating a buffer
         # for the whole state), waiting for the previous save, loading. A save on a stop
         # request stays in the stopping phase.
