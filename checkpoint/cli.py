@@ -6,6 +6,7 @@
     ftckpt export ROOT STEP -o model.pt|model.safetensors [--only model]
     ftckpt prune ROOT --keep-last K [--keep-every M] [--dry-run]
     ftckpt diff ROOT_A STEP_A ROOT_B STEP_B      which tensors differ, and by how much
+    ftckpt --safe-globals pkg.mod.Type,... CMD   also trust your own types, as the job's safe_globals= did
 
 Reading never runs code from a checkpoint: ``.metadata`` and non-tensor items go through the
 same allow-list as loading (``checkpoint.safe_load``). A problem is one line on stderr and a
@@ -48,6 +49,31 @@ def _storage(root: str, options: str) -> Storage:
     return storage
 
 
+# Loading's allow-list for non-tensor items, plus the types named by --safe-globals (the
+# ``safe_globals`` the job's CheckpointManager was given); set once by ``main``.
+_allowed: list | None = None
+
+
+def _safe_globals(names: str) -> list:
+    """``pkg.module.Name,...`` -> the objects, imported by their names (the user names the
+    code to trust, as with ``CheckpointManager(safe_globals=...)``; a file never does)."""
+    import importlib
+
+    from .safe_load import default_item_globals
+
+    found = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        module_name, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module_name), attr) if module_name else None)
+        except Exception as e:
+            raise UsageError(f"--safe-globals: cannot import {name} ({one_line(e)}); give pkg.module.Name, "
+                             "importable here (check PYTHONPATH)") from None
+        if found[-1] is None:
+            raise UsageError(f"--safe-globals: {name} is not a dotted name (pkg.module.Name)")
+    return [*default_item_globals(), *found]
+
+
 def _key() -> bytes | None:
     """Keyed mode's key, from the environment as the training job takes it."""
     key = os.environ.get("FTLAUNCH_CKPT_KEY")
@@ -63,7 +89,7 @@ def _status(storage: Storage, step: int, mode: str) -> tuple[str, Manifest | Non
     if not storage.exists(storage.join(dirname, MANIFEST_NAME)):
         return "uncommitted", None, "no commit record (a save in flight, or one that died)"
     key = _key()
-    manifest, reason = verify(storage, dirname, mode, key=key)
+    manifest, reason = verify(storage, dirname, mode, _allowed, key=key)
     if manifest is not None and manifest.step != step:
         return "corrupt", None, f"its record says step {manifest.step} (copied or forged)"
     if manifest is not None and manifest.signature and key is None:
@@ -207,7 +233,7 @@ def read_state(storage: Storage, step: int, items: bool = False) -> dict[str, An
     if items:
         state.update({fqn: None for fqn in metadata.state_dict_metadata if fqn not in tensors})
     dcp.load(state, storage_reader=reader_for(storage, step_dir_name(step)),
-             planner=SafeLoadPlanner(default_item_globals(), where), no_dist=True)
+             planner=SafeLoadPlanner(_allowed or default_item_globals(), where), no_dist=True)
     return state
 
 
@@ -347,6 +373,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ftckpt", description=__doc__.split("\n")[0])
     p.add_argument("--storage-options", default="", help="fsspec options for a remote root, as JSON")
+    p.add_argument("--safe-globals", default="", metavar="pkg.mod.Name,...",
+                   help="your own types that non-tensor items hold (the job's safe_globals=), trusted as loading does")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ls = sub.add_parser("ls", help="the checkpoints under ROOT")
     ls.add_argument("root")
@@ -383,8 +411,10 @@ COMMANDS = {"ls": cmd_ls, "verify": cmd_verify, "inspect": cmd_inspect, "export"
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _allowed
     args = build_parser().parse_args(argv)
     try:
+        _allowed = _safe_globals(args.safe_globals)
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # ftckpt ls | head: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -187,6 +187,30 @@ def test_keyed_checkpoints_are_checked_with_the_key_and_never_trusted_without(tm
     assert checked.returncode == 1 and "step 30: corrupt:" in checked.output and "signature" in checked.output
 
 
+def test_safe_globals_trusts_the_types_the_job_trusted(tmp_path):
+    """A job that saved a type of its own (``safe_globals=[Fraction]``): ftckpt refuses it as
+    loading would, until told to trust it; a name it cannot import is bad input."""
+    from fractions import Fraction
+
+    from checkpoint import CheckpointManager
+
+    root = tmp_path / "ckpt"
+    mgr = CheckpointManager(root, model=torch.nn.Linear(2, 2), safe_globals=[Fraction])
+    mgr.training.extra["ratio"] = {"lr_scale": Fraction(1, 3)}
+    mgr.save(1)
+    mgr.close()
+    refused = ftckpt("verify", str(root))
+    assert refused.returncode == 1 and "Fraction" in refused.output, refused.output
+    trusted = ftckpt("--safe-globals", "fractions.Fraction", "verify", str(root))
+    assert trusted.returncode == 0, trusted.output
+    diff = ftckpt("--safe-globals", "fractions.Fraction", "diff", str(root), "1", str(root), "1")
+    assert diff.returncode == 0, diff.output
+    for bad in ("fractions.NoSuch", "no_such_module.Thing", "Fraction"):
+        result = ftckpt("--safe-globals", bad, "ls", str(root))
+        assert result.returncode == 2 and result.output.strip().count("\n") == 0, result.output
+        assert "--safe-globals" in result.output, result.output
+
+
 def test_ls_into_a_closed_pipe_is_not_an_error(copy):
     for step in range(100, 3100):  # more rows than a pipe buffer holds: the reader is gone before the end
         (copy / f"step-{step:08d}").mkdir()
