@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import _dist, retention
-from .config import CheckpointConfig
+from .config import OBJECT_STORE_IO_THREADS, CheckpointConfig
 from .errors import CheckpointError, one_line
 from .lease import Lease
 from .manifest import DCP_METADATA_NAME, MANIFEST_NAME, FileRecord, Manifest, is_committed, step_dir_name, verify
@@ -40,9 +40,10 @@ class Committer:
         Returns the record and what this rank's writer wrote."""
         dirname = step_dir_name(step)
         path = self.storage.url_of(dirname)  # what the user gave: s3://... keeps its protocol
+        io_threads = self.config.io_threads or (OBJECT_STORE_IO_THREADS if self.storage.is_object_store else 1)
         try:
             writer, written = checksumming_writer(self.storage.url_of(dirname), local=self.storage.is_local,
-                                                  io_threads=self.config.io_threads, sha256=self.hmac_key is not None,
+                                                  io_threads=io_threads, sha256=self.hmac_key is not None,
                                                   storage_options=self.storage.options)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one

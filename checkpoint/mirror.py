@@ -64,9 +64,15 @@ class Mirror:
         try:
             record = self.local.read_bytes(self.local.join(dirname, MANIFEST_NAME))
             manifest = Manifest.from_json(record)
-            for name in sorted(manifest.files):  # the shards and DCP's index, then the record
-                self.remote.fs.put_file(self.local.join(dirname, name), self.remote.join(dirname, name))
+            # The shards and DCP's index, then the record. On an object store s3fs uploads the
+            # files at once, and each large one in parts at once (its max_concurrency).
+            names = sorted(manifest.files)
+            self.remote.fs.put([self.local.join(dirname, name) for name in names],
+                               [self.remote.join(dirname, name) for name in names])
             self.remote.write_atomic(self.remote.join(dirname, MANIFEST_NAME), record)
+            # Its bytes are the local commit's, whose checksums were taken while writing: good
+            # without reading it back (the cache notices any later change of its files).
+            self._verified.remember_good(self.remote, dirname, manifest)
         except Exception as e:  # never training's problem: the next commit is mirrored whole
             log.warning("mirroring checkpoint step %d to %s failed (%s); the next commit will be mirrored",
                         step, self.remote.url_of(dirname), one_line(e))

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
+from fsspec.utils import merge_offset_ranges
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -102,7 +103,7 @@ def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) 
         if found:
             raise UnsafeCheckpointError(f"{what}: not loaded, it refers to {found.group(1)}, which loading does not "
                                         "allow; a type of your own can be allowed with "
-                                        "CheckpointManager(safe_globals=[...])") from None
+                                        "CheckpointManager(safe_globals=[...]) (ftckpt --safe-globals pkg.module.Name)") from None
         detail = text.rpartition("WeightsUnpickler error:")[2].strip() or "no detail"
         raise UnsafeCheckpointError(f"{what}: not loaded, its pickle is damaged or holds an operation that loading "
                                     f"does not allow (torch: {detail.splitlines()[0]})") from None
@@ -177,6 +178,7 @@ def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
     allowed = list(allowed)
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data or {}, dict):
         raise UnsafeCheckpointError(f"{path}: not a DCP index (its tables are not tables; damaged or forged)")
+    items = []  # (fqn, shard path, MetadataIndex's storage info)
     for fqn, item in metadata.state_dict_metadata.items():
         if not isinstance(item, BytesStorageMetadata):
             continue
@@ -188,12 +190,24 @@ def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
         if info.transform_descriptors:
             raise UnsafeCheckpointError(f"{path}: item {fqn} is stored through transforms "
                                         f"{list(info.transform_descriptors)}, which this library never writes")
-        shard = f"{directory}/{info.relative_path}"
-        # A ranged read of just the item: an object store's file object would fetch a whole
-        # read-ahead block (s3fs: 50 MB) per item.
-        load_item(fs.cat_file(shard, start=info.offset, end=info.offset + info.length), allowed,
-                  f"{shard}: item {fqn}")
-
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (info.offset, info.length)):
+            raise UnsafeCheckpointError(f"{path}: item {fqn} has no valid byte range (damaged or forged)")
+        items.append((fqn, f"{directory}/{info.relative_path}", info.offset, info.offset + info.length))
+    if not items:
+        return
+    # Ranged reads of just the items (an object store's file object would fetch a whole
+    # read-ahead block, s3fs: 50 MB, per item). DCP writes a shard's items side by side, so
+    # nearby ranges are merged into one read, and the reads go out in one call (at once on s3fs).
+    paths, starts, ends = merge_offset_ranges([i[1] for i in items], [i[2] for i in items], [i[3] for i in items],
+                                              max_gap=2**20, sort=True)
+    blocks = fs.cat_ranges(paths, starts, ends, on_error="return")
+    block = 0  # the merged reads are sorted as the items are here: walk both together
+    for fqn, shard, start, end in sorted(items, key=lambda i: (i[1], i[2], i[3])):
+        while not (paths[block] == shard and starts[block] <= start and end <= ends[block]):
+            block += 1
+        if isinstance(blocks[block], BaseException):
+            raise blocks[block]
+        load_item(blocks[block][start - starts[block]:end - starts[block]], allowed, f"{shard}: item {fqn}")
 
 __all__ = ["SafeLoadPlanner", "SafeMetadataReader", "UnsafeCheckpointError", "check_checkpoint",
            "default_item_globals", "fsspec_reader", "load_item", "read_metadata"]
