@@ -117,7 +117,8 @@ class CheckpointManager:
             self._on_rank0(self.mirror_storage.check_writable, "")
             if self.rank == 0:
                 self._mirror = self._committer.mirror = Mirror(self.storage, self.mirror_storage, self.config.keep_last,
-                                                               self.config.keep_every, self.observer)
+                                                               self.config.keep_every, self.observer,
+                                                               self.safe_globals, self.hmac_key)
         self._lease: Lease | None = None
         if self.storage.is_local:
             self._on_rank0(self._take_lease, "")

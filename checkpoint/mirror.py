@@ -32,12 +32,16 @@ from .storage import Storage
 
 log = logging.getLogger("checkpoint")
 
+MIRROR_FILES_AT_ONCE = 4
+
 
 class Mirror:
-    def __init__(self, local: Storage, remote: Storage, keep_last: int, keep_every: int, observer=None):
+    def __init__(self, local: Storage, remote: Storage, keep_last: int, keep_every: int, observer=None,
+                 allowed_globals: list | None = None, key: bytes | None = None):
         self.local, self.remote = local, remote
         self.keep_last, self.keep_every = keep_last, keep_every
         self.observer = observer
+        self.allowed_globals, self.key = allowed_globals, key  # judged by loading's rule, as locally
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-mirror")
         self._lock = threading.Lock()
         self._waiting: int | None = None  # the newest commit not yet started
@@ -64,15 +68,24 @@ class Mirror:
         try:
             record = self.local.read_bytes(self.local.join(dirname, MANIFEST_NAME))
             manifest = Manifest.from_json(record)
-            # The shards and DCP's index, then the record. On an object store s3fs uploads the
-            # files at once, and each large one in parts at once (its max_concurrency).
             names = sorted(manifest.files)
+            for name in names:  # a file changed since its commit is not sent as that commit
+                size = self.local.size(self.local.join(dirname, name))
+                if size != manifest.files[name].size:
+                    raise OSError(f"{self.local.join(dirname, name)} is {size} bytes, its commit record says "
+                                  f"{manifest.files[name].size}")
+            # The shards and DCP's index, then the record. On an object store s3fs uploads 4
+            # files at once (each read whole, or a large one in 50 MiB parts at once): memory
+            # stays bounded on rank 0, whatever the number of ranks.
+            self.remote.makedirs(self.remote.join(dirname))  # a directory mirror; nothing on an object store
             self.remote.fs.put([self.local.join(dirname, name) for name in names],
-                               [self.remote.join(dirname, name) for name in names])
+                               [self.remote.join(dirname, name) for name in names],
+                               **({"batch_size": MIRROR_FILES_AT_ONCE} if self.remote.is_object_store else {}))
             self.remote.write_atomic(self.remote.join(dirname, MANIFEST_NAME), record)
-            # Its bytes are the local commit's, whose checksums were taken while writing: good
-            # without reading it back (the cache notices any later change of its files).
-            self._verified.remember_good(self.remote, dirname, manifest)
+            # Its bytes are the local commit's (sizes checked above, crc32s taken when they
+            # were written): good without reading it back, if the mirror holds them whole.
+            # The cache notices any later change of its files.
+            self._verified.remember_good(self.remote, dirname, manifest, check_sizes=True)
         except Exception as e:  # never training's problem: the next commit is mirrored whole
             log.warning("mirroring checkpoint step %d to %s failed (%s); the next commit will be mirrored",
                         step, self.remote.url_of(dirname), one_line(e))
@@ -86,7 +99,7 @@ class Mirror:
             except Exception as e:
                 log.warning("the observer's mirrored() failed for step %d: %s", step, one_line(e))
         retention.apply(self.remote, self._verified, step, keep_last=self.keep_last, keep_every=self.keep_every,
-                        mode="size")
+                        mode="size", allowed_globals=self.allowed_globals, key=self.key)
 
     def wait(self) -> None:
         """Until every commit submitted so far is mirrored or given up (``close`` calls it).

@@ -76,13 +76,20 @@ class VerifiedCache:
             self._results[path] = (signature, manifest, reason)
         return manifest, reason
 
-    def remember_good(self, storage: Storage, dirname: str, manifest: Manifest) -> None:
-        """A checkpoint this process just wrote and committed: good without reading it back."""
+    def remember_good(self, storage: Storage, dirname: str, manifest: Manifest, check_sizes: bool = False) -> None:
+        """A checkpoint this process just wrote and committed: good without reading it back.
+        ``check_sizes``: only if the listing shows every file of the record at its size (a
+        copy this process made of a checked one)."""
         path = storage.join(dirname)
         try:
-            self._results[path] = (self._signature(storage, path), manifest, None)
+            signature = self._signature(storage, path)
         except OSError:
-            pass
+            return
+        if check_sizes:
+            sizes = {name.rstrip("/").rsplit("/", 1)[-1]: size for name, size, _ in signature}
+            if any(sizes.get(name) != record.size for name, record in manifest.files.items()):
+                return  # verification will say what is wrong
+        self._results[path] = (signature, manifest, None)
 
 
 def quarantine(storage: Storage, step: int, reason: str) -> str | None:

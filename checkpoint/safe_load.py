@@ -203,8 +203,10 @@ def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
     blocks = fs.cat_ranges(paths, starts, ends, on_error="return")
     block = 0  # the merged reads are sorted as the items are here: walk both together
     for fqn, shard, start, end in sorted(items, key=lambda i: (i[1], i[2], i[3])):
-        while not (paths[block] == shard and starts[block] <= start and end <= ends[block]):
+        while block < len(paths) and not (paths[block] == shard and starts[block] <= start and end <= ends[block]):
             block += 1
+        if block == len(paths):  # DCP never writes items that overlap (an older fsspec merges them short)
+            raise UnsafeCheckpointError(f"{path}: item {fqn}'s bytes overlap another item's (damaged or forged)")
         if isinstance(blocks[block], BaseException):
             raise blocks[block]
         load_item(blocks[block][start - starts[block]:end - starts[block]], allowed, f"{shard}: item {fqn}")

@@ -208,6 +208,25 @@ def test_stale_uncommitted_save_of_same_step_is_replaced(tmp_path, async_mode):
     mgr.close()
 
 
+def test_a_directory_mirror_gets_every_commit_and_is_loaded_from(tmp_path):
+    """``mirror=`` a plain directory (the S3 mirror: tests/test_s3.py): each commit is copied
+    there, record last, retention runs there, and an empty local root resumes from it."""
+    mirror = tmp_path / "mirror"
+    mgr, model, opt, sched, counter = make_job(tmp_path / "local", mirror=str(mirror), keep_last=1)
+    for step in (1, 2):
+        train_step(model, opt, sched, counter)
+        mgr.save(step)
+    mgr.close()
+    assert sorted(p.name for p in mirror.iterdir() if p.name.startswith("step-")) == ["step-00000002"]
+    manifest, reason = verify(Storage(mirror), "step-00000002", "hash")
+    assert reason is None and manifest.step == 2
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, fresh_model, *_ = make_job(tmp_path / "empty", seed=1, mirror=str(mirror))
+    assert fresh.load().step == 2
+    assert all(torch.equal(weights[k], v) for k, v in fresh_model.state_dict().items())
+    fresh.close()
+
+
 def test_retention_keeps_last_k_and_sweeps_stale(tmp_path):
     mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2, keep_every=20)
     (tmp_path / "step-00000003").mkdir()  # stale uncommitted, older than anything committed
