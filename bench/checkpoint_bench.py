@@ -2,11 +2,14 @@
 
     make bench                                   # ~400 MB of model + AdamW state, 2 ranks
     python bench/checkpoint_bench.py --state-mb 100 --out runs/bench
+    python bench/checkpoint_bench.py --sizes 100,400,1600   # how each cost grows with the bytes
 
 One run measures the machine (memcpy, fsync'd write and cold read bandwidth in the
 checkpoint directory, worker start time), then starts 2 ranks under torchrun that measure
 every arm on the same live state (bench/checkpoint_worker.py). Prints a Markdown table and
-which targets hold; writes checkpoint-bench.json, .md and .png to --out.
+which targets hold; writes checkpoint-bench.json, .md and .png to --out. With --sizes, does
+that at each size and then fits how each arm's stall, durable time and load grow with the
+bytes (bench/size_sweep.py: checkpoint-sweep.md, .json and a log-log .png).
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def table(res: dict) -> tuple[str, list[str]]:
     targets = [
         ("E stall <= 0.1x B stall", E["stall_s"] / B["stall_s"], 0.1),
         ("E stall <= 3x (staged bytes per rank / memcpy)", E["stall_s"] / memcpy_bound, 3.0),
+        ("E stall <= 1.5x (staged bytes per rank / memcpy, all ranks at once)",
+         E["stall_s"] / (staged / res["ranks_memcpy_Bps"]), 1.5),
         ("D durable MB/s >= 0.8x fsync write bandwidth", D["bytes"] / D["durable_s"] / cal["write_Bps"], 0.8),
         ("E durable MB/s >= 0.8x fsync write bandwidth", E["bytes"] / E["durable_s"] / cal["write_Bps"], 0.8),
         (f"E training overhead <= 3% (B costs {100 * B['overhead']:.0f}%)", E["overhead"], 0.03),
@@ -184,20 +189,37 @@ def main() -> int:
                    help="where the model trains (cuda: one GPU per rank, NCCL)")
     p.add_argument("--out", default="runs/bench", help="folder for the JSON, Markdown and PNG")
     p.add_argument("--ckpt-root", default="", help="where checkpoints are written (default: OUT/ckpt)")
+    p.add_argument("--sizes", default="", help="a size sweep: state MB per rank, comma-separated (e.g. 100,400,1600); "
+                   "sizes that do not fit in memory are skipped")
     args = p.parse_args()
+    try:
+        if args.sizes and (len(args.sizes.split(",")) < 2 or min(float(s) for s in args.sizes.split(",")) <= 0):
+            raise ValueError
+    except ValueError:
+        p.error(f"--sizes takes two or more positive sizes in MB, comma-separated (e.g. 100,400,1600), got {args.sizes!r}")
     if args.state_mb <= 0 or min(args.ranks, args.saves, args.rounds, args.loads) < 1 or args.save_every < 0:
         p.error("--state-mb, --ranks, --saves, --rounds and --loads must be positive")
     os.makedirs(args.out, exist_ok=True)
     ckpt_root = args.ckpt_root or os.path.join(args.out, "ckpt")
-    nbytes = int(args.state_mb * 1e6)
+    if args.sizes:
+        return size_sweep(args, ckpt_root)
+    res = measure(args, args.state_mb, ckpt_root)
+    failed = report(res, os.path.join(args.out, "checkpoint-bench"))
+    if failed:
+        print(f"[bench] targets not met on this machine: {'; '.join(failed)}")
+    return 0
 
-    print(f"[bench] calibrating in {ckpt_root} ...", flush=True)
+
+def measure(args, state_mb: float, ckpt_root: str) -> dict:
+    """Calibrate the machine for ``state_mb`` per rank, then run every arm under torchrun."""
+    nbytes = int(state_mb * 1e6)
+    print(f"[bench] {state_mb:g} MB per rank: calibrating in {ckpt_root} ...", flush=True)
     write_bps, read_bps, cold = write_read_bandwidth(ckpt_root, nbytes)
     calibration = {"memcpy_Bps": memcpy_bandwidth(nbytes, args.device), "write_Bps": write_bps, "read_Bps": read_bps,
                    "read_cold": cold, "worker_start_s": worker_start_seconds()}
     raw = os.path.join(args.out, "checkpoint-bench-ranks.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
-           os.path.join(HERE, "checkpoint_worker.py"), "--state-mb", str(args.state_mb), "--ckpt-root", ckpt_root,
+           os.path.join(HERE, "checkpoint_worker.py"), "--state-mb", str(state_mb), "--ckpt-root", ckpt_root,
            "--out", raw, "--saves", str(args.saves), "--rounds", str(args.rounds), "--loads", str(args.loads), "--device", args.device, "--save-every", str(args.save_every)]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -206,9 +228,13 @@ def main() -> int:
         res = json.load(f)
     os.unlink(raw)
     res.update(calibration=calibration, saves=args.saves, created_unix=time.time())
+    return res
+
+
+def report(res: dict, base: str) -> list[str]:
+    """Print the table and write BASE.md, .json and .png; returns the targets not met."""
     text, failed = table(res)
     print("\n" + text + "\n")
-    base = os.path.join(args.out, "checkpoint-bench")
     with open(base + ".md", "w") as f:
         f.write(text + "\n")
     with open(base + ".json", "w") as f:
@@ -218,10 +244,40 @@ def main() -> int:
         print(f"[bench] wrote {base}.json, {base}.md, {base}.png")
     except ImportError:
         print(f"[bench] wrote {base}.json, {base}.md; no chart: matplotlib is missing (pip install -e '.[bench]')")
+    return failed
+
+
+def size_sweep(args, ckpt_root: str) -> int:
+    """The whole bench at each of --sizes, then how each arm's costs grow with the bytes."""
+    from size_sweep import memory_needed, sweep_report
+
+    sizes = [float(s) for s in args.sizes.split(",")]
+    available = _mem_available()
+    results = []
+    for mb in sorted(sizes):
+        needed = memory_needed(mb * 1e6, args.ranks)
+        if available and needed > 0.8 * available:
+            print(f"[bench] skipping {mb:g} MB per rank: the arms hold about {needed / 1e9:.1f} GB at once, "
+                  f"{available / 1e9:.1f} GB is available", flush=True)
+            continue
+        res = measure(args, mb, ckpt_root)
+        report(res, os.path.join(args.out, f"checkpoint-bench-{mb:g}MB"))
+        results.append(res)
+    if len(results) < 2:
+        print("[bench] a sweep needs two sizes that fit in memory", file=sys.stderr)
+        return 2
+    failed = sweep_report(results, os.path.join(args.out, "checkpoint-sweep"))
     if failed:
-        print(f"[bench] targets not met on this machine: {'; '.join(failed)}")
+        print(f"[bench] sweep targets not met on this machine: {'; '.join(failed)}")
     return 0
 
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
 
 if __name__ == "__main__":
     sys.exit(main())

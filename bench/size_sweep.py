@@ -1,0 +1,126 @@
+"""How each arm's checkpoint costs grow with the bytes: the sweep half of
+``checkpoint_bench.py --sizes 100,400,1600``.
+
+Per arm, the stall, the durable time and the load are fitted as ``seconds = c * bytes^k`` by
+least squares on log-log axes: ``k`` = 1.0 is linear, above it a cost grows faster than the
+state (what a size sweep is for: a ratio that holds at 400 MB and not at 4 GB). The targets
+are checked at every size against that size's own bounds, measured in the same run: memcpy
+with every rank copying at once (the ranks share the memory bandwidth, as their staging
+does), fsync'd write and cold read bandwidth of the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+COSTS = (("stall_s", "stall"), ("durable_s", "durable + committed"), ("load_s", "load"))
+EXPONENT_LIMIT = 1.1
+
+
+def memory_needed(state_bytes: float, ranks: int) -> float:
+    """What the arms hold at once, per rank: the live state, DCP async_save's copy, our
+    staging (this rank's share, at first the whole state) and the memory tier's two slots
+    in shared memory, all kept for the whole run."""
+    return ranks * state_bytes * 5
+
+
+def exponent(sizes: list[float], seconds: list[float]) -> float:
+    """The slope of log(seconds) against log(bytes), least squares."""
+    xs, ys = [math.log(s) for s in sizes], [math.log(max(t, 1e-9)) for t in seconds]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def targets_at(res: dict) -> list[tuple[str, float, float]]:
+    """Issue 13's goals at one size: (what, measured ratio, limit); lower is better unless
+    the text says >=."""
+    cal, arms = res["calibration"], res["arms"]
+    B, D, E = arms["B"], arms["D"], arms["E"]
+    staged = E["staging_bytes"] or res["state_bytes"]
+    return [
+        ("E stall <= 1.5x (staged bytes / memcpy, all ranks at once)", E["stall_s"] / (staged / res["ranks_memcpy_Bps"]),
+         1.5),
+        ("E stall <= 0.1x DCP sync's", E["stall_s"] / B["stall_s"], 0.1),
+        ("D durable >= 0.8x fsync'd write bandwidth", D["bytes"] / D["durable_s"] / cal["write_Bps"], 0.8),
+        ("E durable >= 0.8x fsync'd write bandwidth", E["bytes"] / E["durable_s"] / cal["write_Bps"], 0.8),
+        ("D load <= 1.3x (bytes / cold read bandwidth)", D["load_s"] / (D["bytes"] / cal["read_Bps"]), 1.3),
+        ("E load <= 1.3x (bytes / cold read bandwidth)", E["load_s"] / (E["bytes"] / cal["read_Bps"]), 1.3),
+    ]
+
+
+def _holds(text: str, value: float, limit: float) -> bool:
+    return value >= limit if ">=" in text else value <= limit
+
+
+def sweep_report(results: list[dict], base: str) -> list[str]:
+    """Print and write BASE.md, .json and .png; returns the targets not met."""
+    results = sorted(results, key=lambda r: r["state_bytes"])
+    sizes = [r["state_bytes"] for r in results]
+    names = list(results[0]["arms"])
+    lines = [f"Size sweep: {', '.join(f'{s / 1e6:.0f}' for s in sizes)} MB of state per rank, "
+             f"{results[0]['world_size']} ranks, {results[0]['saves']} saves per arm and size, medians.", "",
+             "| arm | " + " | ".join(f"{s / 1e6:.0f} MB: stall / durable / load (s)" for s in sizes)
+             + " | exponent: stall / durable / load |",
+             "|---|" + "---|" * (len(sizes) + 1)]
+    exponents: dict[str, dict[str, float]] = {}
+    for name in names:
+        arms = [r["arms"][name] for r in results]
+        exponents[name] = {key: exponent(sizes, [a[key] for a in arms]) for key, _ in COSTS}
+        lines.append(f"| {name}: {arms[0]['label']} | "
+                     + " | ".join(f"{a['stall_s']:.3f} / {a['durable_s']:.3f} / {a['load_s']:.3f}" for a in arms)
+                     + " | " + " / ".join(f"{exponents[name][key]:.2f}" for key, _ in COSTS) + " |")
+    lines += ["", "| target | " + " | ".join(f"{s / 1e6:.0f} MB" for s in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+    failed = []
+    table = [targets_at(r) for r in results]
+    for i, (text, _, limit) in enumerate(table[0]):
+        cells = []
+        for size, row in zip(sizes, table):
+            value = row[i][1]
+            ok = _holds(text, value, limit)
+            cells.append(f"{value:.2f}x {'yes' if ok else 'NO'}")
+            if not ok:
+                failed.append(f"{text} at {size / 1e6:.0f} MB ({value:.2f}x)")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    for name in ("D", "E"):  # ours: every exponent of every cost
+        for key, label in COSTS:
+            k = exponents[name][key]
+            if k > EXPONENT_LIMIT:
+                failed.append(f"{name} {label} exponent {k:.2f} > {EXPONENT_LIMIT}")
+    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear)."]
+    text = "\n".join(lines)
+    print("\n" + text + "\n")
+    with open(base + ".md", "w") as f:
+        f.write(text + "\n")
+    with open(base + ".json", "w") as f:
+        json.dump({"sizes": sizes, "exponents": exponents, "failed": failed, "results": results}, f, indent=2)
+    try:
+        chart(results, exponents, base + ".png")
+        print(f"[bench] wrote {base}.md, {base}.json, {base}.png")
+    except ImportError:
+        print(f"[bench] wrote {base}.md, {base}.json; no chart: matplotlib is missing (pip install -e '.[bench]')")
+    return failed
+
+
+def chart(results: list[dict], exponents: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gb = [r["state_bytes"] / 1e9 for r in results]
+    fig, axes = plt.subplots(1, len(COSTS), figsize=(15, 4.8))
+    for ax, (key, title) in zip(axes, COSTS):
+        for name in results[0]["arms"]:
+            ax.loglog(gb, [r["arms"][name][key] for r in results], marker="o",
+                      label=f"{name} {results[0]['arms'][name]['label']} (k={exponents[name][key]:.2f})")
+        if key == "durable_s":  # the bound: the bytes of both ranks at the fsync'd write bandwidth
+            ax.loglog(gb, [r["arms"]["B"]["bytes"] / r["calibration"]["write_Bps"] for r in results], "k--",
+                      label="bytes / fsync'd write bandwidth")
+        ax.set_xlabel("GB of state per rank")
+        ax.set_ylabel("seconds")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
