@@ -25,3 +25,24 @@ def test_checkpoint_bench_small(tmp_path):
     assert "| E: ours, async |" in table and table in result.output.replace("\r", "")
     assert (out / "checkpoint-bench.png").stat().st_size > 10_000
     assert not (out / "ckpt").exists() or not any((out / "ckpt").iterdir())  # checkpoints cleaned up
+
+
+def test_size_sweep_fits_exponents_and_checks_targets_at_every_size(tmp_path):
+    out = tmp_path / "sweep"
+    result = run([sys.executable, str(REPO / "bench" / "checkpoint_bench.py"), "--sizes", "4,12", "--saves", "1",
+                  "--save-every", "2", "--rounds", "1", "--loads", "1", "--out", str(out)], timeout=600)
+    assert result.returncode == 0, result.tail()
+    sweep = json.loads((out / "checkpoint-sweep.json").read_text())
+    assert len(sweep["sizes"]) == 2 and sweep["sizes"][0] < sweep["sizes"][1]
+    assert set(sweep["exponents"]) == {"A", "B", "C", "D", "E", "M"}
+    assert all(set(k) == {"stall_s", "durable_s", "load_s"} for k in sweep["exponents"].values())
+    table = (out / "checkpoint-sweep.md").read_text()
+    assert table.count("yes") + table.count("NO") == 12  # 6 targets at each of the 2 sizes
+    assert (out / "checkpoint-sweep.png").stat().st_size > 10_000
+    assert (out / "checkpoint-bench-4MB.md").exists() and (out / "checkpoint-bench-12MB.md").exists()
+
+
+def test_size_sweep_refuses_nonsense_sizes(tmp_path):
+    result = run([sys.executable, str(REPO / "bench" / "checkpoint_bench.py"), "--sizes", "400", "--out", str(tmp_path)],
+                 timeout=60)
+    assert result.returncode == 2 and "--sizes takes two or more positive sizes" in result.output, result.output

@@ -420,3 +420,41 @@ def test_all_corrupt_refuses_fresh_start_unless_allowed(tmp_path):
                                               r"allow_fresh_start=True; train.py --allow-fresh-start"):
         loaded_step(tmp_path)
     assert loaded_step(tmp_path, allow_fresh_start=True)[0] is None
+
+
+def _resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (mincore on a mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mapping)))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mincore(address, ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+        return sum(v & 1 for v in vec) / pages
+    finally:
+        mapping.close()
+
+
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path, monkeypatch, write_behind):
+    """Write-behind: a committed checkpoint's bytes are on disk and out of the page cache
+    (where they would pile up as dirty pages and push out what training uses); without it,
+    they stay cached (the control: the measurement sees the difference)."""
+    import checkpoint.writer
+
+    monkeypatch.setattr(checkpoint.writer, "WRITE_BEHIND", write_behind)
+    model = nn.Linear(4096, 4096)  # 64 MiB of weights: more than one write-behind window
+    mgr = CheckpointManager(tmp_path, model=model)
+    mgr.save(1)
+    mgr.close()
+    shard = max(shard_files(tmp_path / "step-00000001"), key=lambda p: p.stat().st_size)
+    assert shard.stat().st_size > checkpoint.writer.WRITE_BEHIND_BYTES
+    assert verify(Storage(tmp_path), "step-00000001", "size")[1] is None
+    resident = _resident_fraction(shard)
+    assert resident < 0.1 if write_behind else resident > 0.5, resident
