@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -193,10 +194,12 @@ def main() -> int:
                    "sizes that do not fit in memory are skipped")
     args = p.parse_args()
     try:
-        if args.sizes and (len(args.sizes.split(",")) < 2 or min(float(s) for s in args.sizes.split(",")) <= 0):
+        sizes = [float(s) for s in args.sizes.split(",")] if args.sizes else []
+        if sizes and (len(set(sizes)) < 2 or len(set(sizes)) != len(sizes) or not all(0 < s < math.inf for s in sizes)):
             raise ValueError
     except ValueError:
-        p.error(f"--sizes takes two or more positive sizes in MB, comma-separated (e.g. 100,400,1600), got {args.sizes!r}")
+        p.error(f"--sizes takes two or more different positive sizes in MB, comma-separated (e.g. 100,400,1600), "
+                f"got {args.sizes!r}")
     if args.state_mb <= 0 or min(args.ranks, args.saves, args.rounds, args.loads) < 1 or args.save_every < 0:
         p.error("--state-mb, --ranks, --saves, --rounds and --loads must be positive")
     os.makedirs(args.out, exist_ok=True)

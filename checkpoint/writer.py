@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import errno
 import hashlib
 import os
+import sys
 import threading
 import zlib
 from typing import Any, Iterator
@@ -40,9 +42,11 @@ from .storage import is_object_store
 
 
 def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):  # plain writes elsewhere: the final fsync does it all
+        return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: plain writes, the final fsync does it all
+    except (OSError, AttributeError):
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     return fn
@@ -79,25 +83,43 @@ class _ChecksumStream:
         self.crc = zlib.crc32(view, self.crc)
         if self.sha is not None:
             self.sha.update(view)
-        written = self.raw.write(view)
-        self.size += len(view)
-        if self._fd is not None and self.size - self._started >= WRITE_BEHIND_BYTES:
-            self._write_behind()
-        return len(view) if written is None else written
+        if self._fd is None:
+            written = self.raw.write(view)
+            self.size += len(view)
+            return len(view) if written is None else written
+        # torch.save hands over a whole tensor in one write: pass it on in windows, so a
+        # large tensor does not sit in the page cache whole before its writeback starts.
+        for start in range(0, len(view), WRITE_BEHIND_BYTES):
+            piece = view[start:start + WRITE_BEHIND_BYTES]
+            written = self.raw.write(piece)
+            if written is not None and written != len(piece):
+                raise OSError(f"short write: {written} of {len(piece)} bytes")
+            self.size += len(piece)
+            if self._fd is not None and self.size - self._started >= WRITE_BEHIND_BYTES:
+                self._write_behind()
+        return len(view)
+
+    def _sync(self, offset: int, nbytes: int, flags: int) -> bool:
+        """sync_file_range; False where the file cannot do it (then fsync does it all). An I/O
+        error is raised: waiting on writeback consumes the file's error, so the fsync after
+        it would no longer report it."""
+        if _sync_file_range(self._fd, offset, nbytes, flags) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP):
+            self._fd = None
+            return False
+        raise OSError(err, f"writing the checkpoint file failed: {os.strerror(err)}")
 
     def _write_behind(self) -> None:
         self.raw.flush()  # Python's buffer into the kernel's
-        fd = self._fd
         if self._started > self._dropped:  # the previous window: wait for it, then drop it
-            if _sync_file_range(fd, self._dropped, self._started - self._dropped, _SYNC_WAIT_ALL) != 0:
-                self._fd = None  # a filesystem that does not support it: leave it to fsync
+            if not self._sync(self._dropped, self._started - self._dropped, _SYNC_WAIT_ALL):
                 return
-            os.posix_fadvise(fd, self._dropped, self._started - self._dropped, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd, self._dropped, self._started - self._dropped, os.POSIX_FADV_DONTNEED)
             self._dropped = self._started
-        if _sync_file_range(fd, self._started, self.size - self._started, _SYNC_WRITE) != 0:
-            self._fd = None
-            return
-        self._started = self.size
+        if self._sync(self._started, self.size - self._started, _SYNC_WRITE):
+            self._started = self.size
 
     def tell(self) -> int:
         return self.size
@@ -110,8 +132,8 @@ class _ChecksumStream:
 
     def close(self) -> None:
         if self._fd is not None and not self.raw.closed:
+            self.raw.flush()
             try:
-                self.raw.flush()
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean after DCP's fsync: dropped
             except OSError:
                 pass  # advice only

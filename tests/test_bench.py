@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from procs import REPO, run
 
 
@@ -27,6 +29,7 @@ def test_checkpoint_bench_small(tmp_path):
     assert not (out / "ckpt").exists() or not any((out / "ckpt").iterdir())  # checkpoints cleaned up
 
 
+@pytest.mark.timeout(660)
 def test_size_sweep_fits_exponents_and_checks_targets_at_every_size(tmp_path):
     out = tmp_path / "sweep"
     result = run([sys.executable, str(REPO / "bench" / "checkpoint_bench.py"), "--sizes", "4,12", "--saves", "1",
@@ -42,7 +45,8 @@ def test_size_sweep_fits_exponents_and_checks_targets_at_every_size(tmp_path):
     assert (out / "checkpoint-bench-4MB.md").exists() and (out / "checkpoint-bench-12MB.md").exists()
 
 
-def test_size_sweep_refuses_nonsense_sizes(tmp_path):
-    result = run([sys.executable, str(REPO / "bench" / "checkpoint_bench.py"), "--sizes", "400", "--out", str(tmp_path)],
+@pytest.mark.parametrize("sizes", ["400", "100,100", "100,nan", "100,-4", "a,b"])
+def test_size_sweep_refuses_nonsense_sizes(tmp_path, sizes):
+    result = run([sys.executable, str(REPO / "bench" / "checkpoint_bench.py"), "--sizes", sizes, "--out", str(tmp_path)],
                  timeout=60)
-    assert result.returncode == 2 and "--sizes takes two or more positive sizes" in result.output, result.output
+    assert result.returncode == 2 and "--sizes takes two or more different positive sizes" in result.output, result.output
