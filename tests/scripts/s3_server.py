@@ -36,6 +36,15 @@ def main() -> None:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
+    # moto's recorder appends each request with two writes of its own, from every serving
+    # thread: concurrent uploads (a save's parallel streams) would interleave in the journal.
+    record, journal_lock = recorder._record_request, threading.Lock()
+
+    def record_one_at_a_time(*args, **kwargs):
+        with journal_lock:
+            return record(*args, **kwargs)
+
+    recorder._record_request = record_one_at_a_time
     app = DomainDispatcherApplication(create_backend_app)
 
     def dies_on_put(environ, start_response):
