@@ -64,13 +64,13 @@ def _safe_globals(names: str) -> list:
     found = []
     for name in filter(None, (n.strip() for n in names.split(","))):
         module_name, _, attr = name.rpartition(".")
+        if not module_name:
+            raise UsageError(f"--safe-globals: {name} is not a dotted name (pkg.module.Name)")
         try:
-            found.append(getattr(importlib.import_module(module_name), attr) if module_name else None)
+            found.append(getattr(importlib.import_module(module_name), attr))
         except Exception as e:
             raise UsageError(f"--safe-globals: cannot import {name} ({one_line(e)}); give pkg.module.Name, "
                              "importable here (check PYTHONPATH)") from None
-        if found[-1] is None:
-            raise UsageError(f"--safe-globals: {name} is not a dotted name (pkg.module.Name)")
     return [*default_item_globals(), *found]
 
 
