@@ -3,8 +3,8 @@
 The commit record lists each file's size and crc32. Reading the files back after DCP wrote
 them costs a second pass over every byte (and, on a cold page cache, a second trip to the
 disk); here the crc32 is folded into the write itself: each stream DCP opens is wrapped, and
-the wrapper updates the file's crc32 on every ``write`` (zlib releases the GIL on large
-buffers, so writer threads still run in parallel).
+the wrapper updates the file's crc32 on every ``write`` (ISA-L's crc32, or zlib's, releases
+the GIL on large buffers, so writer threads still run in parallel).
 
 DCP's FileSystemWriter already does the rest of a fast durable write: one file per writer
 thread (``io_threads`` files per rank, written in parallel), large sequential writes of whole
@@ -30,7 +30,6 @@ import hashlib
 import os
 import sys
 import threading
-import zlib
 from typing import Any, Iterator
 
 import torch.distributed.checkpoint as dcp
@@ -38,7 +37,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 import torch.utils.serialization.config as serialization_config
 
 from .manifest import FileRecord
-from .storage import is_object_store
+from .storage import crc32, is_object_store
 
 
 def _load_sync_file_range():
@@ -80,7 +79,7 @@ class _ChecksumStream:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.crc = zlib.crc32(view, self.crc)
+        self.crc = crc32(view, self.crc)
         if self.sha is not None:
             self.sha.update(view)
         if self._fd is None:
