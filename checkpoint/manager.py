@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 import torch.distributed.checkpoint as dcp
@@ -33,7 +34,7 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, SaveFailuresExceeded, one_line
 from .lease import Lease, LeaseHeldError
 from .mirror import Mirror
-from .manifest import Manifest, step_dir_name
+from .manifest import Manifest, Rejection, check_hashes, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import reader_for
@@ -356,28 +357,67 @@ class CheckpointManager:
         if memory_only:
             return None
 
-        def discover():
-            # With a mirror: the newer of the two (a fresh node's local root is empty). The
-            # refusal of a fresh start over checkpoints of which none verifies stays the local
-            # root's; the mirror's bad ones are skipped with their warnings.
-            manifest = retention.find_loadable(self.storage, self.config.verify, self.safe_globals, self.hmac_key,
-                                               self.config.allow_fresh_start or self.mirror_storage is not None)
-            mirrored = None if self.mirror_storage is None else retention.find_loadable(
-                self.mirror_storage, self.config.verify, self.safe_globals, self.hmac_key, True)
-            if mirrored is not None and (manifest is None or mirrored.step > manifest.step):
-                return mirrored.to_json(), True
-            return (None, False) if manifest is None else (manifest.to_json(), False)
+        failed: dict[tuple[str, int], Rejection] = {}  # (root url, step): found bad while loading
+        while True:
+            found, from_mirror = self._on_rank0(lambda: self._discover(failed), "")
+            if found is None:
+                if failed:  # the live state holds part of a bad checkpoint: not a fresh start
+                    raise CheckpointError(
+                        f"no checkpoint could be loaded: {'; '.join(failed.values())}. The model and optimizer "
+                        "were partly overwritten by it, so this process cannot start fresh; start it again")
+                log.info("no committed checkpoint in %s%s; starting from scratch", self.storage.url,
+                         f" or its mirror {self.mirror_storage.url}" if self.mirror_storage is not None else "")
+                return None
+            manifest = Manifest.from_json(found)
+            source = self.mirror_storage if from_mirror else self.storage
+            state, rejection = self._load_step(manifest, source)
+            if rejection is None:
+                break
+            failed[(source.url, manifest.step)] = rejection
+            log.warning("checkpoint step %d failed verification while loading; trying the one before: %s",
+                        manifest.step, rejection)
+            if self.rank == 0 and source is self.storage and rejection.kind != "unreadable":
+                retention.quarantine(self.storage, manifest.step, rejection)
+        self.training.apply(state, self.rank)
+        self.resumed_from_memory = False
+        self.last_committed = manifest.step
+        self._last_save_time = time.monotonic()
+        where = source.url_of(step_dir_name(manifest.step))
+        log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
+                 manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
+        return manifest
 
-        found, from_mirror = self._on_rank0(discover, "")
-        if found is None:
-            log.info("no committed checkpoint in %s%s; starting from scratch", self.storage.url,
-                     f" or its mirror {self.mirror_storage.url}" if self.mirror_storage is not None else "")
-            return None
-        manifest = Manifest.from_json(found)
+    def _hashes_while_loading(self, storage: Storage) -> bool:
+        """With verify="hash", discovery checks sizes, signature and what loading unpickles,
+        and the crc32s (SHA-256s) are checked by rank 0 while DCP reads the same files: the
+        bytes come from the disk once. A checkpoint that fails then has been partly read into
+        the live state; the one before it overwrites all of it. Only where two readers of a
+        file get a stream each (fsspec's memory:// hands both the same one)."""
+        return self.config.verify == "hash" and (storage.is_local or storage.is_object_store)
+
+    def _discover(self, failed: dict) -> tuple[bytes | None, bool]:
+        """Rank 0: the record of the checkpoint to load, and whether it is the mirror's.
+        With a mirror: the newer of the two (a fresh node's local root is empty). The refusal
+        of a fresh start over checkpoints of which none verifies stays the local root's; the
+        mirror's bad ones are skipped with their warnings."""
+        def newest(storage: Storage, allow_fresh_start: bool) -> Manifest | None:
+            mode = "size" if self._hashes_while_loading(storage) else self.config.verify
+            skip = {step: why for (url, step), why in failed.items() if url == storage.url}
+            return retention.find_loadable(storage, mode, self.safe_globals, self.hmac_key, allow_fresh_start, skip)
+
+        manifest = newest(self.storage, self.config.allow_fresh_start or self.mirror_storage is not None)
+        mirrored = None if self.mirror_storage is None else newest(self.mirror_storage, True)
+        if mirrored is not None and (manifest is None or mirrored.step > manifest.step):
+            return mirrored.to_json(), True
+        return (None, False) if manifest is None else (manifest.to_json(), False)
+
+    def _load_step(self, manifest: Manifest, source: Storage) -> tuple[dict, Rejection | None]:
+        """Every rank: read checkpoint ``manifest.step`` into the live state's tensors; returns
+        that state (for ``training.apply``) and why the files' hashes, checked by rank 0
+        meanwhile (``_hashes_while_loading``), fail (the same on every rank), or None."""
+        deferred = self._hashes_while_loading(source)
         dirname = step_dir_name(manifest.step)
-        source = self.mirror_storage if from_mirror else self.storage
         where = source.url_of(dirname)
-
         # Ranks beyond the saved world size have no RNG state of their own to restore.
         state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
         reader = reader_for(source, dirname)
@@ -387,18 +427,25 @@ class CheckpointManager:
             kind, message = errors[0]
             raise kind(message)
         self.observer.before_load(manifest.step)
+        hashing = check = None
+        if deferred and self.rank == 0:
+            hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
+            check = hashing.submit(check_hashes, source, dirname, manifest, self.hmac_key)
+        load_error = None
         try:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where),
                      no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading checkpoint {where} failed: {one_line(e)}") from e
-        self.training.apply(state, self.rank)
-        self.resumed_from_memory = False
-        self.last_committed = manifest.step
-        self._last_save_time = time.monotonic()
-        log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
-                 manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
-        return manifest
+            load_error = e
+        finally:
+            if hashing is not None:
+                hashing.shutdown()
+        rejection = None
+        if deferred:  # a corrupt file may be why DCP failed: the hashes decide first
+            rejection = self._on_rank0(lambda: check.result(), "")
+        if rejection is None and load_error is not None:
+            raise CheckpointError(f"loading checkpoint {where} failed: {one_line(load_error)}") from load_error
+        return state, rejection
 
 
 # Without a process group DCP warns on every call that it assumes one process; we ask for

@@ -197,23 +197,43 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> 
         if size != manifest.files[name].size:
             return None, f"{path}: {size} bytes, the commit record says {manifest.files[name].size} (truncated or rewritten)"
     if mode == "hash":
-        # One thread per file (up to 8): reads overlap each other and the hashing (zlib and
-        # hashlib release the GIL), and the files are in the page cache for the load that follows.
-        algo = "sha256" if key is not None else "crc32"
-        digest = storage.sha256 if key is not None else storage.crc32
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-            found = list(pool.map(lambda n: digest(storage.join(dirname, n)), names))
-        for name, value in zip(names, found):
-            listed = getattr(manifest.files[name], algo)
-            if value != listed:
-                return None, (f"{storage.join(dirname, name)}: {algo} {value[:16]}, the commit record says "
-                              f"{listed[:16] or 'none'} (corrupt or replaced)")
+        reason = _hash_mismatch(storage, dirname, manifest, key)
+        if reason is not None:
+            return None, reason
     try:
         check_checkpoint(storage.fs, storage.join(dirname),
                          default_item_globals() if allowed_globals is None else allowed_globals)
     except UnsafeCheckpointError as e:
         return None, str(e)
     return manifest, None
+
+
+def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: bytes | None) -> str | None:
+    """Why a file's crc32 (SHA-256 with ``key``) differs from its record, or None."""
+    # One thread per file (up to 8): reads overlap each other and the hashing (crc32 and
+    # hashlib release the GIL).
+    names = sorted(manifest.files)
+    algo = "sha256" if key is not None else "crc32"
+    digest = storage.sha256 if key is not None else storage.crc32
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        found = list(pool.map(lambda n: digest(storage.join(dirname, n)), names))
+    for name, value in zip(names, found):
+        listed = getattr(manifest.files[name], algo)
+        if value != listed:
+            return (f"{storage.join(dirname, name)}: {algo} {value[:16]}, the commit record says "
+                    f"{listed[:16] or 'none'} (corrupt or replaced)")
+    return None
+
+
+def check_hashes(storage: Storage, dirname: str, manifest: Manifest, key: bytes | None = None) -> Rejection | None:
+    """The ``"hash"`` half of ``verify`` for a checkpoint whose record already passed the
+    ``"size"`` half: loading runs it while DCP reads the same files (``CheckpointManager.load``),
+    so the files come from the disk once. Returns why it fails, or None."""
+    try:
+        reason = _hash_mismatch(storage, dirname, manifest, key)
+    except OSError as e:
+        return Rejection(f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})", "unreadable")
+    return None if reason is None else Rejection(reason)
 
 
 def list_steps(storage: Storage) -> list[int]:
@@ -228,15 +248,21 @@ def is_committed(storage: Storage, step: int) -> bool:
 
 
 def find_latest(storage: Storage, mode: str = "hash", allowed_globals: list | None = None,
-                rejected: list | None = None, key: bytes | None = None) -> Manifest | None:
+                rejected: list | None = None, key: bytes | None = None,
+                skip: dict[int, Rejection] | None = None) -> Manifest | None:
     """The newest checkpoint that is committed and verifies, or None.
 
     Each newer directory that fails gets one warning line naming the bad file, and a
-    committed one (it has a record) is appended to ``rejected`` as ``(step, reason)``. Call
-    this on one rank only and broadcast the answer: ranks listing a directory on their own
-    can disagree while another job writes to it.
+    committed one (it has a record) is appended to ``rejected`` as ``(step, reason)``; so is
+    each step in ``skip`` (already found bad: ``{step: reason}``). Call this on one rank only
+    and broadcast the answer: ranks listing a directory on their own can disagree while
+    another job writes to it.
     """
     for step in reversed(list_steps(storage)):
+        if skip and step in skip:
+            if rejected is not None:
+                rejected.append((step, skip[step]))
+            continue
         manifest, reason = verify(storage, step_dir_name(step), mode, allowed_globals, key)
         if manifest is not None and manifest.step != step:
             manifest, reason = None, Rejection(f"{storage.join(step_dir_name(step), MANIFEST_NAME)}: record says step {manifest.step}")

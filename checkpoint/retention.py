@@ -159,19 +159,21 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
 
 
 def find_loadable(storage: Storage, mode: str, allowed_globals, key: bytes | None,
-                  allow_fresh_start: bool) -> Manifest | None:
+                  allow_fresh_start: bool, skip: dict | None = None) -> Manifest | None:
     """Rank 0, for ``load``: the newest committed checkpoint that verifies, or None for a
     fresh start. When committed (or quarantined) checkpoints exist but none verifies, a
     fresh start would silently throw that training away: refused, naming each, unless
-    ``allow_fresh_start``."""
+    ``allow_fresh_start``. ``skip``: ``{step: reason}`` of those a load already found bad."""
     rejected: list = []
     try:
-        manifest = find_latest(storage, mode, allowed_globals, rejected, key)
+        manifest = find_latest(storage, mode, allowed_globals, rejected, key, skip)
     except OSError as e:
         raise CheckpointError(f"cannot search {storage.url} for checkpoints: {one_line(e)}") from e
     if manifest is not None:
         return manifest
     bad = [f"{step_dir_name(step)} ({reason})" for step, reason in rejected]
+    listed = {step for step, _ in rejected}  # a bad one found while loading may be quarantined by now
+    bad += [f"{step_dir_name(step)} ({reason})" for step, reason in (skip or {}).items() if step not in listed]
     bad += [f"{QUARANTINE_DIR}/{name}" for name in quarantined(storage)]
     if bad and not allow_fresh_start:
         raise CheckpointError(

@@ -135,14 +135,34 @@ def test_truncated_shard_falls_back(tmp_path, caplog, verify):
 
 
 def test_checksum_mismatch_falls_back(tmp_path, caplog):
-    save_steps(tmp_path, [10, 20])
+    """The crc32s are checked while the load reads the files: the bad step was read into the
+    live model before its checksum failed, and the step before must overwrite all of it."""
+    snaps = save_steps(tmp_path, [10, 20])
     shard = flip_a_tensor_byte(tmp_path / "step-00000020")  # same size, one flipped byte
-    with caplog.at_level(logging.WARNING):
-        step, _ = loaded_step(tmp_path, verify="hash")
-    assert step == 10
-    assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
     # The cheap check cannot see a same-size corruption; that is what "hash" is for.
     assert find_latest(Storage(tmp_path), "size").step == 20
+    with caplog.at_level(logging.WARNING):
+        step, model = loaded_step(tmp_path, verify="hash")
+    assert step == 10
+    assert all(torch.equal(v, snaps[10][k]) for k, v in model.state_dict().items())
+    assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
+    assert [p.name.split(".")[0] for p in (tmp_path / "quarantine").iterdir()] == ["step-00000020"]
+    assert find_latest(Storage(tmp_path), "size").step == 10
+
+
+def test_a_corrupt_only_checkpoint_found_while_loading_is_never_a_silent_fresh_start(tmp_path):
+    """Found bad while loading, with nothing before it: the live state holds part of it, so
+    even a job that allows a fresh start must not train on; it is quarantined, and the next
+    start is a clean fresh one."""
+    save_steps(tmp_path, [10])
+    flip_a_tensor_byte(tmp_path / "step-00000010")
+    with pytest.raises(CheckpointError, match="none verifies: .*crc32"):
+        loaded_step(tmp_path, verify="hash")
+    save_steps(tmp_path / "again", [10])
+    flip_a_tensor_byte(tmp_path / "again" / "step-00000010")
+    with pytest.raises(CheckpointError, match="crc32 .*partly overwritten by it, so this process cannot start fresh"):
+        loaded_step(tmp_path / "again", verify="hash", allow_fresh_start=True)
+    assert loaded_step(tmp_path / "again", verify="hash", allow_fresh_start=True)[0] is None
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "wrong-version", "missing-file", "deleted"])
@@ -257,9 +277,9 @@ def test_retention_never_deletes_newest(tmp_path):
 
 def test_resaving_a_step_whose_commit_fails_verification(tmp_path, caplog):
     save_steps(tmp_path, [10, 20])
-    flip_a_tensor_byte(tmp_path / "step-00000020")
     mgr, model, opt, sched, counter = make_job(tmp_path)
-    assert mgr.load().step == 10
+    assert mgr.load().step == 20
+    flip_a_tensor_byte(tmp_path / "step-00000020")  # after the load (which would quarantine it)
     train_step(model, opt, sched, counter)
     with caplog.at_level(logging.WARNING):
         manifest = mgr.save(20).manifest
@@ -324,7 +344,7 @@ def test_plain_dcp_tooling_reads_a_checkpoint(tmp_path):
     assert converted["counter"] == {"value": 1}
 
 
-def test_load_reads_every_kind_of_tensor_exactly(tmp_path):
+def test_load_reads_every_kind_of_tensor_exactly(tmp_path, monkeypatch):
     """Whole contiguous tensors are read straight into the live ones; views, odd dtypes,
     0-dim and empty tensors take DCP's general path or the direct one: all must match."""
     torch.manual_seed(0)
@@ -336,7 +356,13 @@ def test_load_reads_every_kind_of_tensor_exactly(tmp_path):
     CheckpointManager(tmp_path, model=model, state={"extra": extra}).save(1)
     fresh_model = torch.nn.Linear(6, 4)
     fresh = {k: torch.zeros_like(v) for k, v in extra.items()}
+    general = []  # what DCP's own reader was left with
+    original = FileSystemReader.read_data
+    monkeypatch.setattr(FileSystemReader, "read_data", lambda self, plan, planner: general.extend(
+        item.storage_index.fqn for item in plan.items) or original(self, plan, planner))
     CheckpointManager(tmp_path, model=fresh_model, state={"extra": fresh}).load()
+    assert "extra.transposed" in general, general  # its strides are not contiguous
+    assert not {"model.weight", "model.bias", "extra.bf16", "extra.ints", "extra.flags", "extra.scalar"} & set(general)
     for k, v in saved.items():
         assert fresh[k].dtype == v.dtype and torch.equal(fresh[k], v), k
     assert torch.equal(fresh_model.weight, model.weight) and torch.equal(fresh_model.bias, model.bias)
