@@ -34,7 +34,7 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, SaveFailuresExceeded, one_line
 from .lease import Lease, LeaseHeldError
 from .mirror import Mirror
-from .manifest import Manifest, Rejection, check_hashes, step_dir_name
+from .manifest import SHARDS_LATER, Manifest, Rejection, check_shard_hashes, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import reader_for
@@ -376,8 +376,8 @@ class CheckpointManager:
             failed[(source.url, manifest.step)] = rejection
             log.warning("checkpoint step %d failed verification while loading; trying the one before: %s",
                         manifest.step, rejection)
-            if self.rank == 0 and source is self.storage and rejection.kind != "unreadable":
-                retention.quarantine(self.storage, manifest.step, rejection)
+            if self.rank == 0 and rejection.kind != "unreadable":  # out of the next start's way
+                retention.quarantine(source, manifest.step, rejection)
         self.training.apply(state, self.rank)
         self.resumed_from_memory = False
         self.last_committed = manifest.step
@@ -388,12 +388,15 @@ class CheckpointManager:
         return manifest
 
     def _hashes_while_loading(self, storage: Storage) -> bool:
-        """With verify="hash", discovery checks sizes, signature and what loading unpickles,
-        and the crc32s (SHA-256s) are checked by rank 0 while DCP reads the same files: the
-        bytes come from the disk once. A checkpoint that fails then has been partly read into
-        the live state; the one before it overwrites all of it. Only where two readers of a
-        file get a stream each (fsspec's memory:// hands both the same one)."""
-        return self.config.verify == "hash" and (storage.is_local or storage.is_object_store)
+        """With verify="hash", discovery checks the sizes, the crc32 of every file but the
+        shards (DCP's ``.metadata``: the load plans its reads from it) and what loading
+        unpickles, and rank 0 checks the shards' crc32s while DCP reads them: their bytes come
+        from the disk once. A checkpoint that fails then has been partly read into the live
+        state; the one before it overwrites all of it. Not in keyed mode, where every byte is
+        authenticated before it is used; and only where two readers of a file get a stream
+        each (fsspec's memory:// hands both the same one)."""
+        return (self.config.verify == "hash" and self.hmac_key is None
+                and (storage.is_local or storage.is_object_store))
 
     def _discover(self, failed: dict) -> tuple[bytes | None, bool]:
         """Rank 0: the record of the checkpoint to load, and whether it is the mirror's.
@@ -401,7 +404,7 @@ class CheckpointManager:
         of a fresh start over checkpoints of which none verifies stays the local root's; the
         mirror's bad ones are skipped with their warnings."""
         def newest(storage: Storage, allow_fresh_start: bool) -> Manifest | None:
-            mode = "size" if self._hashes_while_loading(storage) else self.config.verify
+            mode = SHARDS_LATER if self._hashes_while_loading(storage) else self.config.verify
             skip = {step: why for (url, step), why in failed.items() if url == storage.url}
             return retention.find_loadable(storage, mode, self.safe_globals, self.hmac_key, allow_fresh_start, skip)
 
@@ -430,16 +433,19 @@ class CheckpointManager:
         hashing = check = None
         if deferred and self.rank == 0:
             hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
-            check = hashing.submit(check_hashes, source, dirname, manifest, self.hmac_key)
+            check = hashing.submit(check_shard_hashes, source, dirname, manifest)
         load_error = None
         try:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where),
                      no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:
             load_error = e
-        finally:
+        except BaseException:  # KeyboardInterrupt, SystemExit: do not wait for the hashing
             if hashing is not None:
-                hashing.shutdown()
+                hashing.shutdown(wait=False)
+            raise
+        if hashing is not None:
+            hashing.shutdown()
         rejection = None
         if deferred:  # a corrupt file may be why DCP failed: the hashes decide first
             rejection = self._on_rank0(lambda: check.result(), "")

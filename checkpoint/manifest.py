@@ -47,6 +47,11 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DCP_METADATA_NAME = ".metadata"
 VERIFY_MODES = ("size", "hash")
+# What discovery checks when the load itself checks the shards' hashes while reading them
+# (``CheckpointManager.load``): the sizes, and the hashes of every file but the shards (DCP's
+# ``.metadata`` above all: the load plans its reads from it before any shard is read).
+SHARDS_LATER = "hash-all-but-shards"
+SHARD_SUFFIX = ".distcp"
 
 _UNCOMMITTED = "no commit record, the save did not finish (uncommitted)"
 
@@ -176,7 +181,7 @@ def verify(storage: Storage, dirname: str, mode: str, allowed_globals: list | No
 
 
 def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> tuple[Manifest | None, str | None]:
-    if mode not in VERIFY_MODES:
+    if mode not in VERIFY_MODES + (SHARDS_LATER,):
         raise ValueError(f"verify must be one of {VERIFY_MODES}, not {mode!r}")
     record = storage.join(dirname, MANIFEST_NAME)
     if not storage.exists(record):
@@ -196,8 +201,9 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> 
         size = storage.size(path)
         if size != manifest.files[name].size:
             return None, f"{path}: {size} bytes, the commit record says {manifest.files[name].size} (truncated or rewritten)"
-    if mode == "hash":
-        reason = _hash_mismatch(storage, dirname, manifest, key)
+    if mode != "size":
+        shards = mode == "hash"
+        reason = _hash_mismatch(storage, dirname, manifest, key, [n for n in names if shards or not is_shard(n)])
         if reason is not None:
             return None, reason
     try:
@@ -208,11 +214,15 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> 
     return manifest, None
 
 
-def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: bytes | None) -> str | None:
-    """Why a file's crc32 (SHA-256 with ``key``) differs from its record, or None."""
+def is_shard(name: str) -> bool:
+    return name.endswith(SHARD_SUFFIX)
+
+
+def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: bytes | None,
+                   names: list[str]) -> str | None:
+    """Why the crc32 (SHA-256 with ``key``) of one of ``names`` differs from its record, or None."""
     # One thread per file (up to 8): reads overlap each other and the hashing (crc32 and
     # hashlib release the GIL).
-    names = sorted(manifest.files)
     algo = "sha256" if key is not None else "crc32"
     digest = storage.sha256 if key is not None else storage.crc32
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
@@ -225,12 +235,12 @@ def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: byte
     return None
 
 
-def check_hashes(storage: Storage, dirname: str, manifest: Manifest, key: bytes | None = None) -> Rejection | None:
-    """The ``"hash"`` half of ``verify`` for a checkpoint whose record already passed the
-    ``"size"`` half: loading runs it while DCP reads the same files (``CheckpointManager.load``),
-    so the files come from the disk once. Returns why it fails, or None."""
+def check_shard_hashes(storage: Storage, dirname: str, manifest: Manifest) -> Rejection | None:
+    """The rest of a ``"hash"`` verification for a checkpoint that passed ``SHARDS_LATER``:
+    the shards' crc32s. Loading runs it while DCP reads the same files, so they come from the
+    disk once. Returns why it fails, or None."""
     try:
-        reason = _hash_mismatch(storage, dirname, manifest, key)
+        reason = _hash_mismatch(storage, dirname, manifest, None, [n for n in sorted(manifest.files) if is_shard(n)])
     except OSError as e:
         return Rejection(f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})", "unreadable")
     return None if reason is None else Rejection(reason)

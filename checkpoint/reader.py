@@ -94,7 +94,7 @@ class _LayoutUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _describe_tensor
+            return lambda *args: _describe_tensor(*args)  # a fresh one: pickle's BUILD could change a shared one
         if (module, name) == ("collections", "OrderedDict"):
             return dict
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -126,15 +126,16 @@ def _saved_layout(pickled: bytes) -> tuple | None:
     is one contiguous tensor; None for anything else (DCP's path reads it)."""
     try:
         saved = _LayoutUnpickler(io.BytesIO(pickled)).load()
+        _, (_, dtype), offset, shape, stride = saved
+        numbers = (offset, *shape, *stride)
+        if (saved[0] != "tensor" or not isinstance(dtype, torch.dtype) or len(shape) != len(stride) or len(shape) > 64
+                or not all(type(n) is int and 0 <= n < 2**62 for n in numbers)):
+            return None
+        if math.prod(shape) > 1 and stride != _contiguous_strides(shape):
+            return None
+        return dtype, shape, offset
     except Exception:  # not the pickle of a plain tensor
         return None
-    if not (isinstance(saved, tuple) and len(saved) == 5 and saved[0] == "tensor"
-            and isinstance(saved[1], tuple) and saved[1][0] == "storage"):
-        return None
-    _, (_, dtype), offset, shape, stride = saved
-    if math.prod(shape) > 1 and stride != _contiguous_strides(shape):
-        return None
-    return dtype, shape, offset
 
 
 def reader_for(storage, dirname: str):

@@ -150,6 +150,21 @@ def test_checksum_mismatch_falls_back(tmp_path, caplog):
     assert find_latest(Storage(tmp_path), "size").step == 10
 
 
+def test_a_same_size_change_to_dcp_metadata_falls_back_before_the_load_plans_from_it(tmp_path, caplog):
+    """The shards' crc32s are checked while loading, but DCP's .metadata is checked first: the
+    load's plan and its key check come from it (a renamed key would have been a model mismatch)."""
+    snaps = save_steps(tmp_path, [10, 20])
+    metadata = tmp_path / "step-00000020" / ".metadata"
+    data = metadata.read_bytes()
+    assert b"model.0.weight" in data
+    metadata.write_bytes(data.replace(b"model.0.weight", b"model.0.weighu", 1))
+    with caplog.at_level(logging.WARNING):
+        step, model = loaded_step(tmp_path, verify="hash")
+    assert step == 10
+    assert all(torch.equal(v, snaps[10][k]) for k, v in model.state_dict().items())
+    assert any(".metadata: crc32" in r.getMessage() for r in caplog.records)
+
+
 def test_a_corrupt_only_checkpoint_found_while_loading_is_never_a_silent_fresh_start(tmp_path):
     """Found bad while loading, with nothing before it: the live state holds part of it, so
     even a job that allows a fresh start must not train on; it is quarantined, and the next
