@@ -7,7 +7,8 @@ the state, in a background thread (``"thread"``, ``background.py``). ``maybe_sav
 the memory tier's snapshots (``memory_tier.py``). ``load`` resumes from the memory tier when
 it holds a step at least as new as the durable one; otherwise it finds the newest committed
 checkpoint that verifies (rank 0, broadcast) and every rank loads that one step (DCP reshards
-when the world size changed).
+when the world size changed); with verify="hash" the shards' crc32s are checked while they
+load (``_hashes_while_loading``), and a failing one makes way for the one before it.
 
 Every step that only rank 0 does goes through ``_on_rank0``, which shares its result or its
 error with all ranks: a failure on one rank never leaves the others waiting in a collective.
