@@ -259,19 +259,17 @@ def is_committed(storage: Storage, step: int) -> bool:
 
 def find_latest(storage: Storage, mode: str = "hash", allowed_globals: list | None = None,
                 rejected: list | None = None, key: bytes | None = None,
-                skip: dict[int, Rejection] | None = None) -> Manifest | None:
+                skip: dict | None = None) -> Manifest | None:
     """The newest checkpoint that is committed and verifies, or None.
 
     Each newer directory that fails gets one warning line naming the bad file, and a
-    committed one (it has a record) is appended to ``rejected`` as ``(step, reason)``; so is
-    each step in ``skip`` (already found bad: ``{step: reason}``). Call this on one rank only
-    and broadcast the answer: ranks listing a directory on their own can disagree while
-    another job writes to it.
+    committed one (it has a record) is appended to ``rejected`` as ``(step, reason)``. Steps
+    in ``skip`` (already found bad) are passed over. Call this on one rank only and broadcast
+    the answer: ranks listing a directory on their own can disagree while another job writes
+    to it.
     """
     for step in reversed(list_steps(storage)):
         if skip and step in skip:
-            if rejected is not None:
-                rejected.append((step, skip[step]))
             continue
         manifest, reason = verify(storage, step_dir_name(step), mode, allowed_globals, key)
         if manifest is not None and manifest.step != step:

@@ -172,8 +172,7 @@ def find_loadable(storage: Storage, mode: str, allowed_globals, key: bytes | Non
     if manifest is not None:
         return manifest
     bad = [f"{step_dir_name(step)} ({reason})" for step, reason in rejected]
-    listed = {step for step, _ in rejected}  # a bad one found while loading may be quarantined by now
-    bad += [f"{step_dir_name(step)} ({reason})" for step, reason in (skip or {}).items() if step not in listed]
+    bad += [f"{step_dir_name(step)} ({reason})" for step, reason in (skip or {}).items()]
     bad += [f"{QUARANTINE_DIR}/{name}" for name in quarantined(storage)]
     if bad and not allow_fresh_start:
         raise CheckpointError(
