@@ -427,7 +427,7 @@ class CheckpointManager:
         reader = reader_for(source, dirname)
         error = incompatibility(state, reader, where)
         errors = [e for e in _dist.all_gather(error, self._group) if e]
-        if errors:  # the same error on every rank, before any rank enters DCP's collectives
+        if errors:  # the same error on every rank, before any rank reads
             kind, message = errors[0]
             raise kind(message)
         self.observer.before_load(manifest.step)
@@ -437,21 +437,36 @@ class CheckpointManager:
             check = hashing.submit(check_shard_hashes, source, dirname, manifest)
         load_error = None
         try:
-            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where),
-                     no_dist=not _dist.initialized())
+            # Each rank plans and reads alone (no_dist): DCP's default load plan involves no
+            # coordination (its global step returns the local plans unchanged), so the two
+            # collectives it would spend on planning and on gathering errors (0.02 s on the
+            # bench's 101 MB load) buy nothing here; the ranks agree on the outcome below.
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where), no_dist=True)
         except (Exception, CheckpointException) as e:
             load_error = e
         except BaseException:  # KeyboardInterrupt, SystemExit: do not wait for the hashing
             if hashing is not None:
                 hashing.shutdown(wait=False)
             raise
+        hashes = (None, None)  # rank 0's (rejection, error while hashing)
         if hashing is not None:
             hashing.shutdown()
-        rejection = None
-        if deferred:  # a corrupt file may be why DCP failed: the hashes decide first
-            rejection = self._on_rank0(lambda: check.result(), "")
-        if rejection is None and load_error is not None:
-            raise CheckpointError(f"loading checkpoint {where} failed: {one_line(load_error)}") from load_error
+            try:
+                hashes = (check.result(), None)
+            except Exception as e:
+                hashes = (None, one_line(e))
+        failure = load_error
+        if isinstance(failure, CheckpointException) and failure.failures:  # no_dist: its one entry, "rank 0"
+            failure = next(iter(failure.failures.values()))[0]
+        outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
+                                    self._group)
+        rejection, hash_error = outcomes[0][0]
+        if hash_error:
+            raise CheckpointError(hash_error)
+        errors = [error for _, error in outcomes if error]
+        # A corrupt file may be why a read failed: the hashes decide first.
+        if rejection is None and errors:
+            raise CheckpointError(f"loading checkpoint {where} failed: {errors[0]}") from load_error
         return state, rejection
 
 

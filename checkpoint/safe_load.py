@@ -22,6 +22,7 @@ import io
 import pathlib
 import pickle
 import re
+import sys
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
@@ -90,9 +91,44 @@ def default_item_globals() -> list[Callable]:
     return [np.ndarray, np.dtype, _reconstruct, *(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG")]
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Plain Python data only (numbers, strings, lists, tuples, dicts, None): every
+    global and every storage is refused, so nothing can be called while it loads."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("a storage is not plain data")
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_item(stream: io.BytesIO) -> Any:
+    """The value of a ``torch.save`` of plain Python data, read with the C unpickler; or
+    ``_NOT_PLAIN`` when it holds anything else (a tensor, a numpy array, damage), for
+    ``torch.load`` to read or refuse. Most items of a checkpoint (an LR, the betas, the
+    Python RNG state) are plain, and this takes 0.1 ms where ``torch.load(weights_only=True)``
+    (a pure-Python unpickler) takes about 1 ms: a tenth of a small checkpoint's load."""
+    try:
+        archive = torch._C.PyTorchFileReader(stream)
+        if archive.has_record("byteorder") and archive.get_record("byteorder") != sys.byteorder.encode():
+            return _NOT_PLAIN
+        return _PlainUnpickler(io.BytesIO(archive.get_record("data.pkl"))).load()
+    except Exception:
+        return _NOT_PLAIN
+    finally:
+        stream.seek(0)
+
+
 def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) -> Any:
-    """``torch.load`` one non-tensor item with ``weights_only=True`` and the ``allowed`` globals."""
+    """``torch.load`` one non-tensor item with ``weights_only=True`` and the ``allowed`` globals
+    (plain Python data through a faster unpickler that allows no globals at all)."""
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    value = _plain_item(stream)
+    if value is not _NOT_PLAIN:
+        return value
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(stream, weights_only=True)

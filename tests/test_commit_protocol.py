@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from checkpoint import (ALREADY_COMMITTED, CheckpointError, CheckpointManager, C
 import checkpoint.writer
 from checkpoint.manifest import verify
 
-from procs import load_checkpoint
+from procs import load_checkpoint, run
 
 
 class Counter:
@@ -525,3 +526,17 @@ def test_a_write_behind_error_is_raised_not_dropped(tmp_path):
         stream._fd = 10**6  # not an open file: EBADF, as an EIO would come back
         with pytest.raises(OSError, match="writing the checkpoint file failed"):
             stream.write(bytes(checkpoint.writer.WRITE_BEHIND_BYTES))
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_read_that_fails_on_one_rank_fails_the_load_on_every_rank(tmp_path, failing_rank):
+    """Each rank plans and reads its checkpoint alone (no DCP collectives): a read error on
+    one rank must still reach every rank as the same error, or the others would train on."""
+    script = Path(__file__).parent / "scripts" / "load_fails_on_one_rank.py"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                  str(tmp_path / "ckpt"), str(failing_rank)], timeout=180)
+    assert result.returncode == 0, result.tail()
+    for rank in range(2):
+        outcome = (tmp_path / "ckpt" / f"outcome-{rank}.txt").read_text()
+        assert outcome.startswith("CheckpointError: loading checkpoint ") and outcome.endswith(
+            f"failed: rank {failing_rank}: OSError: injected read error on rank {failing_rank}"), (rank, outcome)

@@ -182,3 +182,36 @@ def _crc_fixup(prefix: bytes, target: int) -> bytes:
         out.append(b)
         start = (start >> 8) ^ table[i]
     return bytes(out)
+
+
+def test_plain_items_take_the_c_unpickler_and_nothing_else_does(tmp_path):
+    """Plain Python items load through the C unpickler with no globals at all (the fast
+    path) and give what ``torch.load(weights_only=True)`` gives; an item with any global (a
+    numpy array, a forged callable) goes to ``torch.load`` and its allow-list."""
+    import numpy as np
+
+    from checkpoint.safe_load import _NOT_PLAIN, UnsafeCheckpointError, _plain_item, default_item_globals, load_item
+
+    def saved(value) -> bytes:
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        return buf.getvalue()
+
+    plain = [0.001, True, None, (0.9, 0.999), [0, 1, 2], {"lr": 1e-3, "params": [0]}, "adamw",
+             2**200, (3, tuple(range(625)), None)]
+    for value in plain:
+        data = saved(value)
+        assert _plain_item(io.BytesIO(data)) == value
+        assert load_item(data, [], "item") == value == torch.load(io.BytesIO(data), weights_only=True)
+    array = np.arange(5, dtype=np.uint32)
+    data = saved(("MT19937", array, 0))
+    assert _plain_item(io.BytesIO(data)) is _NOT_PLAIN
+    kind, loaded, pos = load_item(data, default_item_globals(), "rng")
+    assert kind == "MT19937" and pos == 0 and np.array_equal(loaded, array)
+    assert _plain_item(io.BytesIO(saved(torch.ones(2)))) is _NOT_PLAIN
+    marker = tmp_path / "MARKER"
+    forged = saved(Payload(marker))
+    assert _plain_item(io.BytesIO(forged)) is _NOT_PLAIN
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        load_item(forged, default_item_globals(), "forged")
+    assert not marker.exists()
