@@ -6,7 +6,8 @@
 
 One run measures the machine (memcpy, fsync'd write and cold read bandwidth in the
 checkpoint directory, worker start time), then starts 2 ranks under torchrun that measure
-every arm on the same live state (bench/checkpoint_worker.py). Prints a Markdown table and
+every arm on the same live state (bench/checkpoint_worker.py), then measures the disk again
+(its speed swings here; the bounds are the mean of both). Prints a Markdown table and
 which targets hold; writes checkpoint-bench.json, .md and .png to --out. With --sizes, does
 that at each size and then fits how each arm's stall, durable time and load grow with the
 bytes (bench/size_sweep.py: checkpoint-sweep.md, .json and a log-log .png).
@@ -24,6 +25,8 @@ import sys
 import time
 
 import torch
+
+from size_sweep import disk_runs, memory_needed, sweep_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNK = 16 << 20
@@ -142,6 +145,7 @@ def table(res: dict) -> tuple[str, list[str]]:
         f"{cal['memcpy_Bps'] / 1e9:.2f} GB/s (one process; per rank with all {res['world_size']} copying at once: "
         f"{res['ranks_memcpy_Bps'] / 1e9:.2f} GB/s, into fresh memory {res['ranks_fresh_memcpy_Bps'] / 1e9:.2f} GB/s); fsync'd write {cal['write_Bps'] / 1e6:.0f} MB/s; "
         f"read {cal['read_Bps'] / 1e6:.0f} MB/s ({'cold' if cal['read_cold'] else 'page cache could not be dropped'}); "
+        f"the disk, measured before / after the arms: write {disk_runs(cal, 'write_Bps')}, read {disk_runs(cal, 'read_Bps')} MB/s; "
         f"worker start {cal['worker_start_s']:.2f} s; step {res['step_seconds']:.3f} s; "
         f"{res['save_every']} steps without a save: median {statistics.median(res['train_none_s']):.2f} s "
         f"(range {min(res['train_none_s']):.2f}-{max(res['train_none_s']):.2f}) over {res['rounds']} rounds; "
@@ -217,9 +221,8 @@ def measure(args, state_mb: float, ckpt_root: str) -> dict:
     """Calibrate the machine for ``state_mb`` per rank, then run every arm under torchrun."""
     nbytes = int(state_mb * 1e6)
     print(f"[bench] {state_mb:g} MB per rank: calibrating in {ckpt_root} ...", flush=True)
-    write_bps, read_bps, cold = write_read_bandwidth(ckpt_root, nbytes)
-    calibration = {"memcpy_Bps": memcpy_bandwidth(nbytes, args.device), "write_Bps": write_bps, "read_Bps": read_bps,
-                   "read_cold": cold, "worker_start_s": worker_start_seconds()}
+    disk = [write_read_bandwidth(ckpt_root, nbytes)]
+    calibration = {"memcpy_Bps": memcpy_bandwidth(nbytes, args.device), "worker_start_s": worker_start_seconds()}
     raw = os.path.join(args.out, "checkpoint-bench-ranks.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
            os.path.join(HERE, "checkpoint_worker.py"), "--state-mb", str(state_mb), "--ckpt-root", ckpt_root,
@@ -230,6 +233,12 @@ def measure(args, state_mb: float, ckpt_root: str) -> dict:
     with open(raw) as f:
         res = json.load(f)
     os.unlink(raw)
+    # This machine's disk speed swings from minute to minute: the disk is measured again
+    # after the arms, and the bounds are the mean of both (each is in the JSON and the table).
+    disk.append(write_read_bandwidth(ckpt_root, nbytes))
+    calibration.update(write_Bps=statistics.mean(d[0] for d in disk), read_Bps=statistics.mean(d[1] for d in disk),
+                       read_cold=all(d[2] for d in disk), write_Bps_runs=[d[0] for d in disk],
+                       read_Bps_runs=[d[1] for d in disk])
     res.update(calibration=calibration, saves=args.saves, created_unix=time.time())
     return res
 
@@ -252,8 +261,6 @@ def report(res: dict, base: str) -> list[str]:
 
 def size_sweep(args, ckpt_root: str) -> int:
     """The whole bench at each of --sizes, then how each arm's costs grow with the bytes."""
-    from size_sweep import memory_needed, sweep_report
-
     sizes = [float(s) for s in args.sizes.split(",")]
     available = _mem_available()
     results = []

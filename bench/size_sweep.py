@@ -6,7 +6,8 @@ least squares on log-log axes: ``k`` = 1.0 is linear, above it a cost grows fast
 state (what a size sweep is for: a ratio that holds at 400 MB and not at 4 GB). The targets
 are checked at every size against that size's own bounds, measured in the same run: memcpy
 with every rank copying at once (the ranks share the memory bandwidth, as their staging
-does), fsync'd write and cold read bandwidth of the checkpoint directory.
+does), fsync'd write and cold read bandwidth of the checkpoint directory (the mean of
+measurements before and after the arms: the disk's speed swings from minute to minute).
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
             k = exponents[name][key]
             if k > EXPONENT_LIMIT:
                 failed.append(f"{name} {label} exponent {k:.2f} > {EXPONENT_LIMIT}")
-    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear)."]
+    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear). The bounds are the means of "
+              "the disk measured before and after each size's arms (MB/s, before / after): "
+              + "; ".join(f"{size / 1e6:.0f} MB: write {disk_runs(r['calibration'], 'write_Bps')}, "
+                          f"cold read {disk_runs(r['calibration'], 'read_Bps')}" for size, r in zip(sizes, results)) + "."]
     text = "\n".join(lines)
     print("\n" + text + "\n")
     with open(base + ".md", "w") as f:
@@ -105,6 +109,11 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
     except ImportError:
         print(f"[bench] wrote {base}.md, {base}.json; no chart: matplotlib is missing (pip install -e '.[bench]')")
     return failed
+
+
+def disk_runs(cal: dict, key: str) -> str:
+    """A disk calibration's measurements in MB/s, before / after the arms."""
+    return " / ".join(f"{v / 1e6:.0f}" for v in cal.get(key + "_runs", [cal[key]]))
 
 
 def chart(results: list[dict], exponents: dict, path: str) -> None:
