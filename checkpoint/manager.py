@@ -435,39 +435,47 @@ class CheckpointManager:
         if deferred and self.rank == 0:
             hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
             check = hashing.submit(check_shard_hashes, source, dirname, manifest)
-        load_error = None
         try:
-            # Each rank plans and reads alone (no_dist): DCP's default load plan involves no
-            # coordination (its global step returns the local plans unchanged), so the two
-            # collectives it would spend on planning and on gathering errors (0.02 s on the
-            # bench's 101 MB load) buy nothing here; the ranks agree on the outcome below.
-            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where), no_dist=True)
-        except (Exception, CheckpointException) as e:
-            load_error = e
+            failure = self._read_into(state, reader, where)
         except BaseException:  # KeyboardInterrupt, SystemExit: do not wait for the hashing
             if hashing is not None:
                 hashing.shutdown(wait=False)
             raise
-        hashes = (None, None)  # rank 0's (rejection, error while hashing)
+        hashes = (None, None)  # rank 0's (rejection, (error type, text) while hashing)
         if hashing is not None:
             hashing.shutdown()
             try:
                 hashes = (check.result(), None)
             except Exception as e:
-                hashes = (None, one_line(e))
-        failure = load_error
-        if isinstance(failure, CheckpointException) and failure.failures:  # no_dist: its one entry, "rank 0"
-            failure = next(iter(failure.failures.values()))[0]
+                hashes = (None, (type(e), str(e)) if isinstance(e, CheckpointError) else (CheckpointError, one_line(e)))
         outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
                                     self._group)
         rejection, hash_error = outcomes[0][0]
         if hash_error:
-            raise CheckpointError(hash_error)
+            kind, text = hash_error
+            raise kind(text)
         errors = [error for _, error in outcomes if error]
         # A corrupt file may be why a read failed: the hashes decide first.
         if rejection is None and errors:
-            raise CheckpointError(f"loading checkpoint {where} failed: {errors[0]}") from load_error
+            raise CheckpointError(f"loading checkpoint {where} failed: {errors[0]}") from failure
         return state, rejection
+
+    def _read_into(self, state: dict, reader, where: str) -> Exception | None:
+        """Read the checkpoint into ``state``'s tensors; this rank's failure, or None. Each rank
+        plans and reads alone (no_dist): DCP's default load plan involves no coordination (its
+        global step returns the local plans unchanged), so the two collectives it would spend
+        on planning and on gathering errors (0.02 s of the bench's 101 MB load) buy nothing;
+        the ranks agree on the outcome afterwards."""
+        try:
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(self.safe_globals, where), no_dist=True)
+            return None
+        except (Exception, CheckpointException) as e:
+            failure = e
+            if isinstance(e, CheckpointException) and e.failures:  # no_dist: its one entry, keyed "rank 0"
+                failure = next(iter(e.failures.values()))[0]
+        if not isinstance(failure, Exception):  # a Ctrl-C or SystemExit, which DCP wraps too
+            raise failure
+        return failure
 
 
 # Without a process group DCP warns on every call that it assumes one process; we ask for

@@ -13,8 +13,9 @@ Each whole tensor's layout (dtype, shape, strides, storage offset) is read from 
 pickle ``torch.save`` wrote beside its bytes. ``torch.load`` of it costs about a millisecond
 (its weights-only unpickler is pure Python): a second per thousand tensors, most of a warm
 load. ``_saved_layout`` reads it with the C unpickler instead, with globals restricted to
-functions of its own that only describe the tensor (nothing of torch's runs); anything
-else in that pickle sends the tensor to DCP's path.
+functions of its own that only describe the tensor (nothing of torch's runs), after
+``check_c_unpickle`` has refused what such globals alone do not; anything else in that pickle
+sends the tensor to DCP's path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from .safe_load import SafeMetadataReader, fsspec_reader
+from .safe_load import SafeMetadataReader, check_c_unpickle, fsspec_reader
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 
@@ -125,6 +126,7 @@ def _saved_layout(pickled: bytes) -> tuple | None:
     """(dtype, shape, storage offset) of the tensor a ``torch.save`` pickle describes, if it
     is one contiguous tensor; None for anything else (DCP's path reads it)."""
     try:
+        check_c_unpickle(pickled)
         saved = _LayoutUnpickler(io.BytesIO(pickled)).load()
         _, (_, dtype), offset, shape, stride = saved
         numbers = (offset, *shape, *stride)

@@ -198,11 +198,14 @@ def test_plain_items_take_the_c_unpickler_and_nothing_else_does(tmp_path):
         return buf.getvalue()
 
     plain = [0.001, True, None, (0.9, 0.999), [0, 1, 2], {"lr": 1e-3, "params": [0]}, "adamw",
-             2**200, (3, tuple(range(625)), None)]
+             2**200, list(range(100))]
     for value in plain:
         data = saved(value)
         assert _plain_item(io.BytesIO(data)) == value
         assert load_item(data, [], "item") == value == torch.load(io.BytesIO(data), weights_only=True)
+    python_rng = (3, tuple(range(625)), None)  # plain, but too large for the fast path's opcode scan
+    assert _plain_item(io.BytesIO(saved(python_rng))) is _NOT_PLAIN
+    assert load_item(saved(python_rng), [], "item") == python_rng
     array = np.arange(5, dtype=np.uint32)
     data = saved(("MT19937", array, 0))
     assert _plain_item(io.BytesIO(data)) is _NOT_PLAIN
@@ -215,3 +218,54 @@ def test_plain_items_take_the_c_unpickler_and_nothing_else_does(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="system"):
         load_item(forged, default_item_globals(), "forged")
     assert not marker.exists()
+
+
+def _torch_save_with_pickle(pickled: bytes) -> bytes:
+    """A ``torch.save`` archive whose ``data.pkl`` is ``pickled`` (what a forger writes)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save(0, buf)
+    src, out = zipfile.ZipFile(io.BytesIO(buf.getvalue())), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, pickled if info.filename.endswith("/data.pkl") else src.read(info.filename))
+    return out.getvalue()
+
+
+def test_c_unpicklers_refuse_a_cached_copyreg_extension_and_a_huge_memo_index(tmp_path):
+    """The C unpicklers (plain items, tensor layouts, ``.metadata``) refuse globals through
+    ``find_class``, which an extension code already in copyreg's cache bypasses (some library
+    in the process registered one and unpickled it once); and a 13-byte pickle with memo index
+    2**26 would make them allocate a 1 GiB memo table. Neither runs or allocates."""
+    import copyreg
+    import resource
+    import struct
+
+    from checkpoint.reader import _saved_layout
+    from checkpoint.safe_load import (_NOT_PLAIN, UnsafeCheckpointError, _plain_item, default_item_globals,
+                                      load_item, read_metadata)
+
+    marker = tmp_path / "PWNED"
+    command = f"touch {marker}".encode()
+    forged = b"\x80\x02\x82\xf0X" + struct.pack("<I", len(command)) + command + b"\x85R."  # EXT1 240 (cmd) REDUCE
+    copyreg.add_extension("os", "system", 240)
+    try:
+        assert pickle.loads(b"\x80\x02\x82\xf0.") is __import__("os").system  # now in copyreg's cache
+        item = _torch_save_with_pickle(forged)
+        assert _plain_item(io.BytesIO(item)) is _NOT_PLAIN
+        with pytest.raises(UnsafeCheckpointError):
+            load_item(item, default_item_globals(), "forged")
+        assert _saved_layout(forged) is None
+        with pytest.raises(UnsafeCheckpointError, match="extension code"):
+            read_metadata(io.BytesIO(forged))
+    finally:
+        copyreg.remove_extension("os", "system", 240)
+    assert not marker.exists(), "an unpickler ran code from a copyreg extension"
+
+    huge_memo = b"\x80\x02Nr" + struct.pack("<I", 2**26) + b"."  # None, LONG_BINPUT 2**26
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert _plain_item(io.BytesIO(_torch_save_with_pickle(huge_memo))) is _NOT_PLAIN
+    assert _saved_layout(huge_memo) is None
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 256 << 10, f"peak memory grew by {grown_kib >> 10} MiB"
