@@ -100,6 +100,18 @@ def evict(directory: str) -> None:
                 os.close(fd)
 
 
+def cold_read_seconds(paths: list[str], buffer: torch.Tensor) -> float:
+    """One process reading ``paths`` whole, 16 MiB at a time into a reused buffer (torch
+    memory: huge pages where the kernel allows, as the live tensors a load fills)."""
+    view = memoryview(buffer.numpy())
+    started = time.monotonic()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return time.monotonic() - started
+
+
 def dir_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
 
@@ -135,6 +147,13 @@ class Arm:
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, f"step-{step:08d}")
+
+    def files(self) -> list[str]:
+        """The files of the last save, which a load reads."""
+        if self.name == "A":
+            return [self.path(self.last) + ".pt"]
+        directory = self.path(self.last)
+        return [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in sorted(fs)]
 
     def save(self, step: int) -> None:
         self.last = step
@@ -292,10 +311,16 @@ def main() -> None:
 
     for name in arms:
         results["arms"][name]["loads_s"] = []
+        results["arms"][name]["reads_s"] = []
+    read_buffer = torch.empty(16 << 20, dtype=torch.uint8)
     for _ in range(args.loads):  # round-robin too, each from a cold page cache
         for name, arm in arms.items():
             dist.barrier()
             if rank == 0 and name != "M":  # M's load reads shared memory (RAM): nothing to evict
+                # The load's bound, measured on the same files seconds before: one process's
+                # cold read of them (the disk's speed drifts from minute to minute here).
+                evict(arm.root)
+                results["arms"][name]["reads_s"].append(cold_read_seconds(arm.files(), read_buffer))
                 evict(arm.root)
             if name == "M":
                 forget_optimizer_state(opt)
@@ -306,6 +331,7 @@ def main() -> None:
     for name, arm in arms.items():
         r = results["arms"][name]
         r["load_s"] = statistics.median(r["loads_s"])
+        r["read_s"] = statistics.median(r["reads_s"]) if r["reads_s"] else 0.0
         r["bytes"] = (arm.nbytes * dist.get_world_size() if name == "M" else os.path.getsize(arm.path(arm.last) + ".pt")
                       if name == "A" else dir_bytes(arm.path(arm.last)))
         r["staging_bytes"] = arm.ckpt.stats.staging_bytes if name == "E" else 0
