@@ -7,7 +7,8 @@
 One run measures the machine (memcpy, fsync'd write and cold read bandwidth in the
 checkpoint directory, worker start time), then starts 2 ranks under torchrun that measure
 every arm on the same live state (bench/checkpoint_worker.py), then measures the disk again
-(its speed swings here; the bounds are the mean of both). Prints a Markdown table and
+(its speed swings here; the write bound is the mean of both; a load's bound is one process's
+cold read of that arm's own files, within seconds of each load). Prints a Markdown table and
 which targets hold; writes checkpoint-bench.json, .md and .png to --out. With --sizes, does
 that at each size and then fits how each arm's stall, durable time and load grow with the
 bytes (bench/size_sweep.py: checkpoint-sweep.md, .json and a log-log .png).
@@ -100,7 +101,7 @@ def table(res: dict) -> tuple[str, list[str]]:
     for name, a in arms.items():
         a["durable_MBps"] = a["bytes"] / a["durable_s"] / 1e6
         rows.append(f"| {name}: {a['label']} | {a['stall_s']:.3f} | {a['durable_s']:.3f} | "
-                    f"{a['durable_MBps']:.0f} | {a['load_s']:.3f} | {a.get('read_s', 0):.3f} | {100 * a['overhead']:+.1f}% |")
+                    f"{a['durable_MBps']:.0f} | {a['load_s']:.3f} | {'-' if name == 'M' else f'{read_bound(a, cal):.3f}'} | {100 * a['overhead']:+.1f}% |")
     B, D = arms["B"], arms["D"]
     staged = E["staging_bytes"] or res["state_bytes"]
     memcpy_bound = staged / cal["memcpy_Bps"]

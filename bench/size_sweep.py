@@ -8,7 +8,7 @@ are checked at every size against that size's own bounds, measured in the same r
 with every rank copying at once (the ranks share the memory bandwidth, as their staging
 does), fsync'd write bandwidth of the checkpoint directory (the mean of measurements before
 and after the arms: the disk's speed swings from minute to minute), and for loads one
-process's cold read of the same checkpoint's files, seconds before each load.
+process's cold read of the same checkpoint's files, within seconds of each load.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ def targets_at(res: dict) -> list[tuple[str, float, float]]:
 
 
 def read_bound(arm: dict, cal: dict) -> float:
-    """Seconds for one process to read the arm's checkpoint cold, measured on its own files
-    just before each of its loads (older results: bytes / the calibrated cold read)."""
-    return arm.get("read_s") or arm["bytes"] / cal["read_Bps"]
+    """Seconds for one process to read the arm's checkpoint cold: the fastest read of its own
+    files, each within seconds of one of its loads (results from before: bytes / the
+    calibration's cold read)."""
+    return arm["read_s"] if "read_s" in arm else arm["bytes"] / cal["read_Bps"]
 
 
 def _holds(text: str, value: float, limit: float) -> bool:

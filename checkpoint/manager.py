@@ -460,7 +460,7 @@ class CheckpointManager:
             raise CheckpointError(f"loading checkpoint {where} failed: {errors[0]}") from failure
         return state, rejection
 
-    def _read_into(self, state: dict, reader, where: str) -> Exception | None:
+    def _read_into(self, state: dict, reader, where: str) -> BaseException | None:
         """Read the checkpoint into ``state``'s tensors; this rank's failure, or None. Each rank
         plans and reads alone (no_dist): DCP's default load plan involves no coordination (its
         global step returns the local plans unchanged), so the two collectives it would spend
@@ -473,7 +473,7 @@ class CheckpointManager:
             failure = e
             if isinstance(e, CheckpointException) and e.failures:  # no_dist: its one entry, keyed "rank 0"
                 failure = next(iter(e.failures.values()))[0]
-        if not isinstance(failure, Exception):  # a Ctrl-C or SystemExit, which DCP wraps too
+        if isinstance(failure, (KeyboardInterrupt, SystemExit)):  # DCP wraps those too
             raise failure
         return failure
 

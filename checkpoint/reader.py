@@ -34,6 +34,7 @@ from torch.futures import Future
 from .safe_load import SafeMetadataReader, check_c_unpickle, fsspec_reader
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
+_LAYOUT_MAX_BYTES = 4096  # the pickle describing one plain tensor: about 160 bytes, more with many dims
 
 
 class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
@@ -125,6 +126,8 @@ def _contiguous_strides(shape: tuple) -> tuple:
 def _saved_layout(pickled: bytes) -> tuple | None:
     """(dtype, shape, storage offset) of the tensor a ``torch.save`` pickle describes, if it
     is one contiguous tensor; None for anything else (DCP's path reads it)."""
+    if len(pickled) > _LAYOUT_MAX_BYTES:  # not one plain tensor's; and the scan below is slow
+        return None
     try:
         check_c_unpickle(pickled)
         saved = _LayoutUnpickler(io.BytesIO(pickled)).load()

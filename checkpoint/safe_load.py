@@ -79,7 +79,8 @@ def check_c_unpickle(pickled: bytes, scan: bool = True) -> None:
 
     - an extension code (EXT1/2/4) that copyreg's cache already holds resolves to its
       callable without ``find_class`` (possible only once code in this process has registered
-      and used a copyreg extension: then every pickle is scanned, whatever ``scan`` says);
+      and used a copyreg extension: then every pickle is scanned for both, whatever ``scan``
+      says);
     - a memo index far beyond the pickle's size: the C unpickler allocates and zeroes a memo
       table of twice that index, so 13 bytes can ask for 64 GiB (``scan``: worth it for small
       pickles; ``.metadata`` is not scanned, 40 ms per 70 KB; a forged one can cost memory,
