@@ -101,8 +101,9 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
             k = exponents[name][key]
             if k > EXPONENT_LIMIT:
                 failed.append(f"{name} {label} exponent {k:.2f} > {EXPONENT_LIMIT}")
-    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear). The bounds are the means of "
-              "the disk measured before and after each size's arms (MB/s, before / after): "
+    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear). The write bound is the mean "
+              "of the disk measured before and after each size's arms; a load's, one process's cold read of its own "
+              "files (the probe's cold read is shown for reference). MB/s, before / after: "
               + "; ".join(f"{size / 1e6:.0f} MB: write {disk_runs(r['calibration'], 'write_Bps')}, "
                           f"cold read {disk_runs(r['calibration'], 'read_Bps')}" for size, r in zip(sizes, results)) + "."]
     text = "\n".join(lines)
