@@ -35,7 +35,7 @@ from .config import CheckpointConfig
 from .errors import CheckpointError, SaveFailuresExceeded, one_line
 from .lease import Lease, LeaseHeldError
 from .mirror import Mirror
-from .manifest import SHARDS_LATER, Manifest, Rejection, check_shard_hashes, step_dir_name
+from .manifest import SHARDS_LATER, Manifest, Rejection, check_shard_hashes, is_shard, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import reader_for
@@ -391,11 +391,11 @@ class CheckpointManager:
     def _hashes_while_loading(self, storage: Storage) -> bool:
         """With verify="hash", discovery checks the sizes, the crc32 of every file but the
         shards (DCP's ``.metadata``: the load plans its reads from it) and what loading
-        unpickles, and rank 0 checks the shards' crc32s while DCP reads them: their bytes come
-        from the disk once. A checkpoint that fails then has been partly read into the live
-        state; the one before it overwrites all of it. Not in keyed mode, where every byte is
-        authenticated before it is used; and only where two readers of a file get a stream
-        each (fsspec's memory:// hands both the same one)."""
+        unpickles, and the ranks check the shards' crc32s, a share each, while DCP reads them:
+        their bytes come from the disk once. A checkpoint that fails then has been partly read
+        into the live state; the one before it overwrites all of it. Not in keyed mode, where
+        every byte is authenticated before it is used; and only where two readers of a file get
+        a stream each (fsspec's memory:// hands both the same one)."""
         return (self.config.verify == "hash" and self.hmac_key is None
                 and (storage.is_local or storage.is_object_store))
 
@@ -417,7 +417,7 @@ class CheckpointManager:
 
     def _load_step(self, manifest: Manifest, source: Storage) -> tuple[dict, Rejection | None]:
         """Every rank: read checkpoint ``manifest.step`` into the live state's tensors; returns
-        that state (for ``training.apply``) and why the files' hashes, checked by rank 0
+        that state (for ``training.apply``) and why the files' hashes, checked by the ranks
         meanwhile (``_hashes_while_loading``), fail (the same on every rank), or None."""
         deferred = self._hashes_while_loading(source)
         dirname = step_dir_name(manifest.step)
@@ -432,16 +432,19 @@ class CheckpointManager:
             raise kind(message)
         self.observer.before_load(manifest.step)
         hashing = check = None
-        if deferred and self.rank == 0:
+        # Each rank checks a share of the shards: under DDP every rank reads all of them, and
+        # one rank checking them all would read twice what the others do.
+        shards = sorted(name for name in manifest.files if is_shard(name))[self.rank::self.world_size]
+        if deferred and shards:
             hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
-            check = hashing.submit(check_shard_hashes, source, dirname, manifest)
+            check = hashing.submit(check_shard_hashes, source, dirname, manifest, shards)
         try:
             failure = self._read_into(state, reader, where)
         except BaseException:  # KeyboardInterrupt, SystemExit: do not wait for the hashing
             if hashing is not None:
                 hashing.shutdown(wait=False)
             raise
-        hashes = (None, None)  # rank 0's (rejection, (error type, text) while hashing)
+        hashes = (None, None)  # this rank's (rejection, (error type, text) while hashing)
         if hashing is not None:
             hashing.shutdown()
             try:
@@ -450,10 +453,11 @@ class CheckpointManager:
                 hashes = (None, (type(e), str(e)) if isinstance(e, CheckpointError) else (CheckpointError, one_line(e)))
         outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
                                     self._group)
-        rejection, hash_error = outcomes[0][0]
-        if hash_error:
-            kind, text = hash_error
-            raise kind(text)
+        for (_, hash_error), _ in outcomes:
+            if hash_error:
+                kind, text = hash_error
+                raise kind(text)
+        rejection = next((rejection for (rejection, _), _ in outcomes if rejection is not None), None)
         errors = [error for _, error in outcomes if error]
         # A corrupt file may be why a read failed: the hashes decide first.
         if rejection is None and errors:

@@ -235,12 +235,12 @@ def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: byte
     return None
 
 
-def check_shard_hashes(storage: Storage, dirname: str, manifest: Manifest) -> Rejection | None:
+def check_shard_hashes(storage: Storage, dirname: str, manifest: Manifest, shards: list[str]) -> Rejection | None:
     """The rest of a ``"hash"`` verification for a checkpoint that passed ``SHARDS_LATER``:
-    the shards' crc32s. Loading runs it while DCP reads the same files, so they come from the
-    disk once. Returns why it fails, or None."""
+    the crc32s of ``shards`` (each rank checks its share). Loading runs it while DCP reads the
+    same files, so they come from the disk once. Returns why one fails, or None."""
     try:
-        reason = _hash_mismatch(storage, dirname, manifest, None, [n for n in sorted(manifest.files) if is_shard(n)])
+        reason = _hash_mismatch(storage, dirname, manifest, None, shards)
     except OSError as e:
         return Rejection(f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})", "unreadable")
     return None if reason is None else Rejection(reason)

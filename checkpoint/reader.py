@@ -9,6 +9,12 @@ uncompressed, contiguous storage record. Those are read with one ``readinto`` in
 tensor's memory. Everything else (partial chunks when resharding, GPU tensors, views,
 non-tensor items) goes through DCP's own code, unchanged.
 
+Each tensor's slice of the shard is a ``torch.save`` zip archive whose directory sits at its
+end, after the tensor's bytes. Opening it as a zip (``torch._C.PyTorchFileReader``) reads that
+tail first and then jumps back: on a cold page cache that defeats the kernel's readahead and
+cost a third of a 403 MB load. ``_tensor_records`` instead walks the zip's local headers from
+the front (the pickle, then the tensor's bytes), so every slice is read front to back.
+
 Each whole tensor's layout (dtype, shape, strides, storage offset) is read from the small
 pickle ``torch.save`` wrote beside its bytes. ``torch.load`` of it costs about a millisecond
 (its weights-only unpickler is pure Python): a second per thousand tensors, most of a warm
@@ -24,6 +30,7 @@ import dataclasses
 import io
 import math
 import pickle
+import struct
 import sys
 
 import torch
@@ -34,6 +41,7 @@ from torch.futures import Future
 from .safe_load import SafeMetadataReader, check_c_unpickle, fsspec_reader
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
+_HEAD_BYTES = 8192  # a slice's records before the tensor's bytes: the pickle (at most 4 KiB), headers, padding
 _LAYOUT_MAX_BYTES = 4096  # the pickle describing one plain tensor: about 160 bytes, more with many dims
 
 
@@ -68,13 +76,16 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
             return False
         if any(o != 0 for o in req.storage_offsets) or list(req.lengths) != list(target.shape):
             return False  # a part of the saved tensor (resharding)
-        archive = torch._C.PyTorchFileReader(self._slice_file(stream, info))
         nbytes = target.numel() * target.element_size()
-        if (not archive.has_record("byteorder") or archive.get_record("byteorder") != sys.byteorder.encode()
-                or not archive.has_record(_STORAGE_RECORD) or archive.get_record_size(_STORAGE_RECORD) < nbytes
-                or _saved_layout(archive.get_record("data.pkl")) != (target.dtype, tuple(target.shape), 0)):
+        stream.seek(info.offset)
+        found = _tensor_records(stream.read(min(info.length, _HEAD_BYTES)))
+        if found is None:
             return False
-        stream.seek(info.offset + archive.get_record_offset(_STORAGE_RECORD))
+        records, data_offset = found
+        if (records.get("byteorder") != sys.byteorder.encode() or data_offset + nbytes > info.length
+                or _saved_layout(records.get("data.pkl", b"")) != (target.dtype, tuple(target.shape), 0)):
+            return False
+        stream.seek(info.offset + data_offset)
         if nbytes:
             dest = memoryview(target.reshape(-1).view(torch.uint8).numpy())
             filled = 0
@@ -85,6 +96,56 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
                 filled += n
         planner.commit_tensor(req, target)
         return True
+
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip entry's local header, before its name
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"  # after an entry written as a stream: its crc32 and sizes
+
+
+def _tensor_records(head: bytes) -> tuple[dict, int] | None:
+    """What a ``torch.save`` of one tensor writes before the tensor's bytes, read from the
+    first bytes of its zip archive: the small records ({"data.pkl": the pickle, "byteorder":
+    ..., ...}) and the offset of the tensor's bytes (record "data/0"). None where the bytes
+    are not laid out so (another writer, a damaged file): DCP's path reads that tensor.
+
+    ``torch.save`` writes its entries as a stream, so a local header holds no sizes: a small
+    entry ends at the data descriptor that gives its length, and the next header follows."""
+    records: dict = {}
+    prefix = None  # the archive's name, "archive/"
+    pos = 0
+    while pos + _LOCAL_HEADER.size <= len(head):
+        signature, _, flags, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack_from(head, pos)
+        name_at = pos + _LOCAL_HEADER.size
+        data = name_at + name_len + extra_len
+        if signature != _LOCAL_SIGNATURE or method != 0 or data > len(head):
+            return None  # not a stored (uncompressed) entry
+        name = head[name_at:name_at + name_len].decode("utf-8", "replace")
+        prefix = prefix or name.partition("/")[0] + "/"
+        if not name.startswith(prefix):
+            return None
+        if name[len(prefix):] == _STORAGE_RECORD:
+            return records, data
+        end = _entry_end(head, data) if flags & 0x8 else None  # else not written as a stream: not torch.save's
+        if end is None:
+            return None
+        records[name[len(prefix):]], pos = head[data:end[0]], end[1]
+    return None
+
+
+def _entry_end(head: bytes, data: int) -> tuple[int, int] | None:
+    """(end of the entry whose data starts at ``data``, start of the next entry): at the
+    first data descriptor that gives the entry's length (32-bit sizes, or zip64's 64-bit
+    ones) and is followed by a local header."""
+    found = head.find(_DESCRIPTOR_SIGNATURE, data)
+    while found != -1:
+        length = found - data
+        for size_format, next_entry in (("<I", found + 16), ("<Q", found + 24)):
+            if (head[next_entry:next_entry + 4] == _LOCAL_SIGNATURE
+                    and struct.unpack_from(size_format, head, found + 8)[0] == length):
+                return found, next_entry
+        found = head.find(_DESCRIPTOR_SIGNATURE, found + 1)
+    return None
 
 
 _STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}

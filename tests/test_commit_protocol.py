@@ -540,3 +540,16 @@ def test_a_read_that_fails_on_one_rank_fails_the_load_on_every_rank(tmp_path, fa
         outcome = (tmp_path / "ckpt" / f"outcome-{rank}.txt").read_text()
         assert outcome.startswith("CheckpointError: loading checkpoint ") and outcome.endswith(
             f"failed: rank {failing_rank}: OSError: injected read error on rank {failing_rank}"), (rank, outcome)
+
+
+@pytest.mark.parametrize("shard_index", [0, 1])
+def test_a_corrupt_shard_in_any_ranks_share_falls_back_on_every_rank(tmp_path, shard_index):
+    """The ranks check the shards' crc32s a share each while loading: a flipped byte in
+    either shard file must send every rank back to the step before, bitwise."""
+    script = Path(__file__).parent / "scripts" / "corrupt_shard_on_load.py"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                  str(tmp_path / "ckpt"), str(shard_index)], timeout=180)
+    assert result.returncode == 0, result.tail()
+    for rank in range(2):
+        assert (tmp_path / "ckpt" / f"outcome-{rank}.txt").read_text() == "step 10 exact True", rank
+    assert [p.name.split(".")[0] for p in (tmp_path / "ckpt" / "quarantine").iterdir()] == ["step-00000020"]

@@ -1,0 +1,81 @@
+"""The direct reader finds a tensor's bytes from the front of its ``torch.save`` archive.
+
+``_tensor_records`` walks the zip's local headers instead of opening the archive by its
+directory (at the end, after the tensor's bytes: read first, it broke the readahead of a cold
+load). It must agree with torch's own zip reader on every tensor torch.save writes, and give
+up (None: DCP's path reads the tensor) on anything laid out otherwise."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pytest
+import torch
+
+from checkpoint.reader import _HEAD_BYTES, _tensor_records
+
+TENSORS = {
+    "float32 matrix": torch.randn(64, 32),
+    "bfloat16": torch.randn(5, 3).bfloat16(),
+    "int64": torch.arange(7),
+    "bool": torch.tensor([True, False, True]),
+    "0-dim": torch.tensor(3.5),
+    "empty": torch.empty(0, 3),
+    "many dims": torch.zeros([1] * 30),
+    "a view's whole storage": torch.randn(10)[2:7],
+}
+
+
+def saved(tensor: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_the_front_of_the_archive_gives_what_its_directory_says(name):
+    data = saved(TENSORS[name])
+    archive = torch._C.PyTorchFileReader(io.BytesIO(data))
+    found = _tensor_records(data[:_HEAD_BYTES])
+    assert found is not None, "torch.save's layout changed: every tensor would take DCP's slower path"
+    records, offset = found
+    assert offset == archive.get_record_offset("data/0")
+    assert records["data.pkl"] == archive.get_record("data.pkl")
+    assert records["byteorder"] == archive.get_record("byteorder")
+
+
+def test_anything_laid_out_otherwise_is_left_to_dcp():
+    data = saved(torch.randn(16))
+    pickle_size = _tensor_records(data)[0]["data.pkl"].__len__()
+    first_descriptor = data.index(b"PK\x07\x08")
+    compressed = bytearray(data)
+    compressed[8:10] = struct.pack("<H", 8)  # the first entry says "deflated"
+    sizes_in_header = bytearray(data)
+    sizes_in_header[6:8] = struct.pack("<H", 0)  # no data descriptors: not torch.save's stream
+    wrong_length = bytearray(data)
+    wrong_length[first_descriptor + 8:first_descriptor + 12] = struct.pack("<I", pickle_size + 1)
+    renamed = data.replace(b"archive/data/0", b"archive/data/1", 1)
+    for damaged in (b"", b"not a zip file at all", data[:40], data[:first_descriptor + 8], bytes(compressed),
+                    bytes(sizes_in_header), bytes(wrong_length), renamed):
+        assert _tensor_records(damaged) is None, damaged[:60]
+
+
+def test_a_descriptor_lookalike_inside_the_pickle_is_passed_over():
+    """The descriptor is found by its signature; a pickle that happens to hold those bytes
+    must not end the entry early (its length field would not match)."""
+    data = saved(torch.randn(4))
+    archive = torch._C.PyTorchFileReader(io.BytesIO(data))
+    pickled = archive.get_record("data.pkl")
+    # The pickle with a descriptor's signature and a local header's after its STOP opcode.
+    decoy = pickled + b"PK\x07\x08" + struct.pack("<III", 0, 7, 7) + b"PK\x03\x04"
+    buf = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(buf)
+    writer.write_record("data.pkl", decoy, len(decoy))
+    writer.write_record("byteorder", b"little", 6)
+    writer.write_record("data/0", archive.get_record("data/0"), archive.get_record_size("data/0"))
+    writer.write_end_of_file()
+    written = buf.getvalue()
+    records, offset = _tensor_records(written[:_HEAD_BYTES])
+    reread = torch._C.PyTorchFileReader(io.BytesIO(written))
+    assert records["data.pkl"] == decoy and offset == reread.get_record_offset("data/0")
