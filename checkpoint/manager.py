@@ -457,7 +457,10 @@ class CheckpointManager:
             if hash_error:
                 kind, text = hash_error
                 raise kind(text)
-        rejection = next((rejection for (rejection, _), _ in outcomes if rejection is not None), None)
+        # A file that fails its checksum outranks one a rank could not read: only the first
+        # makes the checkpoint bad (quarantined); the second may be that rank's disk.
+        rejections = sorted((r for (r, _), _ in outcomes if r is not None), key=lambda r: r.kind == "unreadable")
+        rejection = rejections[0] if rejections else None
         errors = [error for _, error in outcomes if error]
         # A corrupt file may be why a read failed: the hashes decide first.
         if rejection is None and errors:

@@ -81,8 +81,9 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
         found = _tensor_records(stream.read(min(info.length, _HEAD_BYTES)))
         if found is None:
             return False
-        records, data_offset = found
+        records, data_offset, record_size = found
         if (records.get("byteorder") != sys.byteorder.encode() or data_offset + nbytes > info.length
+                or record_size not in (None, nbytes)
                 or _saved_layout(records.get("data.pkl", b"")) != (target.dtype, tuple(target.shape), 0)):
             return False
         stream.seek(info.offset + data_offset)
@@ -94,6 +95,8 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
                 if not n:
                     raise EOFError(f"{info.relative_path}: ended {nbytes - filled} bytes early in {req.storage_index.fqn}")
                 filled += n
+        if record_size is None and not _ends_record(stream.read(min(24, info.length - data_offset - nbytes)), nbytes):
+            return False  # the record is not the tensor's size (a forged file): DCP's path reads it or fails
         planner.commit_tensor(req, target)
         return True
 
@@ -103,11 +106,13 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"  # after an entry written as a stream: its crc32 and sizes
 
 
-def _tensor_records(head: bytes) -> tuple[dict, int] | None:
+def _tensor_records(head: bytes) -> tuple[dict, int, int | None] | None:
     """What a ``torch.save`` of one tensor writes before the tensor's bytes, read from the
     first bytes of its zip archive: the small records ({"data.pkl": the pickle, "byteorder":
-    ..., ...}) and the offset of the tensor's bytes (record "data/0"). None where the bytes
-    are not laid out so (another writer, a damaged file): DCP's path reads that tensor.
+    ..., ...}), the offset of the tensor's bytes (record "data/0") and their size if its
+    header gives it (an empty record's does), else None: a data descriptor follows them
+    (``_ends_record``). None where the bytes are not laid out so (another writer, a damaged
+    file, a storage alignment beyond 4 KiB): DCP's path reads that tensor.
 
     ``torch.save`` writes its entries as a stream, so a local header holds no sizes: a small
     entry ends at the data descriptor that gives its length, and the next header follows."""
@@ -115,7 +120,7 @@ def _tensor_records(head: bytes) -> tuple[dict, int] | None:
     prefix = None  # the archive's name, "archive/"
     pos = 0
     while pos + _LOCAL_HEADER.size <= len(head):
-        signature, _, flags, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack_from(head, pos)
+        signature, _, flags, method, _, _, _, size, _, name_len, extra_len = _LOCAL_HEADER.unpack_from(head, pos)
         name_at = pos + _LOCAL_HEADER.size
         data = name_at + name_len + extra_len
         if signature != _LOCAL_SIGNATURE or method != 0 or data > len(head):
@@ -125,7 +130,7 @@ def _tensor_records(head: bytes) -> tuple[dict, int] | None:
         if not name.startswith(prefix):
             return None
         if name[len(prefix):] == _STORAGE_RECORD:
-            return records, data
+            return records, data, None if flags & 0x8 else size
         end = _entry_end(head, data) if flags & 0x8 else None  # else not written as a stream: not torch.save's
         if end is None:
             return None
@@ -146,6 +151,15 @@ def _entry_end(head: bytes, data: int) -> tuple[int, int] | None:
                 return found, next_entry
         found = head.find(_DESCRIPTOR_SIGNATURE, found + 1)
     return None
+
+
+def _ends_record(after: bytes, size: int) -> bool:
+    """Whether ``after``, the bytes after a streamed record of ``size`` bytes, begin with
+    the data descriptor of a record that size (32-bit sizes, or zip64's 64-bit ones)."""
+    if not after.startswith(_DESCRIPTOR_SIGNATURE):
+        return False
+    return (len(after) >= 16 and struct.unpack_from("<II", after, 8) == (size, size)
+            or len(after) >= 24 and struct.unpack_from("<QQ", after, 8) == (size, size))
 
 
 _STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}

@@ -39,8 +39,9 @@ def test_the_front_of_the_archive_gives_what_its_directory_says(name):
     archive = torch._C.PyTorchFileReader(io.BytesIO(data))
     found = _tensor_records(data[:_HEAD_BYTES])
     assert found is not None, "torch.save's layout changed: every tensor would take DCP's slower path"
-    records, offset = found
+    records, offset, size = found
     assert offset == archive.get_record_offset("data/0")
+    assert size in (None, archive.get_record_size("data/0"))  # None: a descriptor after the bytes says it
     assert records["data.pkl"] == archive.get_record("data.pkl")
     assert records["byteorder"] == archive.get_record("byteorder")
 
@@ -76,6 +77,63 @@ def test_a_descriptor_lookalike_inside_the_pickle_is_passed_over():
     writer.write_record("data/0", archive.get_record("data/0"), archive.get_record_size("data/0"))
     writer.write_end_of_file()
     written = buf.getvalue()
-    records, offset = _tensor_records(written[:_HEAD_BYTES])
+    records, offset, _ = _tensor_records(written[:_HEAD_BYTES])
     reread = torch._C.PyTorchFileReader(io.BytesIO(written))
     assert records["data.pkl"] == decoy and offset == reread.get_record_offset("data/0")
+
+
+def _save_one(directory, tensor: torch.Tensor):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"a": tensor}, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=True)
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()  # our own file: plain pickle is fine
+    (index, info), = metadata.storage_data.items()
+    return metadata, index, info
+
+
+def _load_one(directory, shape) -> torch.Tensor:
+    import torch.distributed.checkpoint as dcp
+
+    from checkpoint.reader import DirectFileSystemReader
+
+    target = {"a": torch.full(shape, -1.0)}
+    dcp.load(target, storage_reader=DirectFileSystemReader(str(directory)), no_dist=True)
+    return target["a"]
+
+
+def test_a_tensor_record_shorter_than_the_tensor_is_not_read_as_it(tmp_path):
+    """A forged slice: the pickle says (100, 10) float32, its storage record holds 3900 of
+    the 4000 bytes. Read by the front, the last 100 bytes would be the zip's trailer; the
+    descriptor after the record says its size, so the load must fail instead."""
+    import dataclasses
+    import pickle
+
+    metadata, index, info = _save_one(tmp_path, torch.randn(100, 10))
+    original = torch._C.PyTorchFileReader(io.BytesIO(saved(torch.zeros(100, 10))))
+    buf = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(buf)
+    for name in ("data.pkl", ".format_version", ".storage_alignment", "byteorder"):
+        record = original.get_record(name)
+        writer.write_record(name, record, len(record))
+    writer.write_record("data/0", b"\x11" * 3900, 3900)
+    writer.write_end_of_file()
+    forged = buf.getvalue()
+    (tmp_path / info.relative_path).write_bytes(forged)
+    metadata.storage_data[index] = dataclasses.replace(info, offset=0, length=len(forged))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match=r"record size \(3900 bytes\) does not match"):  # DCP's path
+        _load_one(tmp_path, (100, 10))
+
+
+def test_a_layout_the_front_cannot_give_still_loads_through_dcps_path(tmp_path, monkeypatch):
+    """Storage records aligned to 16 KiB start past the first 8 KiB: DCP's path reads them."""
+    from torch.utils.serialization import config
+
+    monkeypatch.setattr(config.save, "storage_alignment", 16384)
+    tensor = torch.randn(100, 10)
+    _, _, info = _save_one(tmp_path, tensor)
+    head = (tmp_path / info.relative_path).read_bytes()[info.offset:info.offset + _HEAD_BYTES]
+    assert _tensor_records(head) is None
+    assert torch.equal(_load_one(tmp_path, (100, 10)), tensor)
