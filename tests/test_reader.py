@@ -127,13 +127,17 @@ def test_a_tensor_record_shorter_than_the_tensor_is_not_read_as_it(tmp_path):
         _load_one(tmp_path, (100, 10))
 
 
-def test_a_layout_the_front_cannot_give_still_loads_through_dcps_path(tmp_path, monkeypatch):
+def test_a_layout_the_front_cannot_give_still_loads_through_dcps_path(tmp_path):
     """Storage records aligned to 16 KiB start past the first 8 KiB: DCP's path reads them."""
     from torch.utils.serialization import config
 
-    monkeypatch.setattr(config.save, "storage_alignment", 16384)
     tensor = torch.randn(100, 10)
-    _, _, info = _save_one(tmp_path, tensor)
+    default = config.save.storage_alignment
+    config.save.storage_alignment = 16384  # (pytest's monkeypatch would delete it on undo)
+    try:
+        _, _, info = _save_one(tmp_path, tensor)
+    finally:
+        config.save.storage_alignment = default
     head = (tmp_path / info.relative_path).read_bytes()[info.offset:info.offset + _HEAD_BYTES]
     assert _tensor_records(head) is None
     assert torch.equal(_load_one(tmp_path, (100, 10)), tensor)
