@@ -553,3 +553,21 @@ def test_a_corrupt_shard_in_any_ranks_share_falls_back_on_every_rank(tmp_path, s
     for rank in range(2):
         assert (tmp_path / "ckpt" / f"outcome-{rank}.txt").read_text() == "step 10 exact True", rank
     assert [p.name.split(".")[0] for p in (tmp_path / "ckpt" / "quarantine").iterdir()] == ["step-00000020"]
+
+
+def test_retention_deletes_in_the_background_and_sweeps_what_a_dead_process_left(tmp_path):
+    """A deleted checkpoint leaves the root at once (renamed aside) and its files go in a
+    background thread; ``close`` waits for them, and a directory set aside by a process that
+    died before deleting it goes at the next retention."""
+    left = tmp_path / ".deleting-step-00000001-0badc0de"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "shard.distcp").write_bytes(b"x" * 1000)
+    mgr, model, opt, sched, counter = make_job(tmp_path, keep_last=2)
+    for step in range(1, 6):
+        train_step(model, opt, sched, counter)
+        mgr.save(step)
+        steps = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
+        assert steps == [f"step-{s:08d}" for s in range(max(1, step - 1), step + 1)], steps  # gone at once
+    mgr.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".deleting-"))) == \
+        ["step-00000004", "step-00000005"]
