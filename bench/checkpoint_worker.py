@@ -93,7 +93,10 @@ def evict(directory: str) -> None:
     from the disk like one after a restart on another machine would."""
     for root, _, files in os.walk(directory):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except FileNotFoundError:  # an old checkpoint that retention is deleting
+                continue
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:

@@ -302,8 +302,8 @@ class CheckpointManager:
                 self._mirror.close()
             if self._memory is not None:
                 self._memory.close()
-            retention.finish_deletions()  # what retention set aside is gone when the job ends
         finally:
+            retention.finish_deletions()  # what retention set aside is gone when the job ends
             if self._lease is not None:
                 self._lease.release()
 

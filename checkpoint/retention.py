@@ -12,14 +12,20 @@ A committed checkpoint that fails verification is *quarantined*: moved under
 and retention does not count it. One that cannot be read (an ``OSError``: EIO, EACCES, which
 may pass) is neither counted nor touched.
 
+A local checkpoint that retention deletes is renamed aside (``ROOT/.deleting-step-N-<hex>``)
+and its files are deleted by a background thread: deleting gigabytes can take seconds, which
+the saving thread need not wait for.
+
 ``find_loadable`` is the rule load follows: the newest checkpoint that verifies, and never a
 silent fresh start over committed or quarantined checkpoints of which none verifies.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -33,6 +39,7 @@ log = logging.getLogger("checkpoint")
 
 QUARANTINE_DIR = "quarantine"
 DELETING_PREFIX = ".deleting-"  # a local checkpoint set aside to be deleted in the background
+_SET_ASIDE = re.compile(r"^\.deleting-step-\d+-[0-9a-f]{8}$")
 
 
 def steps_to_delete(verified: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
@@ -163,7 +170,7 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
             log.warning("retention could not remove %s: %s", path, e)
     if storage.is_local:  # what a process that died while deleting left set aside
         try:
-            leftovers = [name for name in os.listdir(storage.root) if name.startswith(DELETING_PREFIX)]
+            leftovers = [name for name in os.listdir(storage.root) if _SET_ASIDE.match(name)]
         except OSError as e:
             log.warning("retention could not list %s: %s", storage.root, e)
             leftovers = []
@@ -206,10 +213,11 @@ def _delete_in_background(path: str) -> None:
         _being_deleted.add(name)
         _deleting[:] = [t for t in _deleting if t.is_alive()]
         thread = threading.Thread(target=delete, name="ckpt-delete", daemon=True)
+        thread.start()  # under the lock: finish_deletions never sees a thread not yet started
         _deleting.append(thread)
-    thread.start()
 
 
+@atexit.register  # a process that ends without close() (its last async save's retention ran at exit)
 def finish_deletions() -> None:
     """Wait until the checkpoints retention set aside are deleted."""
     with _lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -571,3 +572,19 @@ def test_retention_deletes_in_the_background_and_sweeps_what_a_dead_process_left
     mgr.close()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".deleting-"))) == \
         ["step-00000004", "step-00000005"]
+
+
+def test_a_process_that_ends_without_close_still_finishes_its_deletions(tmp_path):
+    """Retention's deletions run in daemon threads, which the interpreter would kill at
+    exit: a script that saves and ends without ``close()`` must not leave them half done."""
+    stale = tmp_path / "ckpt" / "step-00000001"  # a save that died: no record, many files
+    stale.mkdir(parents=True)
+    for i in range(20000):
+        (stale / f"f{i}").touch()
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from checkpoint import CheckpointManager; "
+              "CheckpointManager(sys.argv[2], model=torch.nn.Linear(2, 2)).save(2)")
+    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parents[1]), str(tmp_path / "ckpt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(("step-", ".deleting-"))) == \
+        ["step-00000002"]
