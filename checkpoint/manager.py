@@ -392,8 +392,8 @@ class CheckpointManager:
     def _hashes_while_loading(self, storage: Storage) -> bool:
         """With verify="hash", discovery checks the sizes, the crc32 of every file but the
         shards (DCP's ``.metadata``: the load plans its reads from it) and what loading
-        unpickles, and the ranks check the shards' crc32s, a share each, while DCP reads them:
-        their bytes come from the disk once. A checkpoint that fails then has been partly read
+        unpickles, and the ranks check the shards' crc32s, a share each, from the bytes DCP
+        reads (a local disk) or while it reads them: their bytes come from the disk once. A checkpoint that fails then has been partly read
         into the live state; the one before it overwrites all of it. Not in keyed mode, where
         every byte is authenticated before it is used; and only where two readers of a file get
         a stream each (fsspec's memory:// hands both the same one)."""
@@ -425,7 +425,12 @@ class CheckpointManager:
         where = source.url_of(dirname)
         # Ranks beyond the saved world size have no RNG state of their own to restore.
         state = self.training.state_dict(self.rank, with_rng=self.rank < manifest.world_size)
-        reader = reader_for(source, dirname)
+        # Each rank checks a share of the shards: under DDP every rank reads all of them, and
+        # one rank checking them all would read twice what the others do. On a local disk the
+        # reader takes their crc32s from the bytes it reads; elsewhere a thread reads them.
+        shards = sorted(name for name in manifest.files if is_shard(name))[self.rank::self.world_size]
+        inline = deferred and source.is_local
+        reader = reader_for(source, dirname, checksum=shards if inline else ())
         error = incompatibility(state, reader, where)
         errors = [e for e in _dist.all_gather(error, self._group) if e]
         if errors:  # the same error on every rank, before any rank reads
@@ -433,10 +438,7 @@ class CheckpointManager:
             raise kind(message)
         self.observer.before_load(manifest.step)
         hashing = check = None
-        # Each rank checks a share of the shards: under DDP every rank reads all of them, and
-        # one rank checking them all would read twice what the others do.
-        shards = sorted(name for name in manifest.files if is_shard(name))[self.rank::self.world_size]
-        if deferred and shards:
+        if deferred and shards and not inline:
             hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
             check = hashing.submit(check_shard_hashes, source, dirname, manifest, shards)
         try:
@@ -446,12 +448,14 @@ class CheckpointManager:
                 hashing.shutdown(wait=False)
             raise
         hashes = (None, None)  # this rank's (rejection, (error type, text) while hashing)
-        if hashing is not None:
-            hashing.shutdown()
-            try:
+        try:
+            if hashing is not None:
+                hashing.shutdown()
                 hashes = (check.result(), None)
-            except Exception as e:
-                hashes = (None, (type(e), str(e)) if isinstance(e, CheckpointError) else (CheckpointError, one_line(e)))
+            elif inline and shards:  # what the read did not cover (a failed read, another plan) is read here
+                hashes = (check_shard_hashes(source, dirname, manifest, shards, reader.crc32s), None)
+        except Exception as e:
+            hashes = (None, (type(e), str(e)) if isinstance(e, CheckpointError) else (CheckpointError, one_line(e)))
         outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
                                     self._group)
         for (_, hash_error), _ in outcomes:

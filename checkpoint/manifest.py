@@ -227,7 +227,11 @@ def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: byte
     digest = storage.sha256 if key is not None else storage.crc32
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
         found = list(pool.map(lambda n: digest(storage.join(dirname, n)), names))
-    for name, value in zip(names, found):
+    return _differs(storage, dirname, manifest, algo, dict(zip(names, found)))
+
+
+def _differs(storage: Storage, dirname: str, manifest: Manifest, algo: str, values: dict[str, str]) -> str | None:
+    for name, value in values.items():
         listed = getattr(manifest.files[name], algo)
         if value != listed:
             return (f"{storage.join(dirname, name)}: {algo} {value[:16]}, the commit record says "
@@ -235,14 +239,19 @@ def _hash_mismatch(storage: Storage, dirname: str, manifest: Manifest, key: byte
     return None
 
 
-def check_shard_hashes(storage: Storage, dirname: str, manifest: Manifest, shards: list[str]) -> Rejection | None:
+def check_shard_hashes(storage: Storage, dirname: str, manifest: Manifest, shards: list[str],
+                       computed: dict[str, str] | None = None) -> Rejection | None:
     """The rest of a ``"hash"`` verification for a checkpoint that passed ``SHARDS_LATER``:
-    the crc32s of ``shards`` (each rank checks its share). Loading runs it while DCP reads the
-    same files, so they come from the disk once. Returns why one fails, or None."""
-    try:
-        reason = _hash_mismatch(storage, dirname, manifest, None, shards)
-    except OSError as e:
-        return Rejection(f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})", "unreadable")
+    the crc32s of ``shards`` (each rank checks its share), those in ``computed`` already
+    taken from the bytes the load read, the others read here. Loading runs it while DCP
+    reads the same files, so they come from the disk once. Returns why one fails, or None."""
+    computed = {name: crc for name, crc in (computed or {}).items() if name in shards}
+    reason = _differs(storage, dirname, manifest, "crc32", computed)
+    if reason is None:
+        try:
+            reason = _hash_mismatch(storage, dirname, manifest, None, [n for n in shards if n not in computed])
+        except OSError as e:
+            return Rejection(f"{storage.join(dirname)}: cannot read it ({type(e).__name__}: {e})", "unreadable")
     return None if reason is None else Rejection(reason)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import pickle
 import struct
 import sys
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from .safe_load import SafeMetadataReader, check_c_unpickle, fsspec_reader
+from .storage import crc32
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 _HEAD_BYTES = 8192  # a slice's records before the tensor's bytes: the pickle (at most 4 KiB), headers, padding
@@ -47,7 +49,17 @@ _LAYOUT_MAX_BYTES = 4096  # the pickle describing one plain tensor: about 160 by
 
 class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
     """DCP's FileSystemReader with direct reads of whole tensors, and ``.metadata`` read
-    through the restricted unpickler (``checkpoint.safe_load``)."""
+    through the restricted unpickler (``checkpoint.safe_load``).
+
+    The files named in ``checksum`` get their crc32 taken from the bytes this read brings in,
+    as it reads them (the gaps between, with ``os.pread``), into ``crc32s``: no second pass
+    over the files. Taken right after each read, before any other read could overwrite the
+    same memory (tied tensors)."""
+
+    def __init__(self, path, checksum=(), **kwargs):
+        super().__init__(path, **kwargs)
+        self.checksum = set(checksum)
+        self.crc32s: dict[str, str] = {}
 
     def read_data(self, plan, planner) -> Future:
         rest = []
@@ -55,17 +67,20 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
         for req in plan.items:
             per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for relative_path, reqs in per_file.items():
-            with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
+            path = self.fs.concat_path(self.path, relative_path)
+            with self.fs.create_stream(path, "rb") as stream, _FileCrc32(path, relative_path in self.checksum) as crc:
                 for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
-                    if not self._read_into_target(stream, req, planner):
+                    if not self._read_into_target(stream, req, planner, crc):
                         rest.append(req)
+                if crc.enabled:
+                    self.crc32s[relative_path] = crc.finish()
         if rest:
             super().read_data(dataclasses.replace(plan, items=rest), planner).wait()
         done: Future = Future()
         done.set_result(None)
         return done
 
-    def _read_into_target(self, stream, req, planner) -> bool:
+    def _read_into_target(self, stream, req, planner, crc: "_FileCrc32") -> bool:
         """Read ``req`` straight into its target if it is a whole tensor stored contiguously;
         False (nothing read) when DCP's general path must handle it."""
         info = self.storage_data[req.storage_index]
@@ -78,7 +93,9 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
             return False  # a part of the saved tensor (resharding)
         nbytes = target.numel() * target.element_size()
         stream.seek(info.offset)
-        found = _tensor_records(stream.read(min(info.length, _HEAD_BYTES)))
+        head = stream.read(min(info.length, _HEAD_BYTES))
+        crc.add(info.offset, head)
+        found = _tensor_records(head)
         if found is None:
             return False
         records, data_offset, record_size = found
@@ -95,10 +112,50 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
                 if not n:
                     raise EOFError(f"{info.relative_path}: ended {nbytes - filled} bytes early in {req.storage_index.fqn}")
                 filled += n
-        if record_size is None and not _ends_record(stream.read(min(24, info.length - data_offset - nbytes)), nbytes):
+            crc.add(info.offset + data_offset, dest)
+        after = stream.read(min(24, info.length - data_offset - nbytes))
+        crc.add(info.offset + data_offset + nbytes, after)
+        if record_size is None and not _ends_record(after, nbytes):
             return False  # the record is not the tensor's size (a forged file): DCP's path reads it or fails
         planner.commit_tensor(req, target)
         return True
+
+
+class _FileCrc32:
+    """The crc32 of one file from pieces read in increasing order of offset (overlaps are
+    skipped, gaps read with ``os.pread``); a no-op when not ``enabled``."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.enabled = enabled
+        self.fd = os.open(path, os.O_RDONLY) if enabled else -1
+        self.crc = self.done = 0
+
+    def __enter__(self) -> "_FileCrc32":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def add(self, offset: int, data) -> None:
+        if not self.enabled or offset + len(data) <= self.done:
+            return
+        self._read_up_to(offset)
+        self.crc = crc32(data[self.done - offset:], self.crc)
+        self.done = offset + len(data)
+
+    def finish(self) -> str:
+        self._read_up_to(os.fstat(self.fd).st_size)
+        return f"{self.crc:08x}"
+
+    def _read_up_to(self, offset: int) -> None:
+        while self.done < offset:
+            chunk = os.pread(self.fd, min(offset - self.done, 8 << 20), self.done)
+            if not chunk:
+                raise EOFError(f"ended at byte {self.done} while checksumming (truncated while loading?)")
+            self.crc = crc32(chunk, self.crc)
+            self.done += len(chunk)
 
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip entry's local header, before its name
@@ -218,10 +275,11 @@ def _saved_layout(pickled: bytes) -> tuple | None:
         return None
 
 
-def reader_for(storage, dirname: str):
+def reader_for(storage, dirname: str, checksum=()):
     """The DCP reader for checkpoint ``dirname`` under ``storage`` (a ``Storage``): direct
-    reads on a local disk, fsspec's reader (with the root's options) elsewhere; both read
-    ``.metadata`` through the restricted unpickler."""
+    reads on a local disk (taking the crc32s of the files in ``checksum`` as it reads them),
+    fsspec's reader (with the root's options) elsewhere; both read ``.metadata`` through the
+    restricted unpickler."""
     if storage.is_local:
-        return DirectFileSystemReader(storage.join(dirname))
+        return DirectFileSystemReader(storage.join(dirname), checksum)
     return fsspec_reader(storage.url_of(dirname), storage.options)

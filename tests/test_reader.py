@@ -141,3 +141,51 @@ def test_a_layout_the_front_cannot_give_still_loads_through_dcps_path(tmp_path):
     head = (tmp_path / info.relative_path).read_bytes()[info.offset:info.offset + _HEAD_BYTES]
     assert _tensor_records(head) is None
     assert torch.equal(_load_one(tmp_path, (100, 10)), tensor)
+
+
+def test_the_crc32s_taken_while_reading_are_the_files(tmp_path):
+    """The reader checksums the files it is asked to from the bytes it reads (tensors read
+    directly, the rest read by DCP's path in between, trailers): the result must be each
+    whole file's crc32."""
+    import torch.distributed.checkpoint as dcp
+
+    from checkpoint import CheckpointManager, Storage
+    from checkpoint.reader import DirectFileSystemReader
+
+    torch.manual_seed(0)
+    state = {"transposed": torch.randn(4, 6).t(), "bf16": torch.randn(5, 3).bfloat16(), "empty": torch.empty(0, 3),
+             "scalar": torch.tensor(3.5), "big": torch.randn(300, 300)}
+    CheckpointManager(tmp_path, model=torch.nn.Linear(6, 4), state={"extra": state}).save(1)
+    step_dir = tmp_path / "step-00000001"
+    shards = sorted(p.name for p in step_dir.glob("*.distcp"))
+    reader = DirectFileSystemReader(str(step_dir), checksum=shards)
+    target = {f"extra.{k}": torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    storage = Storage(step_dir)
+    assert reader.crc32s == {name: storage.crc32(str(step_dir / name)) for name in shards}
+    assert all(torch.equal(target[f"extra.{k}"], v) for k, v in state.items())
+
+
+def test_a_flipped_byte_that_no_read_touches_still_fails_the_load(tmp_path, caplog):
+    """A byte in a tensor's zip trailer (its central directory), which the direct read
+    skips: the checksum reads the gaps, so the checkpoint still falls back."""
+    import logging
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from test_commit_protocol import loaded_step, save_steps
+
+    snaps = save_steps(tmp_path, [10, 20])
+    step_dir = tmp_path / "step-00000020"
+    metadata = FileSystemReader(str(step_dir)).read_metadata()  # our own file: plain pickle is fine here
+    info = next(info for index, info in sorted(metadata.storage_data.items(), key=lambda kv: kv[0].fqn)
+                if index.fqn.startswith("model."))
+    shard = step_dir / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset + info.length - 30] ^= 0xFF  # in the end-of-directory record
+    shard.write_bytes(data)
+    with caplog.at_level(logging.WARNING):
+        step, model = loaded_step(tmp_path, verify="hash")
+    assert step == 10
+    assert all(torch.equal(v, snaps[10][k]) for k, v in model.state_dict().items())
+    assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)

@@ -25,7 +25,7 @@ model = torch.nn.Linear(64, 64)
 mgr = CheckpointManager(root, model=model)
 mgr.save(10)
 if rank == failing:
-    def broken(self, stream, req, planner):
+    def broken(self, *args):
         raise OSError(f"injected read error on rank {rank}")
     DirectFileSystemReader._read_into_target = broken
 try:
