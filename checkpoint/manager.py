@@ -24,8 +24,10 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.utils._pytree import tree_leaves
 
 from . import _dist
 from . import retention
@@ -392,8 +394,9 @@ class CheckpointManager:
     def _hashes_while_loading(self, storage: Storage) -> bool:
         """With verify="hash", discovery checks the sizes, the crc32 of every file but the
         shards (DCP's ``.metadata``: the load plans its reads from it) and what loading
-        unpickles, and the ranks check the shards' crc32s, a share each, from the bytes DCP
-        reads (a local disk) or while it reads them: their bytes come from the disk once. A checkpoint that fails then has been partly read
+        unpickles, and the ranks check the shards' crc32s, a share each, from the bytes the
+        load reads (local CPU tensors) or while it reads them: their bytes come from the disk
+        once. A checkpoint that fails then has been partly read
         into the live state; the one before it overwrites all of it. Not in keyed mode, where
         every byte is authenticated before it is used; and only where two readers of a file get
         a stream each (fsspec's memory:// hands both the same one)."""
@@ -429,7 +432,11 @@ class CheckpointManager:
         # one rank checking them all would read twice what the others do. On a local disk the
         # reader takes their crc32s from the bytes it reads; elsewhere a thread reads them.
         shards = sorted(name for name in manifest.files if is_shard(name))[self.rank::self.world_size]
-        inline = deferred and source.is_local
+        # Only when every tensor is a plain CPU one: others go through DCP's own path, which
+        # would read them after the checksum had (the thread reads alongside instead).
+        inline = deferred and source.is_local and all(
+            type(leaf.detach()) is torch.Tensor and leaf.device.type == "cpu"  # a Parameter's is
+            for leaf in tree_leaves(state) if isinstance(leaf, torch.Tensor))
         reader = reader_for(source, dirname, checksum=shards if inline else ())
         error = incompatibility(state, reader, where)
         errors = [e for e in _dist.all_gather(error, self._group) if e]

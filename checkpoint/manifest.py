@@ -243,8 +243,8 @@ def check_shard_hashes(storage: Storage, dirname: str, manifest: Manifest, shard
                        computed: dict[str, str] | None = None) -> Rejection | None:
     """The rest of a ``"hash"`` verification for a checkpoint that passed ``SHARDS_LATER``:
     the crc32s of ``shards`` (each rank checks its share), those in ``computed`` already
-    taken from the bytes the load read, the others read here. Loading runs it while DCP
-    reads the same files, so they come from the disk once. Returns why one fails, or None."""
+    taken from the bytes the load read, the others read here (a thread runs it while an
+    object store's files load). Returns why one fails, or None."""
     computed = {name: crc for name, crc in (computed or {}).items() if name in shards}
     reason = _differs(storage, dirname, manifest, "crc32", computed)
     if reason is None:

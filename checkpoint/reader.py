@@ -68,11 +68,12 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
             per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for relative_path, reqs in per_file.items():
             path = self.fs.concat_path(self.path, relative_path)
-            with self.fs.create_stream(path, "rb") as stream, _FileCrc32(path, relative_path in self.checksum) as crc:
+            with self.fs.create_stream(path, "rb") as stream:
+                crc = _FileCrc32(stream.fileno(), path) if relative_path in self.checksum else _NO_CRC
                 for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
                     if not self._read_into_target(stream, req, planner, crc):
                         rest.append(req)
-                if crc.enabled:
+                if crc is not _NO_CRC:
                     self.crc32s[relative_path] = crc.finish()
         if rest:
             super().read_data(dataclasses.replace(plan, items=rest), planner).wait()
@@ -80,9 +81,10 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
         done.set_result(None)
         return done
 
-    def _read_into_target(self, stream, req, planner, crc: "_FileCrc32") -> bool:
+    def _read_into_target(self, stream, req, planner, crc) -> bool:
         """Read ``req`` straight into its target if it is a whole tensor stored contiguously;
-        False (nothing read) when DCP's general path must handle it."""
+        False when DCP's general path must handle it (which then reads it over whatever this
+        read may have put into the target)."""
         info = self.storage_data[req.storage_index]
         if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
             return False
@@ -103,16 +105,20 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
                 or record_size not in (None, nbytes)
                 or _saved_layout(records.get("data.pkl", b"")) != (target.dtype, tuple(target.shape), 0)):
             return False
-        stream.seek(info.offset + data_offset)
         if nbytes:
+            # The tensor's first bytes came with the head: copied from it, not read again, so
+            # the bytes checksummed are the bytes loaded.
             dest = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-            filled = 0
+            filled = max(0, min(nbytes, len(head) - data_offset))
+            dest[:filled] = head[data_offset:data_offset + filled]
+            stream.seek(info.offset + data_offset + filled)
             while filled < nbytes:
                 n = stream.readinto(dest[filled:])
                 if not n:
                     raise EOFError(f"{info.relative_path}: ended {nbytes - filled} bytes early in {req.storage_index.fqn}")
                 filled += n
             crc.add(info.offset + data_offset, dest)
+        stream.seek(info.offset + data_offset + nbytes)
         after = stream.read(min(24, info.length - data_offset - nbytes))
         crc.add(info.offset + data_offset + nbytes, after)
         if record_size is None and not _ends_record(after, nbytes):
@@ -122,40 +128,42 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
 
 
 class _FileCrc32:
-    """The crc32 of one file from pieces read in increasing order of offset (overlaps are
-    skipped, gaps read with ``os.pread``); a no-op when not ``enabled``."""
+    """The crc32 of one open file from pieces read in increasing order of offset (overlaps
+    are skipped, gaps read with ``os.pread`` on the same descriptor)."""
 
-    def __init__(self, path: str, enabled: bool):
-        self.enabled = enabled
-        self.fd = os.open(path, os.O_RDONLY) if enabled else -1
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
         self.crc = self.done = 0
 
-    def __enter__(self) -> "_FileCrc32":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
     def add(self, offset: int, data) -> None:
-        if not self.enabled or offset + len(data) <= self.done:
+        if offset + len(data) <= self.done:
             return
         self._read_up_to(offset)
         self.crc = crc32(data[self.done - offset:], self.crc)
         self.done = offset + len(data)
 
     def finish(self) -> str:
-        self._read_up_to(os.fstat(self.fd).st_size)
+        size = os.fstat(self.fd).st_size
+        if size < self.done:
+            raise EOFError(f"{self.path} shrank to {size} bytes while being loaded")
+        self._read_up_to(size)
         return f"{self.crc:08x}"
 
     def _read_up_to(self, offset: int) -> None:
         while self.done < offset:
             chunk = os.pread(self.fd, min(offset - self.done, 8 << 20), self.done)
             if not chunk:
-                raise EOFError(f"ended at byte {self.done} while checksumming (truncated while loading?)")
+                raise EOFError(f"{self.path} ended at byte {self.done} while being checksummed (truncated?)")
             self.crc = crc32(chunk, self.crc)
             self.done += len(chunk)
+
+
+class _NoCrc32:
+    def add(self, offset: int, data) -> None:
+        pass
+
+
+_NO_CRC = _NoCrc32()
 
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip entry's local header, before its name
