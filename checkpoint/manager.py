@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.utils._pytree import tree_leaves
+from torch.distributed.checkpoint._traverse import traverse_state_dict  # the walk DCP's planner does
 
 from . import _dist
 from . import retention
@@ -396,10 +396,10 @@ class CheckpointManager:
         shards (DCP's ``.metadata``: the load plans its reads from it) and what loading
         unpickles, and the ranks check the shards' crc32s, a share each, from the bytes the
         load reads (local CPU tensors) or while it reads them: their bytes come from the disk
-        once. A checkpoint that fails then has been partly read
-        into the live state; the one before it overwrites all of it. Not in keyed mode, where
-        every byte is authenticated before it is used; and only where two readers of a file get
-        a stream each (fsspec's memory:// hands both the same one)."""
+        once. A checkpoint that fails then has been partly read into the live state; the one
+        before it overwrites all of it. Not in keyed mode, where every byte is authenticated
+        before it is used; and only where two readers of a file get a stream each (fsspec's
+        memory:// hands both the same one)."""
         return (self.config.verify == "hash" and self.hmac_key is None
                 and (storage.is_local or storage.is_object_store))
 
@@ -434,9 +434,7 @@ class CheckpointManager:
         shards = sorted(name for name in manifest.files if is_shard(name))[self.rank::self.world_size]
         # Only when every tensor is a plain CPU one: others go through DCP's own path, which
         # would read them after the checksum had (the thread reads alongside instead).
-        inline = deferred and source.is_local and all(
-            type(leaf.detach()) is torch.Tensor and leaf.device.type == "cpu"  # a Parameter's is
-            for leaf in tree_leaves(state) if isinstance(leaf, torch.Tensor))
+        inline = deferred and source.is_local and _plain_cpu_tensors_only(state)
         reader = reader_for(source, dirname, checksum=shards if inline else ())
         error = incompatibility(state, reader, where)
         errors = [e for e in _dist.all_gather(error, self._group) if e]
@@ -495,6 +493,20 @@ class CheckpointManager:
         if isinstance(failure, (KeyboardInterrupt, SystemExit)):  # DCP wraps those too
             raise failure
         return failure
+
+
+def _plain_cpu_tensors_only(state: dict) -> bool:
+    """Whether every tensor DCP finds in ``state`` (its own walk: a Mapping of any kind) is a
+    plain CPU tensor or Parameter, which the direct reader reads in file order."""
+    others = []
+
+    def visit(_path, value) -> None:
+        if isinstance(value, torch.Tensor) and (type(value) not in (torch.Tensor, torch.nn.Parameter)
+                                                or value.device.type != "cpu"):
+            others.append(type(value))
+
+    traverse_state_dict(state, visit)
+    return not others
 
 
 # Without a process group DCP warns on every call that it assumes one process; we ask for

@@ -27,6 +27,7 @@ sends the tensor to DCP's path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -263,9 +264,11 @@ def _contiguous_strides(shape: tuple) -> tuple:
     return tuple(reversed(strides))
 
 
+@functools.lru_cache(maxsize=4096)  # same shape and dtype, same bytes: Adam's two states, repeated layers
 def _saved_layout(pickled: bytes) -> tuple | None:
     """(dtype, shape, storage offset) of the tensor a ``torch.save`` pickle describes, if it
-    is one contiguous tensor; None for anything else (DCP's path reads it)."""
+    is one contiguous tensor; None for anything else (DCP's path reads it). A pure function
+    of the bytes: cached, its scan and unpickling cost 0.2 ms a tensor."""
     if len(pickled) > _LAYOUT_MAX_BYTES:  # not one plain tensor's; and the scan below is slow
         return None
     try:

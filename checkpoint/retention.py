@@ -183,8 +183,7 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
 # disk the directory is renamed aside (atomic: gone from the root at once) and deleted by a
 # background thread; ``finish_deletions`` waits for them (the manager's ``close``), and the
 # next retention sweeps up what a process that died meanwhile left.
-_being_deleted: set[str] = set()
-_deleting: list[threading.Thread] = []
+_deleting: dict[str, threading.Thread] = {}  # name set aside -> the thread deleting it
 _lock = threading.Lock()
 
 
@@ -205,23 +204,21 @@ def _delete_in_background(path: str) -> None:
         if os.path.exists(path):
             log.warning("retention could not delete %s; the next retention tries again", path)
         with _lock:
-            _being_deleted.discard(name)
+            _deleting.pop(name, None)
 
     with _lock:
-        if name in _being_deleted:  # already on its way out
+        if name in _deleting:  # already on its way out
             return
-        _being_deleted.add(name)
-        _deleting[:] = [t for t in _deleting if t.is_alive()]
         thread = threading.Thread(target=delete, name="ckpt-delete", daemon=True)
+        _deleting[name] = thread
         thread.start()  # under the lock: finish_deletions never sees a thread not yet started
-        _deleting.append(thread)
 
 
 @atexit.register  # a process that ends without close() (its last async save's retention ran at exit)
 def finish_deletions() -> None:
     """Wait until the checkpoints retention set aside are deleted."""
     with _lock:
-        pending = list(_deleting)
+        pending = list(_deleting.values())
     for thread in pending:
         thread.join()
 
