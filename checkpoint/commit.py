@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 import torch
@@ -34,6 +35,7 @@ class Committer:
         self.lease: Lease | None = None  # rank 0's hold on a local root: checked before every commit
         self.mirror = None  # rank 0: a mirror.Mirror that each commit is copied to (config.mirror)
         self._verified = retention.VerifiedCache()
+        self._last_bytes: int | None = None  # the size of the last checkpoint committed, for make_room
 
     def write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
         """Write ``state`` as checkpoint ``step`` and commit it; every collective on ``group``.
@@ -47,7 +49,10 @@ class Committer:
                                                   storage_options=self.storage.options)
             dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist.initialized())
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-            raise CheckpointError(f"writing checkpoint {path} failed: {one_line(e)}; "
+            hint = self._disk_full_hint(one_line(e))
+            if self.rank == 0 and self.storage.is_local:
+                self._remove_partial(step)
+            raise CheckpointError(f"writing checkpoint {path} failed: {one_line(e)}{hint}; "
                                   "the previous committed checkpoint stays") from e
         written_at = time.monotonic()
 
@@ -93,10 +98,41 @@ class Committer:
             if self.mirror is not None:
                 self.mirror.submit(step)
             self._verified.remember_good(self.storage, dirname, manifest)
+            self._last_bytes = manifest.total_bytes
             retention.apply(self.storage, self._verified, step, keep_last=self.config.keep_last,
                             keep_every=self.config.keep_every, mode=self.config.verify,
                             allowed_globals=self.safe_globals, key=self.hmac_key)
         return manifest, written
+
+    def _remove_partial(self, step: int) -> None:
+        """Delete what a failed save wrote (never loadable: no commit record): on a full disk
+        its blocks would make every later save fail too. Best effort: DCP has gathered every
+        rank's outcome, but a rank that timed out or a writer's helper thread may still be
+        writing (what is left, the next retention sweeps). Never a committed checkpoint, and
+        never after another job took the root over (it may be saving this step)."""
+        dirname = step_dir_name(step)
+        try:
+            if self.lease is not None:
+                self.lease.check()
+            if not is_committed(self.storage, step):
+                self.storage.remove_tree(self.storage.join(dirname))
+        except Exception as e:
+            log.warning("left the failed save's files in %s: %s", self.storage.url_of(dirname), one_line(e))
+
+    def _disk_full_hint(self, error: str) -> str:
+        """A full local disk fails torch.save's zip writer with "unexpected pos N vs M", which
+        does not say so: name it when the error is one a full disk gives and this rank's disk
+        has less room left than a checkpoint."""
+        if not self.storage.is_local or not ("No space left" in error or "unexpected pos" in error):
+            return ""
+        try:
+            free = shutil.disk_usage(self.storage.root).free
+        except OSError:
+            return ""
+        if free >= max(self._last_bytes or 0, 64 << 20):
+            return ""
+        return (f" (the disk holding {self.storage.root} is full: {free / 1e6:.1f} MB free; free space "
+                "or keep fewer checkpoints)")
 
     def prepare(self, step: int) -> bool:
         """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
@@ -110,5 +146,7 @@ class Committer:
             log.warning("re-saving step %d over a checkpoint that fails verification: %s", step, reason)
             self.storage.fs.rm(self.storage.join(dirname, MANIFEST_NAME))
         self.storage.remove_tree(self.storage.join(dirname))
+        if self.storage.is_local:
+            retention.make_room(self.storage.root, self._last_bytes)
         self.storage.makedirs(self.storage.join(dirname))
         return False

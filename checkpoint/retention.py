@@ -14,7 +14,8 @@ may pass) is neither counted nor touched.
 
 A local checkpoint that retention deletes is renamed aside (``ROOT/.deleting-step-N-<hex>``)
 and its files are deleted by a background thread: deleting gigabytes can take seconds, which
-the saving thread need not wait for.
+the saving thread need not wait for. The next save waits for it only where the disk lacks the
+room for another checkpoint (``make_room``).
 
 ``find_loadable`` is the rule load follows: the newest checkpoint that verifies, and never a
 silent fresh start over committed or quarantined checkpoints of which none verifies.
@@ -183,7 +184,7 @@ def apply(storage: Storage, cache: VerifiedCache, newest: int, *, keep_last: int
 # disk the directory is renamed aside (atomic: gone from the root at once) and deleted by a
 # background thread; ``finish_deletions`` waits for them (the manager's ``close``), and the
 # next retention sweeps up what a process that died meanwhile left.
-_deleting: dict[str, threading.Thread] = {}  # name set aside -> the thread deleting it
+_deleting: dict[str, threading.Thread] = {}  # path set aside -> the thread deleting it
 _lock = threading.Lock()
 
 
@@ -197,21 +198,41 @@ def _remove(storage: Storage, path: str) -> None:
 
 
 def _delete_in_background(path: str) -> None:
-    name = os.path.basename(path)
 
     def delete() -> None:
         shutil.rmtree(path, ignore_errors=True)
         if os.path.exists(path):
             log.warning("retention could not delete %s; the next retention tries again", path)
         with _lock:
-            _deleting.pop(name, None)
+            _deleting.pop(path, None)
 
     with _lock:
-        if name in _deleting:  # already on its way out
+        if path in _deleting:  # already on its way out
             return
         thread = threading.Thread(target=delete, name="ckpt-delete", daemon=True)
-        _deleting[name] = thread
-        thread.start()  # under the lock: finish_deletions never sees a thread not yet started
+        thread.start()  # under the lock, registered once started: finish_deletions joins only started threads
+        _deleting[path] = thread  # before the thread's own pop, which waits for the lock
+
+
+def make_room(root: str, needed: int | None) -> None:
+    """Before a save into local ``root``: wait for the deletions still running when the disk
+    has less than ``needed`` bytes free (the last checkpoint's size; None: unknown). On a disk
+    sized for ``keep_last`` + 1 checkpoints the next save must not fill it while the one
+    retention deleted still holds its blocks; elsewhere it does not wait."""
+    with _lock:  # only this root's: another root's deletion frees nothing here
+        pending = [thread for path, thread in _deleting.items() if os.path.dirname(path) == root]
+    if not pending:
+        return
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:  # the root is gone: the save says so
+        return
+    if needed is not None and free >= needed:
+        return
+    log.info("waiting for retention to finish deleting before the next save: %d MB free in %s, "
+             "the last checkpoint took %s MB", free // 10**6, root, "?" if needed is None else needed // 10**6)
+    for thread in pending:
+        thread.join()
 
 
 @atexit.register  # a process that ends without close() (its last async save's retention ran at exit)

@@ -6,11 +6,15 @@ a truncated shard, a flipped byte, a garbage record) and asserts which step load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -588,3 +592,93 @@ def test_a_process_that_ends_without_close_still_finishes_its_deletions(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(("step-", ".deleting-"))) == \
         ["step-00000002"]
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A real disk of ``size`` (a tmpfs) at ``path``; the test is skipped where none can be mounted."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_save_on_a_disk_with_room_for_two_waits_for_the_deletion_of_the_third(tmp_path, monkeypatch):
+    """Retention deletes in the background; on a disk with room for keep_last + 1
+    checkpoints the next save must wait for that deletion, not fail with a full disk. The
+    deletion is held until the save says it waits (without the wait: "No space left")."""
+    release = threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def held_rmtree(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".deleting-"):
+            assert release.wait(60), "the save never waited for the deletion"
+        return real_rmtree(path, *args, **kwargs)
+
+    class ReleaseWhenTheSaveWaits(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("waiting for retention to finish deleting"):
+                release.set()
+
+    logger = logging.getLogger("checkpoint")
+    handler = ReleaseWhenTheSaveWaits()
+    level = logger.level
+    mgr = None
+    with small_disk(tmp_path / "disk", "10m") as disk:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        monkeypatch.setattr(shutil, "rmtree", held_rmtree)
+        try:
+            torch.manual_seed(0)
+            model = nn.Linear(1024, 1024)  # 4.2 MB a checkpoint: two fit in 10 MiB, three do not
+            mgr = CheckpointManager(disk, model=model, keep_last=1)
+            for step in (1, 2, 3):
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+                mgr.save(step)
+            mgr.close()
+            mgr = None
+            assert release.is_set()
+            assert sorted(p.name for p in disk.iterdir() if p.name.startswith(("step-", ".deleting-"))) == \
+                ["step-00000003"]
+            saved = model.weight.detach().clone()
+            fresh = nn.Linear(1024, 1024)
+            mgr = CheckpointManager(disk, model=fresh)
+            assert mgr.load().step == 3
+            assert torch.equal(fresh.weight, saved)
+        finally:
+            release.set()
+            if mgr is not None:
+                mgr.close()
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def test_a_save_that_fills_the_disk_says_so_and_leaves_no_partial_files(tmp_path):
+    """torch.save's zip writer fails a full disk with "unexpected pos N vs M": the error must
+    name the full disk, and the failed save's files must go (they would hold the disk full
+    and fail every later save), leaving the committed checkpoint as it was."""
+    with small_disk(tmp_path / "disk", "10m") as disk:
+        model = nn.Linear(1024, 1024)  # 4.2 MB a checkpoint
+        mgr = CheckpointManager(disk, model=model, keep_last=0)
+        try:
+            mgr.save(1)
+            committed = {p.name: p.read_bytes() for p in (disk / "step-00000001").iterdir()}
+            ballast = disk / "other-data"
+            ballast.write_bytes(b"\0" * (5 << 20))  # someone else's file: no room for step 2
+            free = shutil.disk_usage(disk).free
+            with pytest.raises(CheckpointError, match=re.escape(f"disk holding {disk} is full") +
+                               ".*the previous committed checkpoint stays"):
+                mgr.save(2)
+            assert sorted(p.name for p in disk.iterdir() if p.name.startswith("step-")) == ["step-00000001"]
+            assert shutil.disk_usage(disk).free >= free - (64 << 10)  # a lease renewal's file at most
+            assert {p.name: p.read_bytes() for p in (disk / "step-00000001").iterdir()} == committed
+            ballast.unlink()  # the space comes back: the next save succeeds
+            mgr.save(3)
+        finally:
+            mgr.close()
+        assert sorted(p.name for p in disk.iterdir() if p.name.startswith("step-")) == \
+            ["step-00000001", "step-00000003"]
