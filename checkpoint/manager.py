@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +43,7 @@ from .manifest import SHARDS_LATER, Manifest, Rejection, check_shard_hashes, is_
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import reader_for
-from .safe_load import SafeLoadPlanner, default_item_globals
+from .safe_load import SafeLoadPlanner, UnsafeCheckpointError, default_item_globals
 from .state import TrainingState, incompatibility
 from .storage import Storage
 from .writer import WriteRecord
@@ -461,6 +463,11 @@ class CheckpointManager:
                 hashes = (check_shard_hashes(source, dirname, manifest, shards, reader.crc32s), None)
         except Exception as e:
             hashes = (None, (type(e), str(e)) if isinstance(e, CheckpointError) else (CheckpointError, one_line(e)))
+        if hashes == (None, None) and isinstance(failure, (pickle.UnpicklingError, UnsafeCheckpointError)):
+            # Content, not the disk: a record that does not unpickle safely (forged, or damaged
+            # with its checksum rewritten) makes the checkpoint invalid, as discovery's check of
+            # the small items does: quarantined, and the one before it loaded.
+            hashes = (Rejection(f"{where}: a record was not loaded: {_unpickling_reason(failure)}"), None)
         outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
                                     self._group)
         for (_, hash_error), _ in outcomes:
@@ -493,6 +500,18 @@ class CheckpointManager:
         if isinstance(failure, (KeyboardInterrupt, SystemExit)):  # DCP wraps those too
             raise failure
         return failure
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler refused, without the rest of its message (which
+    suggests ``weights_only=False``: running the file's code)."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        found = re.search(r"Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+ whose module \S+ is blocked"
+                          r"|\S+ must be \S+ to load", text)
+        return f"torch's weights-only unpickler refused it ({found.group(0) if found else 'see torch.load'})"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _plain_cpu_tensors_only(state: dict) -> bool:

@@ -24,10 +24,9 @@ def forge_item(step_dir, marker, fqn="counter.value") -> None:
     """Point one non-tensor item of a real checkpoint at a torch.save of the payload,
     appended to its shard; the metadata stays made of DCP's own classes only."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import MetadataIndex
 
     metadata = pickle.loads((step_dir / ".metadata").read_bytes())
-    index = MetadataIndex(fqn)
+    index = next(key for key in metadata.storage_data if key.fqn == fqn)  # a tensor's has its chunk's offset
     info = metadata.storage_data[index]
     shard = step_dir / info.relative_path
     buf = io.BytesIO()
@@ -38,7 +37,13 @@ def forge_item(step_dir, marker, fqn="counter.value") -> None:
     rerecord(step_dir, ".metadata", pickle.dumps(metadata))
 
 
-@pytest.mark.parametrize("forge", [forge_metadata, forge_item], ids=["metadata", "non-tensor-item"])
+def forge_tensor(step_dir, marker) -> None:
+    """Point a tensor of a real checkpoint at a torch.save of the payload: discovery checks
+    only the small items' pickles, so this one is met by the load (DCP's path, torch.load)."""
+    forge_item(step_dir, marker, fqn="model.0.weight")
+
+
+@pytest.mark.parametrize("forge", [forge_metadata, forge_item, forge_tensor], ids=["metadata", "non-tensor-item", "tensor"])
 @pytest.mark.parametrize("verify", ["size", "hash"])
 def test_forged_checkpoint_never_runs_and_falls_back(tmp_path, caplog, forge, verify):
     root, marker = tmp_path / "ckpt", tmp_path / "MARKER"
