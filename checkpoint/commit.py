@@ -134,12 +134,14 @@ class Committer:
         return (f" (the disk holding {self.storage.root} is full: {free / 1e6:.1f} MB free; free space "
                 "or keep fewer checkpoints)")
 
-    def prepare(self, step: int) -> bool:
+    def prepare(self, step: int, failed_load: str | None = None) -> bool:
         """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
-        clear whatever a failed earlier save of this step left and make its directory."""
+        clear whatever a failed earlier save of this step left and make its directory.
+        ``failed_load``: why this step's checkpoint failed while this job loaded it (what
+        verifying does not read, e.g. a tensor's record): then it is saved again."""
         dirname = step_dir_name(step)
         if is_committed(self.storage, step):
-            _, reason = verify(self.storage, dirname, self.config.verify, self.safe_globals, self.hmac_key)
+            reason = failed_load or verify(self.storage, dirname, self.config.verify, self.safe_globals, self.hmac_key)[1]
             if reason is None:
                 return True
             # Its record does not validate, so it was never a usable commit: replace it.

@@ -101,6 +101,7 @@ class CheckpointManager:
         self._group = _dist.control_group()
         self._last_save_time = time.monotonic()
         self.last_committed: int | None = None
+        self._failed_loads: dict[int, str] = {}  # steps of this root that failed while loading: saved again
         self.stats = SaveStats()
         self._background = (BackgroundSaver(self._prepare_write_and_commit, self.stats)
                             if self.config.async_mode == "thread" else None)
@@ -315,7 +316,8 @@ class CheckpointManager:
         """Rank 0 clears what a failed earlier save of ``step`` left, for every rank; True
         if ``step`` is validly committed already (then it is not written again)."""
         path = self.storage.url_of(step_dir_name(step))
-        if self._on_rank0(lambda: self._committer.prepare(step), f"cannot prepare {path}", group):
+        if self._on_rank0(lambda: self._committer.prepare(step, self._failed_loads.get(step)), f"cannot prepare {path}",
+                          group):
             log.info("step %d is already committed in %s; not saving it again", step, self.storage.url)
             return True
         return False
@@ -323,6 +325,7 @@ class CheckpointManager:
     def _write_and_commit(self, step: int, state: dict, metrics, started: float, group) -> tuple[Manifest, WriteRecord]:
         manifest, written = self._committer.write_and_commit(step, state, metrics, started, group)
         self.last_committed = step
+        self._failed_loads.pop(step, None)
         return manifest, written
 
     def _prepare_write_and_commit(self, step: int, state: dict, metrics, started: float, group):
@@ -380,6 +383,8 @@ class CheckpointManager:
             if rejection is None:
                 break
             failed[(source.url, manifest.step)] = rejection
+            if source is self.storage:
+                self._failed_loads[manifest.step] = rejection
             log.warning("checkpoint step %d failed verification while loading; trying the one before: %s",
                         manifest.step, rejection)
             if self.rank == 0 and rejection.kind != "unreadable":  # out of the next start's way
@@ -463,11 +468,15 @@ class CheckpointManager:
                 hashes = (check_shard_hashes(source, dirname, manifest, shards, reader.crc32s), None)
         except Exception as e:
             hashes = (None, (type(e), str(e)) if isinstance(e, CheckpointError) else (CheckpointError, one_line(e)))
-        if hashes == (None, None) and isinstance(failure, (pickle.UnpicklingError, UnsafeCheckpointError)):
-            # Content, not the disk: a record that does not unpickle safely (forged, or damaged
-            # with its checksum rewritten) makes the checkpoint invalid, as discovery's check of
-            # the small items does: quarantined, and the one before it loaded.
-            hashes = (Rejection(f"{where}: a record was not loaded: {_unpickling_reason(failure)}"), None)
+        if (hashes == (None, None) and self.hmac_key is None
+                and isinstance(failure, (pickle.UnpicklingError, UnsafeCheckpointError))):
+            # A record that does not unpickle safely: forged (its checksum rewritten), or an
+            # environment that lacks what the saver had (another torch, a type not allowed
+            # here). Skipped for this load as discovery skips such small items, not judged:
+            # nothing is quarantined, and when no checkpoint loads the job fails naming each.
+            # (Keyed mode authenticated every byte first: a refusal there fails the load.)
+            hashes = (Rejection(f"{where}: a record was not loaded on rank {self.rank}: {_unpickling_reason(failure)}",
+                                "unreadable"), None)
         outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
                                     self._group)
         for (_, hash_error), _ in outcomes:
@@ -507,8 +516,8 @@ def _unpickling_reason(error: Exception) -> str:
     suggests ``weights_only=False``: running the file's code)."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
-        found = re.search(r"Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+ whose module \S+ is blocked"
-                          r"|\S+ must be \S+ to load", text)
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked"
+                          r"|`?[\w.]+`? must be \w+ to load", text)  # names only: the rest came from the file
         return f"torch's weights-only unpickler refused it ({found.group(0) if found else 'see torch.load'})"
     lines = text.strip().splitlines()
     return lines[0] if lines else type(error).__name__

@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import CheckpointError
 from procs import forge_metadata, Payload, rerecord
-from test_commit_protocol import loaded_step, make_job, save_steps
+from test_commit_protocol import loaded_step, make_job, save_steps, train_step
 
 
 def forge_item(step_dir, marker, fqn="counter.value") -> None:
@@ -56,6 +56,8 @@ def test_forged_checkpoint_never_runs_and_falls_back(tmp_path, caplog, forge, ve
     warning = next(r.getMessage() for r in caplog.records
                    if r.levelno == logging.WARNING and "step-00000020" in r.getMessage())
     assert "system" in warning and "not loaded" in warning, warning
+    assert "weights_only=False" not in warning and "Weights only load failed" not in warning, warning
+    assert (root / "step-00000020").exists()  # skipped, not judged: discovery's rule for what it cannot load
 
 
 @pytest.mark.parametrize("damage", ["transforms", "no-location"])
@@ -274,3 +276,22 @@ def test_c_unpicklers_refuse_a_cached_copyreg_extension_and_a_huge_memo_index(tm
     assert _saved_layout(huge_memo) is None
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 256 << 10, f"peak memory grew by {grown_kib >> 10} MiB"
+
+
+def test_a_checkpoint_that_failed_while_loading_is_saved_again(tmp_path):
+    """Verifying reads no tensor record, so a step whose record failed the load still looks
+    committed: the job that fell back over it must write that step again when it gets there,
+    not keep the forged one as its last checkpoint."""
+    root, marker = tmp_path / "ckpt", tmp_path / "MARKER"
+    save_steps(root, [10, 20])
+    forge_tensor(root / "step-00000020", marker)
+    mgr, model, opt, sched, counter = make_job(root, seed=123)
+    assert mgr.load().step == 10
+    train_step(model, opt, sched, counter)
+    result = mgr.save(20)
+    assert result.outcome == "committed", result
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr.close()
+    step, loaded = loaded_step(root)
+    assert step == 20 and not marker.exists()
+    assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
