@@ -137,10 +137,14 @@ class Committer:
     def prepare(self, step: int, failed_load: str | None = None) -> bool:
         """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
         clear whatever a failed earlier save of this step left and make its directory.
-        ``failed_load``: why this step's checkpoint failed while this job loaded it (what
-        verifying does not read, e.g. a tensor's record): then it is saved again."""
+        ``failed_load``: why this step's checkpoint failed while this job loaded it (in what
+        verifying does not read, e.g. a tensor's record): it is quarantined, not deleted (the
+        refusal may be this environment's, e.g. another torch), and saved again."""
         dirname = step_dir_name(step)
-        if is_committed(self.storage, step):
+        if failed_load and is_committed(self.storage, step):
+            log.warning("re-saving step %d: its checkpoint failed while this job loaded it: %s", step, failed_load)
+            retention.quarantine(self.storage, step, f"failed while loading: {failed_load}")
+        if is_committed(self.storage, step):  # (still there if it could not be quarantined: then replaced)
             reason = failed_load or verify(self.storage, dirname, self.config.verify, self.safe_globals, self.hmac_key)[1]
             if reason is None:
                 return True

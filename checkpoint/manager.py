@@ -367,6 +367,7 @@ class CheckpointManager:
             return None
 
         failed: dict[tuple[str, int], Rejection] = {}  # (root url, step): found bad while loading
+        self._failed_loads = {}  # this search's, not an earlier one's
         while True:
             found, from_mirror = self._on_rank0(lambda: self._discover(failed), "")
             if found is None:
@@ -477,8 +478,10 @@ class CheckpointManager:
             # (Keyed mode authenticated every byte first: a refusal there fails the load.)
             hashes = (Rejection(f"{where}: a record was not loaded on rank {self.rank}: {_unpickling_reason(failure)}",
                                 "unreadable"), None)
-        outcomes = _dist.all_gather((hashes, None if failure is None else f"rank {self.rank}: {one_line(failure)}"),
-                                    self._group)
+        read_error = None if failure is None else f"rank {self.rank}: " + (
+            f"UnpicklingError: {_unpickling_reason(failure)}" if isinstance(failure, pickle.UnpicklingError)
+            else one_line(failure))
+        outcomes = _dist.all_gather((hashes, read_error), self._group)
         for (_, hash_error), _ in outcomes:
             if hash_error:
                 kind, text = hash_error
@@ -517,7 +520,7 @@ def _unpickling_reason(error: Exception) -> str:
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
         found = re.search(r"Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked"
-                          r"|`?[\w.]+`? must be \w+ to load", text)  # names only: the rest came from the file
+                          r"|`*[\w.]+`* must be \w+ to load", text)  # names only: the rest came from the file
         return f"torch's weights-only unpickler refused it ({found.group(0) if found else 'see torch.load'})"
     lines = text.strip().splitlines()
     return lines[0] if lines else type(error).__name__

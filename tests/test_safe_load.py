@@ -281,7 +281,8 @@ def test_c_unpicklers_refuse_a_cached_copyreg_extension_and_a_huge_memo_index(tm
 def test_a_checkpoint_that_failed_while_loading_is_saved_again(tmp_path):
     """Verifying reads no tensor record, so a step whose record failed the load still looks
     committed: the job that fell back over it must write that step again when it gets there,
-    not keep the forged one as its last checkpoint."""
+    not keep the forged one as its last checkpoint; the old one is quarantined, not deleted
+    (the refusal may be this environment's)."""
     root, marker = tmp_path / "ckpt", tmp_path / "MARKER"
     save_steps(root, [10, 20])
     forge_tensor(root / "step-00000020", marker)
@@ -290,6 +291,7 @@ def test_a_checkpoint_that_failed_while_loading_is_saved_again(tmp_path):
     train_step(model, opt, sched, counter)
     result = mgr.save(20)
     assert result.outcome == "committed", result
+    assert [p.name.split(".")[0] for p in (root / "quarantine").iterdir()] == ["step-00000020"]  # kept, not deleted
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     mgr.close()
     step, loaded = loaded_step(root)
