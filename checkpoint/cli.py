@@ -308,11 +308,15 @@ def cmd_prune(args) -> int:
 def cmd_diff(args) -> int:
     import torch
 
+    from .state import rng_as_captured
+
     a = read_state(_storage(args.root_a, args.storage_options), args.step_a, items=True)
     b = read_state(_storage(args.root_b, args.storage_options), args.step_b, items=True)
     differ = 0
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
+        if key.startswith("rng."):  # python's and numpy's: tensors since 2026-11, tuples before
+            x, y = rng_as_captured(key, x), rng_as_captured(key, y)
         if key not in b or key not in a:
             print(f"{key}: only in {'A' if key in a else 'B'}")
         elif isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):

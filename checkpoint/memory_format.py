@@ -19,7 +19,7 @@ _TENSOR = "__ftckpt_shm_tensor__"  # marks where a tensor was in the pickled ske
 
 
 class Unpickler(pickle.Unpickler):
-    """Plain pickle (a tenth of torch.save's time for the RNG states), read back allowing only
+    """Plain pickle (a tenth of torch.save's time for small items), read back allowing only
     the globals a disk checkpoint's non-tensor items may hold."""
 
     def __init__(self, stream, allowed):
@@ -45,7 +45,7 @@ def split(obj: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         return {k: split(v, tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        if all(map(_PLAIN.__contains__, map(type, obj))):  # Python's RNG state: 625 ints, at C speed
+        if all(map(_PLAIN.__contains__, map(type, obj))):  # a long list of plain values (625 ints), at C speed
             return obj
         return type(obj)(split(v, tensors) for v in obj)
     return obj

@@ -3,7 +3,7 @@
 DCP keeps two kinds of pickles in a checkpoint, and by default trusts both:
 
 - ``.metadata``, the index of the checkpoint, is read with plain ``pickle.load``;
-- every non-tensor item (an LR, a step counter, an RNG state) is a ``torch.save`` inside a
+- every non-tensor item (an LR, a step counter, a user's own state) is a ``torch.save`` inside a
   shard file, and DCP's default planner reads it with ``torch.load(weights_only=False)``.
 
 A pickle can call any importable function while it loads, and the commit record's crc32 is no
@@ -11,7 +11,7 @@ defence against someone who can write the directory (crc32 is linear: a forged f
 given any crc32 by changing 4 bytes). So here ``.metadata`` goes through an unpickler that
 knows only DCP's metadata classes and the torch and builtin types they are made of, and
 non-tensor items go through ``torch.load(weights_only=True)`` with an explicit allow-list
-(numpy arrays, for numpy's RNG state). Anything else is refused with a line that names the
+(numpy arrays: numpy's RNG state in checkpoints written before 2026-11-30). Anything else is refused with a line that names the
 file and what it tried to load. ``check_checkpoint`` does both for a whole checkpoint so that
 discovery can skip a forged one and fall back to an older checkpoint.
 """
@@ -112,7 +112,7 @@ def read_metadata(stream) -> Metadata:
 
 def default_item_globals() -> list[Callable]:
     """What non-tensor items may hold besides plain Python and tensors: numpy arrays (the
-    global numpy RNG state is one)."""
+    global numpy RNG state was one before it was saved as a tensor, and a user's item may be)."""
     import numpy as np
 
     try:
@@ -134,7 +134,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 _NOT_PLAIN = object()
-_PLAIN_MAX_BYTES = 1024  # larger pickles (an RNG state) go to torch.load: check_c_unpickle's scan is slow
+_PLAIN_MAX_BYTES = 1024  # larger pickles (an older checkpoint's RNG state) go to torch.load: check_c_unpickle's scan is slow
 
 
 def _plain_item(stream: io.BytesIO) -> Any:

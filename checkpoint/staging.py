@@ -13,8 +13,8 @@ stage only those (``skip``) plus any tensor not seen before: the stall and the s
 shrink to this rank's share (half with 2 ranks, an eighth with 8).
 
 Non-tensor leaves (step counters, RNG states, numpy arrays) are small and deep-copied.
-DCP's own ``_copy_state_dict`` is not used because it refuses the tuples and numpy arrays
-that RNG states are made of.
+DCP's own ``_copy_state_dict`` is not used because it refuses tuples and numpy arrays (a
+user's state may hold them; numpy's RNG state, when its bit generator is not the legacy one).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ copy. RNG states differ per rank, so each rank saves them under its own key.
 from __future__ import annotations
 
 import random
+import struct
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,9 +31,15 @@ def rng_key(rank: int) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
+    """This rank's RNG states; python's and numpy's as int64 tensors. As tuples of 625 ints
+    they were non-tensor items, which rank 0's discovery unpickles for every rank with
+    torch's pure-Python weights-only unpickler (0.7-1.5 ms each: most of a 2-rank
+    discovery, and growing with the world size) and each rank again while loading; as
+    tensors they load through the reader's fast path. (The version before this one cannot
+    load them: DCP refuses a tensor where it expects an item.)"""
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": _ints_tensor(random.getstate(), _python_rng_ints),
+        "numpy": _ints_tensor(np.random.get_state(), _numpy_rng_ints),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -41,13 +48,69 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what ``capture_rng`` captured (or an older checkpoint's tuples)."""
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate(_python_rng_state(python.tolist()) if isinstance(python, torch.Tensor) else python)
+    np.random.set_state(_numpy_rng_state(numpy_state.tolist()) if isinstance(numpy_state, torch.Tensor) else numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _bits_float(n: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", n))[0]
+
+
+def _ints_tensor(state: Any, to_ints) -> Any:
+    """``state`` as an int64 tensor (``to_ints``), or unchanged when it is not laid out as
+    expected (another numpy bit generator: a dict, saved as its items)."""
+    ints = to_ints(state)
+    return state if ints is None else torch.from_numpy(np.array(ints, dtype=np.int64))
+
+
+def _python_rng_ints(state: Any) -> list[int] | None:
+    """``random.getstate()``, (version, 625 ints each < 2**32, gauss_next or None), as
+    [version, n, *ints, has gauss, gauss's bits]."""
+    version, internal, gauss = state
+    if not all(type(n) is int and 0 <= n < 2**63 for n in (version, *internal)):
+        return None
+    return [version, len(internal), *internal, gauss is not None, _float_bits(0.0 if gauss is None else gauss)]
+
+
+def _python_rng_state(ints: list[int]) -> tuple:
+    version, n = ints[0], ints[1]
+    has_gauss, gauss = ints[2 + n:]
+    return version, tuple(ints[2:2 + n]), _bits_float(gauss) if has_gauss else None
+
+
+def _numpy_rng_ints(state: Any) -> list[int] | None:
+    """numpy's legacy ``("MT19937", 624 uint32 keys, pos, has_gauss, cached_gaussian)`` as
+    [*keys, pos, has_gauss, cached_gaussian's bits]; None for any other bit generator's."""
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == "MT19937"):
+        return None
+    _, keys, pos, has_gauss, cached = state
+    return [*keys.tolist(), int(pos), int(has_gauss), _float_bits(float(cached))]
+
+
+def _numpy_rng_state(ints: list[int]) -> tuple:
+    *keys, pos, has_gauss, cached = ints
+    return "MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, _bits_float(cached)
+
+
+def rng_as_captured(key: str, value: Any) -> Any:
+    """An item of a checkpoint's ``rng.*`` as ``random.getstate()`` / ``np.random.get_state()``
+    give it, whichever form it was saved in (for comparing two checkpoints' RNG states)."""
+    if isinstance(value, torch.Tensor) and key.endswith(".python"):
+        return _python_rng_state(value.tolist())
+    if isinstance(value, torch.Tensor) and key.endswith(".numpy"):
+        return _numpy_rng_state(value.tolist())
+    return value
 
 
 def _is_stateful(obj: Any) -> bool:

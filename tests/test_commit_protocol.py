@@ -115,6 +115,62 @@ def test_round_trip_restores_everything_bitwise(tmp_path):
     assert torch.equal(torch.rand(3), expected_next_random), "torch RNG state was not restored"
 
 
+@pytest.mark.parametrize("saved_as", ["tensors", "tuples of an older checkpoint"])
+def test_python_numpy_and_torch_rngs_are_restored_exactly(tmp_path, monkeypatch, saved_as):
+    """Python's and numpy's RNG states are saved as int64 tensors (read by the fast tensor
+    path; as pickled tuples, discovery unpickled each rank's with torch's pure-Python
+    unpickler); a checkpoint holding the tuples still loads them."""
+    import random
+
+    import numpy as np
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    import checkpoint.state
+
+    if saved_as != "tensors":
+        monkeypatch.setattr(checkpoint.state, "_ints_tensor", lambda state, _to_ints: state)
+    mgr, model, opt, sched, counter = make_job(tmp_path)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.randn(3)  # both keep a cached gaussian: part of the state
+    mgr.save(1)
+    expected = (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist())
+    monkeypatch.undo()
+    saved = FileSystemReader(str(tmp_path / "step-00000001")).read_metadata().state_dict_metadata
+    assert all(isinstance(saved[f"rng.rank_0.{name}"], TensorStorageMetadata) == (saved_as == "tensors")
+               for name in ("python", "numpy"))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert make_job(tmp_path)[0].load().step == 1
+    assert (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_ftckpt_diff_compares_rng_states_saved_in_either_form(tmp_path, monkeypatch):
+    """The same RNG states, saved as tuples by an older version and as tensors now: equal to
+    ``ftckpt diff``; a different python RNG state: that item differs."""
+    import random
+
+    import numpy as np
+
+    import checkpoint.state
+
+    def save(root, python_seed, tuples):
+        with monkeypatch.context() as patch:
+            if tuples:
+                patch.setattr(checkpoint.state, "_ints_tensor", lambda state, _to_ints: state)
+            mgr = make_job(root)[0]
+            random.seed(python_seed), np.random.seed(2), torch.manual_seed(3)
+            mgr.save(1)
+
+    save(tmp_path / "old", 1, tuples=True)
+    save(tmp_path / "new", 1, tuples=False)
+    save(tmp_path / "other", 5, tuples=False)
+    diff = [sys.executable, "-m", "checkpoint.cli", "diff"]
+    same = run([*diff, str(tmp_path / "old"), "1", str(tmp_path / "new"), "1"], timeout=120)
+    assert same.returncode == 0 and " 0 differ" in same.output, same.output
+    other = run([*diff, str(tmp_path / "old"), "1", str(tmp_path / "other"), "1"], timeout=120)
+    assert other.returncode == 1 and "1 differ" in other.output, other.output
+    assert any(line.startswith("rng.rank_0.python: (3, (") for line in other.output.splitlines()), other.output
+
+
 def test_partial_directory_without_record_is_ignored(tmp_path, caplog):
     snaps = save_steps(tmp_path, [10, 20, 30])
     (tmp_path / "step-00000030" / "manifest.json").unlink()  # died after shards, before commit
