@@ -147,12 +147,17 @@ def cmd_verify(args) -> int:
         if state == "uncommitted":  # not a failure: a live job's save in flight looks the same
             print(f"step {step}: uncommitted: {reason}", file=sys.stderr)
             continue
+        if state == "committed" and args.hash:  # every byte: the tensors' own pickles too
+            from .reader import refused_tensor_record
+
+            reason = refused_tensor_record(storage, step_dir_name(step))
+            state = "committed" if reason is None else "refused"
         committed += 1
         if state != "committed":
             bad += 1
             print(f"step {step}: {state}: {reason}", file=sys.stderr)
-    checked = ("every byte (SHA-256 and the signature)" if _key() else "every byte (crc32)") if args.hash \
-        else "sizes (--hash: every byte)"
+    checked = ("every byte (SHA-256 and the signature)" if _key() else "every byte (crc32)") + \
+        ", every tensor record as loading reads it" if args.hash else "sizes (--hash: every byte)"
     print(f"{committed - bad} of {committed} committed checkpoint(s) verify ({checked})")
     return 1 if bad else 0
 
@@ -388,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("root")
     v.add_argument("step", type=int, nargs="?")
     v.add_argument("--hash", action="store_true", help="check every byte (crc32; with FTLAUNCH_CKPT_KEY set, "
-                   "as keyed jobs save: SHA-256, and every record's signature whatever the mode)")
+                   "as keyed jobs save: SHA-256, and every record's signature whatever the mode) and read every "
+                   "tensor's record as loading does")
     i = sub.add_parser("inspect", help="keys, shapes, dtypes and bytes of one checkpoint")
     i.add_argument("root")
     i.add_argument("step", type=int)

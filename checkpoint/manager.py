@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,7 @@ from .manifest import SHARDS_LATER, Manifest, Rejection, check_shard_hashes, is_
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
 from .reader import reader_for
-from .safe_load import SafeLoadPlanner, UnsafeCheckpointError, default_item_globals
+from .safe_load import SafeLoadPlanner, UnsafeCheckpointError, default_item_globals, unpickling_reason
 from .state import TrainingState, incompatibility
 from .storage import Storage
 from .writer import WriteRecord
@@ -476,10 +475,10 @@ class CheckpointManager:
             # here). Skipped for this load as discovery skips such small items, not judged:
             # nothing is quarantined, and when no checkpoint loads the job fails naming each.
             # (Keyed mode authenticated every byte first: a refusal there fails the load.)
-            hashes = (Rejection(f"{where}: a record was not loaded on rank {self.rank}: {_unpickling_reason(failure)}",
+            hashes = (Rejection(f"{where}: a record was not loaded on rank {self.rank}: {unpickling_reason(failure)}",
                                 "unreadable"), None)
         read_error = None if failure is None else f"rank {self.rank}: " + (
-            f"UnpicklingError: {_unpickling_reason(failure)}" if isinstance(failure, pickle.UnpicklingError)
+            f"UnpicklingError: {unpickling_reason(failure)}" if isinstance(failure, pickle.UnpicklingError)
             else one_line(failure))
         outcomes = _dist.all_gather((hashes, read_error), self._group)
         for (_, hash_error), _ in outcomes:
@@ -512,18 +511,6 @@ class CheckpointManager:
         if isinstance(failure, (KeyboardInterrupt, SystemExit)):  # DCP wraps those too
             raise failure
         return failure
-
-
-def _unpickling_reason(error: Exception) -> str:
-    """What torch's weights-only unpickler refused, without the rest of its message (which
-    suggests ``weights_only=False``: running the file's code)."""
-    text = str(error)
-    if isinstance(error, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
-        found = re.search(r"Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked"
-                          r"|`*[\w.]+`* must be \w+ to load", text)  # names only: the rest came from the file
-        return f"torch's weights-only unpickler refused it ({found.group(0) if found else 'see torch.load'})"
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _plain_cpu_tensors_only(state: dict) -> bool:

@@ -40,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from .safe_load import SafeMetadataReader, check_c_unpickle, fsspec_reader
+from .safe_load import SafeMetadataReader, check_c_unpickle, fsspec_reader, unpickling_reason
 from .storage import crc32
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
@@ -289,6 +289,38 @@ def _parse_layout(pickled: bytes) -> tuple | None:
         return dtype, shape, offset
     except Exception:  # not the pickle of a plain tensor
         return None
+
+
+def refused_tensor_record(storage, dirname: str) -> str | None:
+    """Why loading would refuse a tensor record of checkpoint ``dirname`` (a forged pickle
+    whose checksum was rewritten to match), or None. Each record is read as a load reads it:
+    a plain tensor's layout from the front of its slice (the restricted C unpickler), else the
+    whole slice with ``torch.load(weights_only=True)``, as DCP's path does. The checksums
+    cannot tell (the record's crc32 is the forger's to set) and discovery reads no tensor
+    record (a load skips such a checkpoint when it meets the record)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = reader_for(storage, dirname).read_metadata()
+    tensors = [(index, info) for index, info in (metadata.storage_data or {}).items()
+               if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)]
+    by_file: dict[str, list] = {}
+    for index, info in tensors:
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for relative_path, records in sorted(by_file.items()):
+        path = storage.join(dirname, relative_path)
+        with storage.fs.open(path, "rb") as f:
+            for index, info in sorted(records, key=lambda r: r[1].offset):
+                f.seek(info.offset)
+                head = f.read(min(info.length, _HEAD_BYTES))
+                found = _tensor_records(head)
+                if found is not None and _saved_layout(found[0].get("data.pkl", b"")) is not None:
+                    continue
+                f.seek(info.offset)
+                try:
+                    torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+                except Exception as e:
+                    return f"{path}: the record of tensor {index.fqn} is not loaded: {unpickling_reason(e)}"
+    return None
 
 
 def reader_for(storage, dirname: str, checksum=()):

@@ -189,6 +189,18 @@ def load_item(data: io.BytesIO | bytes, allowed: Iterable[Callable], what: str) 
                                     f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
+def unpickling_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler refused, without the rest of its message (which
+    suggests ``weights_only=False``: running the file's code)."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked"
+                          r"|`*[\w.]+`* must be \w+ to load", text)  # names only: the rest came from the file
+        return f"torch's weights-only unpickler refused it ({found.group(0) if found else 'see torch.load'})"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, but non-tensor items load with ``weights_only=True``."""
 
@@ -284,4 +296,4 @@ def check_checkpoint(fs, directory: str, allowed: Iterable[Callable]) -> None:
         load_item(blocks[block][start - starts[block]:end - starts[block]], allowed, f"{shard}: item {fqn}")
 
 __all__ = ["SafeLoadPlanner", "SafeMetadataReader", "UnsafeCheckpointError", "check_checkpoint",
-           "default_item_globals", "fsspec_reader", "load_item", "read_metadata"]
+           "default_item_globals", "fsspec_reader", "load_item", "read_metadata", "unpickling_reason"]

@@ -60,6 +60,25 @@ def test_forged_checkpoint_never_runs_and_falls_back(tmp_path, caplog, forge, ve
     assert (root / "step-00000020").exists()  # skipped, not judged: discovery's rule for what it cannot load
 
 
+def test_ftckpt_verify_hash_reads_every_tensor_record_as_loading_does(tmp_path):
+    """A forged tensor record passes the checksums (rewritten to match) and discovery (which
+    reads no tensor record): ``ftckpt verify --hash`` reads each record as a load would and
+    names the refused one; nothing runs."""
+    import sys
+
+    from procs import run
+
+    root, marker = tmp_path / "ckpt", tmp_path / "MARKER"
+    save_steps(root, [10, 20])
+    forge_tensor(root / "step-00000020", marker)
+    result = run([sys.executable, "-m", "checkpoint.cli", "verify", str(root), "--hash"], timeout=120)
+    assert result.returncode == 1, result.output
+    refused = next(line for line in result.output.splitlines() if line.startswith("step 20: refused: "))
+    assert "model.0.weight" in refused and "system" in refused and "weights_only=False" not in refused, refused
+    assert "1 of 2 committed checkpoint(s) verify" in result.output, result.output
+    assert not marker.exists(), "verifying ran code from the checkpoint"
+
+
 @pytest.mark.parametrize("damage", ["transforms", "no-location"])
 def test_item_that_load_could_not_read_is_refused_at_discovery(tmp_path, caplog, damage):
     """Metadata of DCP's own classes that loading would fail on (an item stored through a
