@@ -81,9 +81,11 @@ def _key() -> bytes | None:
 
 
 def _status(storage: Storage, step: int, mode: str) -> tuple[str, Manifest | None, str | None]:
-    """(committed | uncommitted | corrupt | unchecked, the record when readable, why not
-    committed), by the rule loading follows (``manifest.verify``: sizes or hashes, the record
-    of this step, non-tensor items through the allow-list, the signature with a key).
+    """(committed | uncommitted | corrupt | unchecked | refused, the record when readable, why
+    not committed), by the rule loading follows (``manifest.verify``: sizes or hashes, the
+    record of this step, non-tensor items through the allow-list, the signature with a key;
+    with hashes, every tensor's record as loading reads it: ``refused`` when loading would
+    refuse one).
     ``unchecked``: signed, and ``FTLAUNCH_CKPT_KEY`` is not set, so it cannot be trusted."""
     dirname = step_dir_name(step)
     if not storage.exists(storage.join(dirname, MANIFEST_NAME)):
@@ -94,6 +96,15 @@ def _status(storage: Storage, step: int, mode: str) -> tuple[str, Manifest | Non
         return "corrupt", None, f"its record says step {manifest.step} (copied or forged)"
     if manifest is not None and manifest.signature and key is None:
         return "unchecked", manifest, "signed, and FTLAUNCH_CKPT_KEY is not set: its signature is not checked"
+    if manifest is not None and mode == "hash":  # every byte: the tensors' own pickles too, as loading reads them
+        from .reader import refused_tensor_record
+
+        try:
+            refused = refused_tensor_record(storage, dirname)
+        except OSError as e:
+            return "corrupt", None, f"cannot read it ({one_line(e)})"
+        if refused is not None:
+            return "refused", manifest, refused
     if manifest is not None:
         return "committed", manifest, None
     return "corrupt", None, reason  # its record's figures are not to be believed
@@ -147,17 +158,12 @@ def cmd_verify(args) -> int:
         if state == "uncommitted":  # not a failure: a live job's save in flight looks the same
             print(f"step {step}: uncommitted: {reason}", file=sys.stderr)
             continue
-        if state == "committed" and args.hash:  # every byte: the tensors' own pickles too
-            from .reader import refused_tensor_record
-
-            reason = refused_tensor_record(storage, step_dir_name(step))
-            state = "committed" if reason is None else "refused"
         committed += 1
         if state != "committed":
             bad += 1
             print(f"step {step}: {state}: {reason}", file=sys.stderr)
-    checked = ("every byte (SHA-256 and the signature)" if _key() else "every byte (crc32)") + \
-        ", every tensor record as loading reads it" if args.hash else "sizes (--hash: every byte)"
+    checked = (("every byte (SHA-256 and the signature)" if _key() else "every byte (crc32)")
+               + ", every tensor's record as loading reads it") if args.hash else "sizes (--hash: every byte)"
     print(f"{committed - bad} of {committed} committed checkpoint(s) verify ({checked})")
     return 1 if bad else 0
 
@@ -286,8 +292,8 @@ def cmd_prune(args) -> int:
             raise UsageError(f"step {step}: {reason}; set it to prune (an unsigned forgery must not push out "
                              "the signed checkpoints)")
         (verified if state == "committed" else uncommitted if state == "uncommitted" else []).append(step)
-        if state == "corrupt":
-            print(f"step {step}: corrupt ({reason}); left alone", file=sys.stderr)
+        if state in ("corrupt", "refused"):
+            print(f"step {step}: {state} ({reason}); left alone", file=sys.stderr)
     if not verified:
         print(f"{storage.url}: no committed checkpoint; nothing pruned")
         return 0

@@ -293,33 +293,40 @@ def _parse_layout(pickled: bytes) -> tuple | None:
 
 def refused_tensor_record(storage, dirname: str) -> str | None:
     """Why loading would refuse a tensor record of checkpoint ``dirname`` (a forged pickle
-    whose checksum was rewritten to match), or None. Each record is read as a load reads it:
-    a plain tensor's layout from the front of its slice (the restricted C unpickler), else the
-    whole slice with ``torch.load(weights_only=True)``, as DCP's path does. The checksums
-    cannot tell (the record's crc32 is the forger's to set) and discovery reads no tensor
-    record (a load skips such a checkpoint when it meets the record)."""
+    whose checksum was rewritten to match), or None. The checksums cannot tell (a record's
+    crc32 is the forger's to set) and discovery reads no tensor record; a load meets it and
+    skips the checkpoint. Each record is read as either way of loading it reads it: the
+    direct reader takes the tensor's pickle from the front of its slice, ``torch.load`` (DCP's
+    path: GPU or resharded targets, object stores) from the zip's directory at its end. Where
+    both are the same plain tensor's, nothing more is read; anything else is loaded with
+    ``torch.load(weights_only=True)``, as DCP's path would (reading that tensor's bytes).
+    Raises ``OSError`` when a file cannot be read."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.utils import _create_file_view
 
     metadata = reader_for(storage, dirname).read_metadata()
-    tensors = [(index, info) for index, info in (metadata.storage_data or {}).items()
-               if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)]
     by_file: dict[str, list] = {}
-    for index, info in tensors:
-        by_file.setdefault(info.relative_path, []).append((index, info))
+    for index, info in (metadata.storage_data or {}).items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata):
+            by_file.setdefault(info.relative_path, []).append((index, info))
     for relative_path, records in sorted(by_file.items()):
         path = storage.join(dirname, relative_path)
         with storage.fs.open(path, "rb") as f:
             for index, info in sorted(records, key=lambda r: r[1].offset):
-                f.seek(info.offset)
-                head = f.read(min(info.length, _HEAD_BYTES))
-                found = _tensor_records(head)
-                if found is not None and _saved_layout(found[0].get("data.pkl", b"")) is not None:
-                    continue
-                f.seek(info.offset)
+                where = f"{path}: the record of tensor {index.fqn}"
+                if not all(type(n) is int and n >= 0 for n in (info.offset, info.length)):
+                    return f"{where} has no valid byte range (damaged or forged)"
                 try:
-                    torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
-                except Exception as e:
-                    return f"{path}: the record of tensor {index.fqn} is not loaded: {unpickling_reason(e)}"
+                    pickled = torch._C.PyTorchFileReader(_create_file_view(f, info.offset, info.length)).get_record("data.pkl")
+                    f.seek(info.offset)
+                    found = _tensor_records(f.read(min(info.length, _HEAD_BYTES)))
+                    if found is not None and found[0].get("data.pkl") == pickled and _saved_layout(pickled) is not None:
+                        continue
+                    torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+                except (OSError, MemoryError):
+                    raise
+                except Exception as e:  # refused, or not an archive torch can read: what the load would meet
+                    return f"{where} is not loaded: {unpickling_reason(e)}"
     return None
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError
-from procs import forge_metadata, Payload, rerecord
+from procs import Payload, forge_metadata, rerecord
 from test_commit_protocol import loaded_step, make_job, save_steps, train_step
 
 
@@ -60,17 +60,72 @@ def test_forged_checkpoint_never_runs_and_falls_back(tmp_path, caplog, forge, ve
     assert (root / "step-00000020").exists()  # skipped, not judged: discovery's rule for what it cannot load
 
 
-def test_ftckpt_verify_hash_reads_every_tensor_record_as_loading_does(tmp_path):
+def forge_tensor_directory(step_dir, marker) -> None:
+    """A tensor's record whose front holds its own clean pickle (what the direct reader
+    parses) while the zip directory at its end points at a second ``data.pkl``, the payload
+    (what ``torch.load``, DCP's path for GPU or resharded targets, reads)."""
+    import struct
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    metadata = pickle.loads((step_dir / ".metadata").read_bytes())
+    index = next(key for key in metadata.storage_data if key.fqn == "model.0.weight")
+    info = metadata.storage_data[index]
+    shard = step_dir / info.relative_path
+    data = shard.read_bytes()
+    record = bytearray(data[info.offset:info.offset + info.length])
+    buf = io.BytesIO()
+    torch.save(Payload(marker), buf)
+    evil = torch._C.PyTorchFileReader(io.BytesIO(buf.getvalue())).get_record("data.pkl")
+    directory = record.rfind(b"PK\x05\x06")
+    zip64 = record.rfind(b"PK\x06\x06")
+    start = struct.unpack_from("<Q", record, zip64 + 48)[0] if zip64 != -1 else struct.unpack_from("<I", record, directory + 16)[0]
+    name = next(bytes(record[p + 46:p + 46 + struct.unpack_from("<H", record, p + 28)[0]])
+                for p in range(start, len(record)) if record[p:p + 4] == b"PK\x01\x02"
+                and record[p + 46:p + 46 + struct.unpack_from("<H", record, p + 28)[0]].endswith(b"/data.pkl"))
+    crc = zlib.crc32(evil)
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(evil), len(evil), len(name), 0) + name + evil
+    central = bytearray(record[start:])
+    p = 0
+    while central[p:p + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", central, p + 28)
+        if bytes(central[p + 46:p + 46 + name_len]) == name:
+            struct.pack_into("<III", central, p + 16, crc, len(evil), len(evil))
+            struct.pack_into("<I", central, p + 42, start)  # the new entry sits where the directory was
+        p += 46 + name_len + extra_len + comment_len
+    for signature, at, form in ((b"PK\x06\x06", 48, "<Q"), (b"PK\x06\x07", 8, "<Q"), (b"PK\x05\x06", 16, "<I")):
+        found = central.find(signature, p)
+        if found != -1:
+            struct.pack_into(form, central, found + at, struct.unpack_from(form, central, found + at)[0] + len(local))
+    forged = bytes(record[:start]) + local + bytes(central)
+    metadata.storage_data[index] = _StorageInfo(info.relative_path, len(data), len(forged))
+    rerecord(step_dir, info.relative_path, data + forged)
+    rerecord(step_dir, ".metadata", pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("forge", [forge_tensor, forge_tensor_directory], ids=["pickle", "zip-directory"])
+def test_ftckpt_verify_hash_reads_every_tensor_record_as_loading_does(tmp_path, forge):
     """A forged tensor record passes the checksums (rewritten to match) and discovery (which
-    reads no tensor record): ``ftckpt verify --hash`` reads each record as a load would and
-    names the refused one; nothing runs."""
+    reads no tensor record): ``ftckpt verify --hash`` reads each record as either way of
+    loading it would (the direct reader from its front, ``torch.load`` from its zip directory)
+    and names the refused one; nothing runs."""
     import sys
 
     from procs import run
 
     root, marker = tmp_path / "ckpt", tmp_path / "MARKER"
     save_steps(root, [10, 20])
-    forge_tensor(root / "step-00000020", marker)
+    forge(root / "step-00000020", marker)
+    if forge is forge_tensor_directory:  # the forgery works: torch.load refuses it, the front is clean
+        from torch.distributed.checkpoint import FileSystemReader
+
+        from checkpoint.reader import _HEAD_BYTES, _saved_layout, _tensor_records
+        info = next(v for k, v in FileSystemReader(str(root / "step-00000020")).read_metadata().storage_data.items()
+                    if k.fqn == "model.0.weight")
+        record = (root / "step-00000020" / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+        assert _saved_layout(_tensor_records(record[:_HEAD_BYTES])[0]["data.pkl"]) is not None
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(io.BytesIO(record), weights_only=True)
     result = run([sys.executable, "-m", "checkpoint.cli", "verify", str(root), "--hash"], timeout=120)
     assert result.returncode == 1, result.output
     refused = next(line for line in result.output.splitlines() if line.startswith("step 20: refused: "))
