@@ -313,7 +313,7 @@ def refused_tensor_record(storage, dirname: str) -> str | None:
         path = storage.join(dirname, relative_path)
         with storage.fs.open(path, "rb") as f:
             for index, info in sorted(records, key=lambda r: r[1].offset):
-                where = f"{path}: the record of tensor {index.fqn}"
+                where = f"{path}: the record of tensor {index.fqn!r}"  # repr: the name comes from the file
                 if not all(type(n) is int and n >= 0 for n in (info.offset, info.length)):
                     return f"{where} has no valid byte range (damaged or forged)"
                 try:
