@@ -49,9 +49,8 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: Mapping[str, Any]) -> None:
     """Restore what ``capture_rng`` captured (or an older checkpoint's tuples)."""
-    python, numpy_state = state["python"], state["numpy"]
-    random.setstate(_python_rng_state(python.tolist()) if isinstance(python, torch.Tensor) else python)
-    np.random.set_state(_numpy_rng_state(numpy_state.tolist()) if isinstance(numpy_state, torch.Tensor) else numpy_state)
+    random.setstate(_python_rng_state(state["python"]))
+    np.random.set_state(_numpy_rng_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
@@ -83,7 +82,11 @@ def _python_rng_ints(state: Any) -> list[int] | None:
     return [version, len(internal), *internal, gauss is not None, _float_bits(0.0 if gauss is None else gauss)]
 
 
-def _python_rng_state(ints: list[int]) -> tuple:
+def _python_rng_state(saved: Any) -> Any:
+    """``random.getstate()``'s form of a saved state: an int64 tensor, or an older tuple."""
+    if not isinstance(saved, torch.Tensor):
+        return saved
+    ints = saved.tolist()
     version, n = ints[0], ints[1]
     has_gauss, gauss = ints[2 + n:]
     return version, tuple(ints[2:2 + n]), _bits_float(gauss) if has_gauss else None
@@ -98,19 +101,20 @@ def _numpy_rng_ints(state: Any) -> list[int] | None:
     return [*keys.tolist(), int(pos), int(has_gauss), _float_bits(float(cached))]
 
 
-def _numpy_rng_state(ints: list[int]) -> tuple:
-    *keys, pos, has_gauss, cached = ints
+def _numpy_rng_state(saved: Any) -> Any:
+    """``np.random.get_state()``'s form of a saved state: an int64 tensor, or an older tuple
+    (or another bit generator's dict)."""
+    if not isinstance(saved, torch.Tensor):
+        return saved
+    *keys, pos, has_gauss, cached = saved.tolist()
     return "MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, _bits_float(cached)
 
 
 def rng_as_captured(key: str, value: Any) -> Any:
     """An item of a checkpoint's ``rng.*`` as ``random.getstate()`` / ``np.random.get_state()``
     give it, whichever form it was saved in (for comparing two checkpoints' RNG states)."""
-    if isinstance(value, torch.Tensor) and key.endswith(".python"):
-        return _python_rng_state(value.tolist())
-    if isinstance(value, torch.Tensor) and key.endswith(".numpy"):
-        return _numpy_rng_state(value.tolist())
-    return value
+    decode = {"python": _python_rng_state, "numpy": _numpy_rng_state}.get(key.rsplit(".", 1)[-1])
+    return value if decode is None else decode(value)
 
 
 def _is_stateful(obj: Any) -> bool:
