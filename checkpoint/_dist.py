@@ -6,8 +6,10 @@ CheckpointManager code serves ``python train.py`` and ``torchrun ... train.py``.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 
@@ -43,22 +45,66 @@ def private_group() -> Any:
     return dist.new_group(backend="gloo")
 
 
+_ONE_SHOT_BYTES = 16384  # a load's checkpoint record fits (about 1 KB per rank's files)
+
+
 def broadcast(obj: Any, group: Any = None) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank.
+
+    Pickled into one message of fixed size (its length first), the rest, if any, in a second:
+    ``broadcast_object_list`` always sends two (the size, then the bytes), and with the other
+    ranks already waiting (as while rank 0 searches for a checkpoint) it took 1.5 ms here
+    against 0.4 ms for one. Like ``broadcast_object_list``'s, the pickle is rank 0's own."""
     if not initialized():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
+    head = torch.zeros(_ONE_SHOT_BYTES, dtype=torch.uint8)
+    room = _ONE_SHOT_BYTES - 8
+    payload = b""
+    if dist.get_rank() == 0:
+        payload = pickle.dumps(obj)
+        sent = len(payload).to_bytes(8, "little") + payload[:room]
+        head[:len(sent)] = torch.frombuffer(bytearray(sent), dtype=torch.uint8)
+    dist.broadcast(head, src=0, group=group)
+    length = int.from_bytes(head[:8].numpy().tobytes(), "little")
+    data = head[8:8 + min(length, room)].numpy().tobytes()
+    if length > room:
+        rest = torch.empty(length - room, dtype=torch.uint8)
+        if dist.get_rank() == 0:
+            rest.copy_(torch.frombuffer(bytearray(payload[room:]), dtype=torch.uint8))
+        dist.broadcast(rest, src=0, group=group)
+        data += rest.numpy().tobytes()
+    return pickle.loads(data)
 
 
-def all_gather(obj: Any, group: Any = None) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank."""
+_NO_USUAL = object()
+
+
+def all_gather(obj: Any, group: Any = None, usual: Any = _NO_USUAL) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank.
+
+    ``usual``: the value ``obj`` has on every rank when all went well (no error: None). One
+    all_reduce of a flag then tells the ranks that each holds it, and only when one does not
+    are the objects gathered. On gloo ``all_gather_object`` (pickles, two all_gathers of
+    sizes and bytes) took 3.6 ms per call here against 0.5 ms for the all_reduce, and a load
+    agrees twice."""
     if not initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
+    size = dist.get_world_size(group)
+    if usual is not _NO_USUAL:
+        unusual = torch.tensor([int(not _equal(obj, usual))])
+        dist.all_reduce(unusual, op=dist.ReduceOp.MAX, group=group)
+        if not unusual.item():
+            return [obj] * size
+    out: list[Any] = [None] * size
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def _equal(obj: Any, usual: Any) -> bool:
+    try:
+        return bool(type(obj) is type(usual) and obj == usual)
+    except Exception:  # a comparison that does not give one bool: not the usual value
+        return False
 
 
 def gather_or_raise(value: Any, error: str | None, group: Any = None) -> list[Any]:

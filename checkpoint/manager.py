@@ -444,7 +444,7 @@ class CheckpointManager:
         inline = deferred and source.is_local and _plain_cpu_tensors_only(state)
         reader = reader_for(source, dirname, checksum=shards if inline else ())
         error = incompatibility(state, reader, where)
-        errors = [e for e in _dist.all_gather(error, self._group) if e]
+        errors = [e for e in _dist.all_gather(error, self._group, usual=None) if e]
         if errors:  # the same error on every rank, before any rank reads
             kind, message = errors[0]
             raise kind(message)
@@ -480,7 +480,7 @@ class CheckpointManager:
         read_error = None if failure is None else f"rank {self.rank}: " + (
             f"UnpicklingError: {unpickling_reason(failure)}" if isinstance(failure, pickle.UnpicklingError)
             else one_line(failure))
-        outcomes = _dist.all_gather((hashes, read_error), self._group)
+        outcomes = _dist.all_gather((hashes, read_error), self._group, usual=((None, None), None))
         for (_, hash_error), _ in outcomes:
             if hash_error:
                 kind, text = hash_error

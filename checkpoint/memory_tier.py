@@ -67,7 +67,7 @@ class MemoryTier:
             for path in self.snapshots.remove_stale():
                 log.info("removed the memory snapshots an earlier run on this root left in %s", path)
         error = check_space(self.snapshots, state_bytes, 1 if node_copy else ranks_on_node)
-        errors = [e for e in _dist.all_gather(error, group) if e]
+        errors = [e for e in _dist.all_gather(error, group, usual=None) if e]
         if errors:  # every rank fails alike, before training
             raise MemoryTierUnavailable(errors[0])
 
@@ -148,7 +148,7 @@ class MemoryTier:
                                  self.snapshots.dir)  # the optimizer's own load_state_dict checks the rest
             except Exception as e:
                 error = f"rank {self.rank}: {one_line(e)}"
-            errors = [e for e in _dist.all_gather(error, self.group) if e]
+            errors = [e for e in _dist.all_gather(error, self.group, usual=None) if e]
             if not errors:
                 self.training.apply(state, self.rank, dcp=False)
                 self.snapshots.keep_only(step)
