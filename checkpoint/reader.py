@@ -83,12 +83,21 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
         return done
 
     def _read_into_target(self, stream, req, planner, crc) -> bool:
-        """Read ``req`` straight into its target if it is a whole tensor stored contiguously;
-        False when DCP's general path must handle it (which then reads it over whatever this
-        read may have put into the target)."""
+        """Read ``req`` straight into its target if it is a whole tensor stored contiguously,
+        or hand a non-tensor item's bytes to the planner as DCP does (DCP's path reopens each
+        file for them: 2 ms of a 101 MB load); False when DCP's general path must handle it
+        (which then reads it over whatever this read may have put into the target)."""
         info = self.storage_data[req.storage_index]
-        if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+        if info.transform_descriptors:
             return False
+        if req.type == LoadItemType.BYTE_IO:  # a non-tensor item: its bytes as DCP would hand them over
+            stream.seek(info.offset)
+            data = stream.read(info.length)
+            if len(data) != info.length:
+                raise EOFError(f"{info.relative_path}: ended {info.length - len(data)} bytes early in {req.storage_index.fqn}")
+            crc.add(info.offset, data)
+            planner.load_bytes(req, io.BytesIO(data))
+            return True
         target = planner.resolve_tensor(req).detach()
         if target.device.type != "cpu" or not target.is_contiguous() or type(target) is not torch.Tensor:
             return False
