@@ -94,7 +94,7 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
             stream.seek(info.offset)
             data = stream.read(info.length)
             if len(data) != info.length:
-                raise EOFError(f"{info.relative_path}: ended {info.length - len(data)} bytes early in {req.storage_index.fqn}")
+                raise EOFError(f"{info.relative_path}: ended {info.length - len(data)} bytes early in {req.storage_index.fqn!r}")
             crc.add(info.offset, data)
             planner.load_bytes(req, io.BytesIO(data))
             return True
@@ -125,7 +125,7 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
             while filled < nbytes:
                 n = stream.readinto(dest[filled:])
                 if not n:
-                    raise EOFError(f"{info.relative_path}: ended {nbytes - filled} bytes early in {req.storage_index.fqn}")
+                    raise EOFError(f"{info.relative_path}: ended {nbytes - filled} bytes early in {req.storage_index.fqn!r}")
                 filled += n
             crc.add(info.offset + data_offset, dest)
         stream.seek(info.offset + data_offset + nbytes)

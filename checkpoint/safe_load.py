@@ -217,10 +217,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         tensor, the resharding sweep) took 10 ms of the bench's 403 MB load. The read item is
         the one DCP would make (a test compares the two); anything else is planned by DCP,
         and so is the whole state when the checkpoint holds keys it lacks (DCP then tries
-        torch 2.3's key layout) other than the other ranks' RNG states (``rng.rank_N``: never
-        in that layout, and in every multi-rank checkpoint)."""
+        torch 2.3's key layout) other than the RNG states of ranks this state has none of
+        (``rng.rank_N.*``: in every multi-rank checkpoint)."""
         saved = self.metadata.state_dict_metadata
-        if any(not key.startswith("rng.") for key in saved.keys() - self.state_dict.keys()):
+        own_rngs = {key.split(".", 2)[1] for key in self.state_dict if key.startswith("rng.")}
+        if any(not key.startswith("rng.") or key.split(".", 2)[1] in own_rngs
+               for key in saved.keys() - self.state_dict.keys()):
             return super().create_local_plan()
         strict = not self.allow_partial_load
         items = []
