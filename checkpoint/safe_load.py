@@ -214,7 +214,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         """DCP's plan, with each plain tensor that was saved whole (one chunk: DDP's, at any
         world size) planned here: DCP's general planning of it (a typing-protocol check per
-        tensor, the resharding sweep) took 10 ms of the bench's 403 MB load. The read item is
+        tensor, the resharding sweep) took 7-13 ms of the bench's 403 MB load. The read item is
         the one DCP would make (a test compares the two); anything else is planned by DCP,
         and so is the whole state when the checkpoint holds keys it lacks (DCP then tries
         torch 2.3's key layout) other than the RNG states of ranks this state has none of
