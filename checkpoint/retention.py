@@ -34,7 +34,7 @@ import uuid
 
 from .errors import CheckpointError, one_line
 from .manifest import MANIFEST_NAME, Manifest, Rejection, find_latest, list_steps, step_dir_name, verify
-from .storage import Storage
+from .storage import Storage, fsync_dir
 
 log = logging.getLogger("checkpoint")
 
@@ -201,6 +201,13 @@ def _delete_in_background(path: str) -> None:
 
     def delete() -> None:
         shutil.rmtree(path, ignore_errors=True)
+        try:
+            # Committing the unlinks to the journal is where ext4 (-o discard) discards their
+            # blocks (20-70 ms for 100 MB here): forced now, in this thread, rather than by the
+            # next save's first fsync, which would wait for it.
+            fsync_dir(os.path.dirname(path))
+        except OSError:
+            pass  # the deletion needs no durability: the next retention sweeps up a leftover
         if os.path.exists(path):
             log.warning("retention could not delete %s; the next retention tries again", path)
         with _lock:

@@ -111,11 +111,19 @@ class Storage:
         """S3 and the like: "directories" are key prefixes, made by writing under them."""
         return is_object_store(self.fs)
 
-    def makedirs(self, path: str) -> None:
+    def makedirs(self, path: str, durable: bool = True) -> None:
+        """Make ``path``; ``durable``: its entry in its parent survives a power cut once this
+        returns (else the caller syncs it later, with ``sync_parent``)."""
         if self.is_object_store:
             return  # s3fs's makedirs creates a missing bucket: never behind the user's back
         self.fs.makedirs(path, exist_ok=True)
-        if self.is_local:  # make the new directory's entry durable, not only its contents
+        if durable:  # make the new directory's entry durable, not only its contents
+            self.sync_parent(path)
+
+    def sync_parent(self, path: str) -> None:
+        """Make ``path``'s entry in its parent directory durable (local disks; elsewhere a
+        finished write is)."""
+        if self.is_local:
             fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     def remove_tree(self, path: str) -> None:
