@@ -45,6 +45,7 @@ from .storage import crc32
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 _HEAD_BYTES = 8192  # a slice's records before the tensor's bytes: the pickle (at most 4 KiB), headers, padding
+_READ_SLICE = 2 << 20  # within the kernel's readahead window (8 MiB here), so the disk works on while the crc32 runs
 _LAYOUT_MAX_BYTES = 4096  # the pickle describing one plain tensor: about 160 bytes, more with many dims
 
 
@@ -123,11 +124,13 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
             dest[:filled] = head[data_offset:data_offset + filled]
             stream.seek(info.offset + data_offset + filled)
             while filled < nbytes:
-                n = stream.readinto(dest[filled:])
+                # A slice at a time, each checksummed as it arrives, while the kernel reads
+                # ahead: the crc32 of the last slice is all that is left after the last read.
+                n = stream.readinto(dest[filled:filled + _READ_SLICE])
                 if not n:
                     raise EOFError(f"{info.relative_path}: ended {nbytes - filled} bytes early in {req.storage_index.fqn!r}")
+                crc.add(info.offset + data_offset + filled, dest[filled:filled + n])
                 filled += n
-            crc.add(info.offset + data_offset, dest)
         stream.seek(info.offset + data_offset + nbytes)
         after = stream.read(min(24, info.length - data_offset - nbytes))
         crc.add(info.offset + data_offset + nbytes, after)
