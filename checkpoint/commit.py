@@ -158,5 +158,7 @@ class Committer:
         # Its entry in the root is made durable at the commit, not here: an fsync right after
         # retention deleted files waits for the disk to discard their blocks (ext4 with
         # -o discard: 20-70 ms for 100 MB here), and here that wait delays the whole save.
+        # (Retention's deletion thread fsyncs the root itself, so that by the time this save
+        # fsyncs its files the discard is usually done.)
         self.storage.makedirs(self.storage.join(dirname), durable=False)
         return False

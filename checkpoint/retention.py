@@ -116,6 +116,13 @@ def quarantine(storage: Storage, step: int, reason: str) -> str | None:
     except Exception as e:
         log.warning("checkpoint %s fails verification (%s) and could not be quarantined: %s", source, reason, e)
         return None
+    # Durable: a power cut must not bring the bad checkpoint back (a re-save of its step
+    # fsyncs the root only at its commit).
+    try:
+        storage.sync_parent(source)
+        storage.sync_parent(target)
+    except OSError as e:
+        log.warning("quarantined checkpoint step %d, but could not make the move durable: %s", step, e)
     log.warning("quarantined checkpoint step %d to %s: %s", step, target, reason)
     return target
 
