@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from checkpoint import (ALREADY_COMMITTED, CheckpointError, CheckpointManager, CheckpointMismatchError, Storage,
                         find_latest)
+import checkpoint.manager
+import checkpoint.reader
 import checkpoint.retention
 import checkpoint.storage
 import checkpoint.writer
@@ -242,6 +245,25 @@ def test_a_corrupt_only_checkpoint_found_while_loading_is_never_a_silent_fresh_s
     with pytest.raises(CheckpointError, match="crc32 .*partly overwritten by it, so this process cannot start fresh"):
         loaded_step(tmp_path / "again", verify="hash", allow_fresh_start=True)
     assert loaded_step(tmp_path / "again", verify="hash", allow_fresh_start=True)[0] is None
+
+
+def test_a_flipped_byte_deep_inside_a_large_tensor_fails_its_checksum(tmp_path, caplog):
+    """The load reads a large tensor a slice at a time and checksums each as it arrives: a
+    byte flipped in its last slice (well past the first 2 MiB) must still fail the crc32."""
+    snaps = save_steps(tmp_path, [10, 20], hidden=400_000)  # a 6.4 MB weight
+    weight = snaps[20]["0.weight"].numpy().tobytes()
+    assert len(weight) > 3 * checkpoint.reader._READ_SLICE
+    shard = shard_files(tmp_path / "step-00000020")[0]
+    data = bytearray(shard.read_bytes())
+    start = data.find(weight)
+    assert start > 0
+    data[start + len(weight) - 1000] ^= 0xFF  # in the weight's last slice
+    shard.write_bytes(data)
+    with caplog.at_level(logging.WARNING):
+        step, model = loaded_step(tmp_path, verify="hash", hidden=400_000)
+    assert step == 10
+    assert all(torch.equal(v, snaps[10][k]) for k, v in model.state_dict().items())
+    assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "wrong-version", "missing-file", "deleted"])
@@ -528,8 +550,9 @@ def test_all_corrupt_refuses_fresh_start_unless_allowed(tmp_path):
     assert loaded_step(tmp_path, allow_fresh_start=True)[0] is None
 
 
-def _resident_fraction(path: Path) -> float:
-    """The share of ``path``'s pages in the page cache (mincore on a mapping of it)."""
+def _resident_fraction(path: Path, upto: int | None = None) -> float:
+    """The share of ``path``'s pages (its first ``upto`` bytes) in the page cache (mincore
+    on a mapping of it)."""
     import ctypes
     import mmap
 
@@ -542,7 +565,8 @@ def _resident_fraction(path: Path) -> float:
         address = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mapping)))
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.mincore(address, ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-        return sum(v & 1 for v in vec) / pages
+        counted = pages if upto is None else min(pages, (upto + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        return sum(v & 1 for v in vec[:counted]) / counted
     finally:
         mapping.close()
 
@@ -578,6 +602,36 @@ def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path, monkeypatc
     assert verify(Storage(tmp_path), "step-00000001", "size")[1] is None
     resident = _resident_fraction(shard)
     assert resident < 0.1 if write_behind else resident > 0.5, resident
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="read-ahead advice is POSIX only")
+def test_a_load_asks_the_kernel_to_read_the_head_of_its_shards_ahead(tmp_path, monkeypatch):
+    """As soon as the checkpoint to load is chosen, the kernel is asked to read the head of
+    its shards into the page cache (the disk would otherwise sit idle while the ranks agree
+    and plan): the advice brings the first window of a cold file in, and only that (asked
+    for whole files at once, loads were slower), and a load of a plain CPU model asks for
+    its shards."""
+    if _on_tmpfs(tmp_path):
+        pytest.skip("the test directory is on tmpfs: its pages are the files, nothing to read")
+    save_steps(tmp_path, [10], hidden=400_000)  # about 19 MB of shard
+    shard, = shard_files(tmp_path / "step-00000010")
+    window = checkpoint.reader._PREFETCH_WINDOW
+    assert shard.stat().st_size > 2 * window
+    fd = os.open(shard, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert _resident_fraction(shard) < 0.1
+    checkpoint.reader.prefetch([str(shard)]).join()  # the reads are issued, maybe not done
+    deadline = time.monotonic() + 30
+    while _resident_fraction(shard, upto=window) < 0.9 and time.monotonic() < deadline:
+        pass
+    assert _resident_fraction(shard, upto=window) >= 0.9
+    assert _resident_fraction(shard) < 0.6  # the head only
+    asked = []
+    real = checkpoint.manager.prefetch
+    monkeypatch.setattr(checkpoint.manager, "prefetch", lambda paths: asked.append(paths) or real(paths))
+    assert loaded_step(tmp_path, hidden=400_000)[0] == 10
+    assert asked == [[str(shard)]]
 
 
 @pytest.mark.skipif(checkpoint.writer._sync_file_range is None, reason="write-behind is Linux only")
