@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -381,7 +382,7 @@ class CheckpointManager:
             source = self.mirror_storage if from_mirror else self.storage
             if source.is_local and self._reads_every_shard():
                 dirname = step_dir_name(manifest.step)
-                prefetch([source.join(dirname, name) for name in sorted(manifest.files) if is_shard(name)])
+                prefetch([source.join(dirname, name) for name in sorted(manifest.files, key=_natural) if is_shard(name)])
             state, rejection = self._load_step(manifest, source)
             if rejection is None:
                 break
@@ -402,10 +403,10 @@ class CheckpointManager:
         return manifest
 
     def _reads_every_shard(self) -> bool:
-        """Whether this rank's load reads (nearly) every byte of the shards: the model's
-        parameters are plain CPU tensors, replicated (DDP) or one process, so each rank loads
-        every tensor whole. Sharded ones (FSDP, DTensor) read their own parts only, and
-        reading ahead all the files would read what they never use."""
+        """Whether this rank's load reads (nearly) every byte of the shards, as measured for
+        reading ahead: the model's parameters are plain CPU tensors, replicated (DDP) or one
+        process, so each rank loads every tensor whole. Sharded ones (FSDP, DTensor) read
+        their own parts only. (CUDA models were not measured: left out.)"""
         model = self.training.model
         return model is not None and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
                                          for p in model.parameters())
@@ -523,6 +524,11 @@ class CheckpointManager:
         if isinstance(failure, (KeyboardInterrupt, SystemExit)):  # DCP wraps those too
             raise failure
         return failure
+
+
+def _natural(name: str) -> list:
+    """Sort key: the shards of ranks 2 and 10 in that order (``__2_0.distcp``, ``__10_0.distcp``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _plain_cpu_tensors_only(state: dict) -> bool:

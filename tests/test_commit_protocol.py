@@ -615,7 +615,7 @@ def test_a_load_asks_the_kernel_to_read_the_head_of_its_shards_ahead(tmp_path, m
         pytest.skip("the test directory is on tmpfs: its pages are the files, nothing to read")
     save_steps(tmp_path, [10], hidden=400_000)  # about 19 MB of shard
     shard, = shard_files(tmp_path / "step-00000010")
-    window = checkpoint.reader._PREFETCH_WINDOW
+    window = checkpoint.reader._PREFETCH_BYTES
     assert shard.stat().st_size > 2 * window
     fd = os.open(shard, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
