@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from .mirror import Mirror
 from .manifest import SHARDS_LATER, Manifest, Rejection, check_shard_hashes, is_shard, step_dir_name
 from .memory_tier import MemoryTier, MemoryTierUnavailable
 from .observer import ALREADY_COMMITTED, COMMITTED, FAILED, SKIPPED, STAGED, Observer, SaveResult, SaveStats
-from .reader import prefetch, reader_for
+from .reader import reader_for
 from .safe_load import SafeLoadPlanner, UnsafeCheckpointError, default_item_globals, unpickling_reason
 from .state import TrainingState, incompatibility
 from .storage import Storage
@@ -380,9 +379,6 @@ class CheckpointManager:
                 return None
             manifest = Manifest.from_json(found)
             source = self.mirror_storage if from_mirror else self.storage
-            if source.is_local and self._reads_every_shard():
-                dirname = step_dir_name(manifest.step)
-                prefetch([source.join(dirname, name) for name in sorted(manifest.files, key=_natural) if is_shard(name)])
             state, rejection = self._load_step(manifest, source)
             if rejection is None:
                 break
@@ -401,15 +397,6 @@ class CheckpointManager:
         log.info("loaded checkpoint step %d from %s in %.3f s (saved at world size %d, now %d)",
                  manifest.step, where, time.monotonic() - started, manifest.world_size, self.world_size)
         return manifest
-
-    def _reads_every_shard(self) -> bool:
-        """Whether this rank's load reads (nearly) every byte of the shards, as measured for
-        reading ahead: the model's parameters are plain CPU tensors, replicated (DDP) or one
-        process, so each rank loads every tensor whole. Sharded ones (FSDP, DTensor) read
-        their own parts only. (CUDA models were not measured: left out.)"""
-        model = self.training.model
-        return model is not None and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
-                                         for p in model.parameters())
 
     def _hashes_while_loading(self, storage: Storage) -> bool:
         """With verify="hash", discovery checks the sizes, the crc32 of every file but the
@@ -524,11 +511,6 @@ class CheckpointManager:
         if isinstance(failure, (KeyboardInterrupt, SystemExit)):  # DCP wraps those too
             raise failure
         return failure
-
-
-def _natural(name: str) -> list:
-    """Sort key: the shards of ranks 2 and 10 in that order (``__2_0.distcp``, ``__10_0.distcp``)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _plain_cpu_tensors_only(state: dict) -> bool:

@@ -32,10 +32,8 @@ import io
 import math
 import os
 import pickle
-import stat
 import struct
 import sys
-import threading
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -48,9 +46,6 @@ from .storage import crc32
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 _HEAD_BYTES = 8192  # a slice's records before the tensor's bytes: the pickle (at most 4 KiB), headers, padding
 _READ_SLICE = 2 << 20  # within the kernel's readahead window (8 MiB here), so the disk works on while the crc32 runs
-_PREFETCH_BYTES = 8 << 20  # of each of the first _PREFETCH_FILES files: read ahead when a load starts
-_PREFETCH_FILES = 2  # 16 MiB in all: about what the disk reads while a load decides what to read
-_PREFETCH_STEP = 128 << 10
 _LAYOUT_MAX_BYTES = 4096  # the pickle describing one plain tensor: about 160 bytes, more with many dims
 
 
@@ -345,46 +340,6 @@ def refused_tensor_record(storage, dirname: str) -> str | None:
                 except Exception as e:  # refused, or not an archive torch can read: what the load would meet
                     return f"{where} is not loaded: {unpickling_reason(e)}"
     return None
-
-
-def prefetch(paths: list[str]) -> threading.Thread | None:
-    """Ask the kernel to start reading the first 8 MiB of the first two of the local files
-    ``paths`` into the page cache (``POSIX_FADV_WILLNEED``), from a daemon thread; returns it
-    (None where that cannot be done). Advice only: a file that cannot be opened, or is not a
-    regular file, is left to the load to report.
-
-    A load spends its first milliseconds deciding what to read (discovery, the ranks'
-    agreements, the plan) with the disk idle, and stalls again when its reads move on to the
-    next file. Measured on this project's 2-core machine (2 ranks, 101 MB, cold,
-    interleaved, pairwise medians): the heads of both files read ahead at discovery
-    0.86-0.99x in five runs; the first 16 MiB of the first file 1.17x; whole files 1.52x
-    (asked for all at once, the load's own reads queue behind them)."""
-    if not hasattr(os, "posix_fadvise"):
-        return None
-
-    def advise() -> None:
-        for path in paths[:_PREFETCH_FILES]:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hang it
-            except (OSError, ValueError):
-                continue
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    # The kernel reads at most its readahead window per call (128 KiB by
-                    # default, 8 MiB on the machine measured): one call per 128 KiB.
-                    for offset in range(0, _PREFETCH_BYTES, _PREFETCH_STEP):
-                        os.posix_fadvise(fd, offset, _PREFETCH_STEP, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    thread = threading.Thread(target=advise, name="ckpt-prefetch", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:  # no thread to spare: the load goes on without the advice
-        return None
-    return thread
 
 
 def reader_for(storage, dirname: str, checksum=()):

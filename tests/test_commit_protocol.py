@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from checkpoint import (ALREADY_COMMITTED, CheckpointError, CheckpointManager, CheckpointMismatchError, Storage,
                         find_latest)
-import checkpoint.manager
 import checkpoint.reader
 import checkpoint.retention
 import checkpoint.storage
@@ -550,9 +548,8 @@ def test_all_corrupt_refuses_fresh_start_unless_allowed(tmp_path):
     assert loaded_step(tmp_path, allow_fresh_start=True)[0] is None
 
 
-def _resident_fraction(path: Path, upto: int | None = None) -> float:
-    """The share of ``path``'s pages (its first ``upto`` bytes) in the page cache (mincore
-    on a mapping of it)."""
+def _resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (mincore on a mapping of it)."""
     import ctypes
     import mmap
 
@@ -565,8 +562,7 @@ def _resident_fraction(path: Path, upto: int | None = None) -> float:
         address = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mapping)))
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.mincore(address, ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
-        counted = pages if upto is None else min(pages, (upto + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-        return sum(v & 1 for v in vec[:counted]) / counted
+        return sum(v & 1 for v in vec) / pages
     finally:
         mapping.close()
 
@@ -602,36 +598,6 @@ def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path, monkeypatc
     assert verify(Storage(tmp_path), "step-00000001", "size")[1] is None
     resident = _resident_fraction(shard)
     assert resident < 0.1 if write_behind else resident > 0.5, resident
-
-
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="read-ahead advice is POSIX only")
-def test_a_load_asks_the_kernel_to_read_the_head_of_its_shards_ahead(tmp_path, monkeypatch):
-    """As soon as the checkpoint to load is chosen, the kernel is asked to read the head of
-    its shards into the page cache (the disk would otherwise sit idle while the ranks agree
-    and plan): the advice brings the first window of a cold file in, and only that (asked
-    for whole files at once, loads were slower), and a load of a plain CPU model asks for
-    its shards."""
-    if _on_tmpfs(tmp_path):
-        pytest.skip("the test directory is on tmpfs: its pages are the files, nothing to read")
-    save_steps(tmp_path, [10], hidden=400_000)  # about 19 MB of shard
-    shard, = shard_files(tmp_path / "step-00000010")
-    window = checkpoint.reader._PREFETCH_BYTES
-    assert shard.stat().st_size > 2 * window
-    fd = os.open(shard, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    assert _resident_fraction(shard) < 0.1
-    checkpoint.reader.prefetch([str(shard)]).join()  # the reads are issued, maybe not done
-    deadline = time.monotonic() + 30
-    while _resident_fraction(shard, upto=window) < 0.9 and time.monotonic() < deadline:
-        pass
-    assert _resident_fraction(shard, upto=window) >= 0.9
-    assert _resident_fraction(shard) < 0.6  # the head only
-    asked = []
-    real = checkpoint.manager.prefetch
-    monkeypatch.setattr(checkpoint.manager, "prefetch", lambda paths: asked.append(paths) or real(paths))
-    assert loaded_step(tmp_path, hidden=400_000)[0] == 10
-    assert asked == [[str(shard)]]
 
 
 @pytest.mark.skipif(checkpoint.writer._sync_file_range is None, reason="write-behind is Linux only")
