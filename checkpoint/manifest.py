@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -198,6 +199,8 @@ def _verify(storage: Storage, dirname: str, mode: str, allowed_globals, key) -> 
         path = storage.join(dirname, name)
         if not storage.exists(path):
             return None, f"{path}: listed in the commit record but missing"
+        if storage.is_local and not os.path.isfile(path):  # a FIFO would hang whoever reads it
+            return None, f"{path}: listed in the commit record but not a regular file (forged?)"
         size = storage.size(path)
         if size != manifest.files[name].size:
             return None, f"{path}: {size} bytes, the commit record says {manifest.files[name].size} (truncated or rewritten)"

@@ -45,7 +45,7 @@ from .storage import crc32
 
 _STORAGE_RECORD = "data/0"  # a torch.save of one tensor holds exactly one storage
 _HEAD_BYTES = 8192  # a slice's records before the tensor's bytes: the pickle (at most 4 KiB), headers, padding
-_READ_SLICE = 2 << 20  # within the kernel's readahead window (8 MiB here), so the disk works on while the crc32 runs
+_READ_SLICE = 2 << 20  # within the kernel's readahead window (8 MiB on the machine measured), so the disk works on while the crc32 runs
 _LAYOUT_MAX_BYTES = 4096  # the pickle describing one plain tensor: about 160 bytes, more with many dims
 
 

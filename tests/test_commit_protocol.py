@@ -245,7 +245,7 @@ def test_a_corrupt_only_checkpoint_found_while_loading_is_never_a_silent_fresh_s
     assert loaded_step(tmp_path / "again", verify="hash", allow_fresh_start=True)[0] is None
 
 
-def test_a_flipped_byte_deep_inside_a_large_tensor_fails_its_checksum(tmp_path, caplog):
+def test_a_flipped_byte_deep_inside_a_large_tensor_fails_its_checksum(tmp_path, caplog, monkeypatch):
     """The load reads a large tensor a slice at a time and checksums each as it arrives: a
     byte flipped in its last slice (well past the first 2 MiB) must still fail the crc32."""
     snaps = save_steps(tmp_path, [10, 20], hidden=400_000)  # a 6.4 MB weight
@@ -257,11 +257,42 @@ def test_a_flipped_byte_deep_inside_a_large_tensor_fails_its_checksum(tmp_path, 
     assert start > 0
     data[start + len(weight) - 1000] ^= 0xFF  # in the weight's last slice
     shard.write_bytes(data)
+    reread = []  # bytes the checksum had to read itself (gaps): the weight must not be one
+    read_up_to = checkpoint.reader._FileCrc32._read_up_to
+
+    def watched(self, offset):
+        reread.append(max(0, offset - self.done))
+        read_up_to(self, offset)
+
+    monkeypatch.setattr(checkpoint.reader._FileCrc32, "_read_up_to", watched)
     with caplog.at_level(logging.WARNING):
         step, model = loaded_step(tmp_path, verify="hash", hidden=400_000)
     assert step == 10
     assert all(torch.equal(v, snaps[10][k]) for k, v in model.state_dict().items())
     assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
+    assert 0 < sum(reread) < 2**20, reread  # zip trailers only: the slices were checksummed as loaded
+
+
+def test_a_commit_record_that_lists_a_fifo_is_refused_not_read(tmp_path):
+    """A forged commit record naming a FIFO as a shard (size 0 matches it) must be refused by
+    discovery: reading it to check its crc32 would wait forever for a writer."""
+    mgr, model, opt, sched, counter = make_job(tmp_path)
+    for step in (10, 20):
+        train_step(model, opt, sched, counter)
+        mgr.save(step)
+    mgr.close()  # the root's lease: the load below runs in another process
+    step_dir = tmp_path / "step-00000020"
+    os.mkfifo(step_dir / "__9_0.distcp")
+    record = json.loads((step_dir / "manifest.json").read_text())
+    record["files"]["__9_0.distcp"] = {"size": 0, "crc32": "00000000", "sha256": ""}
+    (step_dir / "manifest.json").write_text(json.dumps(record))
+    code = ("import sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]\n"
+            "from test_commit_protocol import loaded_step\n"
+            "print('loaded', loaded_step(sys.argv[1], verify='hash')[0])")
+    result = run([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent.parent),
+                  str(Path(__file__).parent)], timeout=120)
+    assert result.returncode == 0, result.tail()
+    assert "loaded 10" in result.output and "not a regular file" in result.output, result.tail()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "wrong-version", "missing-file", "deleted"])
