@@ -132,8 +132,9 @@ class Committer:
             return ""
         if free >= max(self._last_bytes or 0, 64 << 20):
             return ""
-        return (f" (the disk holding {self.storage.root} is full: {free / 1e6:.1f} MB free; free space "
-                "or keep fewer checkpoints)")
+        # No free-space figure: it differs from rank to rank (rank 0 removes the partial save
+        # meanwhile), and every rank must report the same line.
+        return f" (the disk holding {self.storage.root} is full; free space or keep fewer checkpoints)"
 
     def prepare(self, step: int, failed_load: str | None = None) -> bool:
         """Rank 0, before a save: True if ``step`` is validly committed already; otherwise
