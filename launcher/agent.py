@@ -274,7 +274,7 @@ class FaultTolerantAgent(LocalElasticAgent):
                 beat = beats.get(rank)
                 if i == 0:
                     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-                    self.last_failure = f"rank {rank} {how} at step {beat.step if beat else None}"
+                    self.last_failure = f"rank {rank} {how} {_at_step(beat.step if beat else -1)}"
                     # A worker of this node that died before it ever talked to its peers (no
                     # beat but the bootstrap's "starting": not even "joining", which
                     # launcher.bootstrap writes as it enters init_process_group): the node's
@@ -319,9 +319,9 @@ class FaultTolerantAgent(LocalElasticAgent):
                     self.event("hang_detected", rank=rank, phase=phase, step=step, silent_seconds=round(silent, 2),
                                since=round(now - silent, 4))
                 rank, phase, step, silent = hung[0]
-                self.last_failure = f"rank {rank} made no progress for {silent:.1f} s (phase {phase}, step {step})"
-                log.error("rank %d made no progress for %.1f s (phase %s, step %d); ranks %s hung; restarting",
-                          rank, silent, phase, step, [h[0] for h in hung])
+                self.last_failure = f"rank {rank} made no progress for {silent:.1f} s (phase {phase}, {_at_step(step)})"
+                log.error("rank %d made no progress for %.1f s (phase %s, %s); ranks %s hung; restarting",
+                          rank, silent, phase, _at_step(step), [h[0] for h in hung])
                 self._on_failure(beats)
                 return RunResult(state=WorkerState.UNHEALTHY)
         elif result.state == WorkerState.SUCCEEDED:
@@ -435,3 +435,9 @@ def _before_joining(beat: contract.Beat | None) -> bool:
     """The worker had not begun to join its process group: no beat, or only the bootstrap's
     mark that its script started."""
     return beat is None or (beat.source == contract.BOOTSTRAP and beat.phase == contract.STARTING)
+
+
+def _at_step(step: int | None) -> str:
+    """Where a rank was, for a failure's line: heartbeats say -1 until a step is reported (a
+    script without Reporter or optimizer.step, or one still starting)."""
+    return f"at step {step}" if step is not None and step >= 0 else "before any step it reported"

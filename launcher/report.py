@@ -33,7 +33,7 @@ def generations(events: list[dict]) -> list[dict]:
                   and isinstance(e.get("step"), int)]
         if failed is not None:  # a hung rank's step is as of its last progress, not its detection
             step = failed.get("last_step") if failed["event"] == "worker_failed" else failed.get("step")
-            if isinstance(step, int):
+            if isinstance(step, int) and step >= 0:  # -1: no step reported yet
                 points.append((failed.get("since", failed["time"]), step))
         out.append({"attempt": start.get("attempt", i), "start": start["time"],
                     "end": failed["time"] if failed else end_time, "failure": failed, "points": sorted(points)})
@@ -84,8 +84,10 @@ def render(run_dir: str, out_png: str) -> tuple[str, str]:
     summary = summarize(events)
     steps_ax.set_ylabel("step")
     steps_ax.set_title(f"{os.path.basename(os.path.abspath(run_dir))}: {summary['attempts']} generation(s), "
-                       f"{len(summary['failures'])} failure(s), last commit {summary['last_committed']}, "
-                       f"{summary['steps_lost']} steps and {summary['seconds_lost']} s lost")
+                       f"{len(summary['failures'])} failure(s), last commit "
+                       f"{'none' if summary['last_committed'] is None else summary['last_committed']}, "
+                       + (f"{summary['steps_lost']} steps and {summary['seconds_lost']} s lost"
+                          if summary["steps_lost"] is not None else "steps and time lost unknown"))
     steps_ax.legend(fontsize=8, loc="upper left")
     bars_ax.set_yticks([])
     bars_ax.set_ylim(-0.8, 0.8)

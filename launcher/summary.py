@@ -17,7 +17,9 @@ def summarize(events: list[dict]) -> dict:
     """Attempts, failures by kind, and per failure the steps and seconds it cost: steps from
     the newest step any worker reported to the step the next generation resumed from, and
     seconds from the failure (for a hang: the rank's last progress) to the first step of the
-    next generation. A failure no generation recovered from has no such figures (None)."""
+    next generation. A failure no generation recovered from has no such figures (None), nor
+    has any failure of a script that reports no steps (``launcher.worker.Reporter``): a
+    plain torchrun script under ftlaunch."""
     events = sorted(events, key=lambda e: e["time"])
     commits = [e["step"] for e in events if e["event"] == "save_commit"]
     # After the last failure ftlaunch may start one more generation that only moves the memory
@@ -35,13 +37,19 @@ def summarize(events: list[dict]) -> dict:
         elif not in_round:
             kept.append(e)
     events = kept
+    # Only the trainer's Reporter says where a generation started and its first step; without
+    # it no failure's cost is known, and none is counted as 0.
+    reports = any(e["event"] in ("resumed", "fresh_start", "first_step") for e in events)
     failures = []  # one per failed generation: its first failure event (root cause first)
     seen_attempts = set()
     for e in events:
         if e["event"] in ("worker_failed", "hang_detected", "node_left") and e["attempt"] not in seen_attempts:
             seen_attempts.add(e["attempt"])
             same = [x for x in events if x["event"] == e["event"] and x["attempt"] == e["attempt"]]
-            last_step = max((x.get("last_step") if x["event"] == "worker_failed" else x.get("step")) or 0 for x in same)
+            # -1 (or none): no step reported yet in that generation.
+            steps = [s for s in (x.get("last_step") if x["event"] == "worker_failed" else x.get("step") for x in same)
+                     if isinstance(s, int) and s >= 0]
+            last_step = max(steps) if steps else None
             # A hang costs from the rank's last progress, not from its detection.
             failures.append({"time": e["time"], "since": e.get("since", e["time"]), "kind": _failure_kind(e),
                              "rank": e.get("rank"), "last_step": last_step})
@@ -51,7 +59,7 @@ def summarize(events: list[dict]) -> dict:
         first = next((e for e in events if e["time"] > f["time"] and e["event"] == "first_step"), None)
         f["resumed_step"] = resumed["step"] if resumed else None
         f["resumed_from"] = resumed.get("source") if resumed else None  # "memory", "disk" (None: not said)
-        f["steps_lost"] = max(0, f["last_step"] - resumed["step"]) if resumed else None
+        f["steps_lost"] = max(0, (f["last_step"] or 0) - resumed["step"]) if resumed else None
         f["seconds_lost"] = round(first["time"] - f["since"], 2) if first else None
     by_kind: dict[str, int] = {}
     for f in failures:
@@ -61,8 +69,8 @@ def summarize(events: list[dict]) -> dict:
         "attempts": sum(e["event"] == "workers_started" for e in events),
         "failures": failures,
         "failures_by_kind": by_kind,
-        "steps_lost": sum(f["steps_lost"] or 0 for f in failures),
-        "seconds_lost": round(sum(f["seconds_lost"] or 0 for f in failures), 2),
+        "steps_lost": sum(f["steps_lost"] or 0 for f in failures) if reports or not failures else None,
+        "seconds_lost": round(sum(f["seconds_lost"] or 0 for f in failures), 2) if reports or not failures else None,
         "last_committed": max(commits) if commits else None,
         "ended_by": end["event"] if end else None,
         "persisted": {"step": persisted["step"], "ok": persisted["ok"], "why": persisted.get("why")} if persisted else None,
@@ -79,7 +87,8 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
         lines.append(f"failures: {kinds}")
         for f in summary["failures"]:
             who = f"rank {f['rank']} " if f["rank"] is not None else ""
-            where = f"  {who}{f['kind']} at step {f['last_step']}"
+            at = f"at step {f['last_step']}" if f["last_step"] is not None else "before any step it reported"
+            where = f"  {who}{f['kind']} {at}"
             if f["resumed_step"] is None or f["seconds_lost"] is None:
                 lines.append(f"{where}: " + ("restarted; steps and time lost unknown (the script does not report "
                                              "them through launcher.worker.Reporter)" if f["restarted"]
@@ -88,8 +97,12 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
                 source = f" ({f['resumed_from']})" if f.get("resumed_from") else ""
                 lines.append(f"{where}: resumed from step {f['resumed_step']}{source}, {f['steps_lost']} steps and "
                              f"{f['seconds_lost']} s lost")
-        lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
-                     "(failure, or a hung rank's last progress, -> first step of the next generation)")
+        if summary["steps_lost"] is None:
+            lines.append("steps lost: unknown; time lost: unknown (the script does not report its steps "
+                         "through launcher.worker.Reporter)")
+        else:
+            lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
+                         "(failure, or a hung rank's last progress, -> first step of the next generation)")
     else:
         lines.append("failures: none")
     persisted = summary.get("persisted")
@@ -101,5 +114,6 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
         else:
             lines.append(f"memory tier: the snapshot of step {persisted['step']} was committed to the durable tier "
                          "before exit")
-    lines.append(f"last committed step: {summary['last_committed']}")
+    committed = summary["last_committed"]
+    lines.append(f"last committed step: {'none' if committed is None else committed}")
     return "\n".join(lines)

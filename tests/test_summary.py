@@ -41,3 +41,35 @@ def test_a_failed_persist_round_says_why():
                                                                      "why": "the workers ended FAILED"}))
     text = format_summary(summarize(events), "failed", "RUN")
     assert "memory tier: committing the snapshot of step 22 failed (the workers ended FAILED)" in text
+
+
+def test_failures_of_a_script_that_reports_no_steps_cost_an_unknown_amount_not_zero():
+    """A plain torchrun script under ftlaunch: its workers' heartbeats say step -1 (none
+    reported) and no generation says where it resumed. The summary said 'at step -1' and
+    'steps lost: 0; time lost: 0 s'."""
+    events = _events((1, "launch", {}), (2, "workers_started", {}),
+                     (3, "worker_failed", {"rank": 1, "exitcode": 3, "signal": None, "last_step": -1}),
+                     (4, "workers_started", {}),
+                     (5, "worker_failed", {"rank": 1, "exitcode": 3, "signal": None, "last_step": -1, "attempt": 1}))
+    summary = summarize(events)
+    assert summary["steps_lost"] is None and summary["seconds_lost"] is None
+    assert [f["last_step"] for f in summary["failures"]] == [None, None]
+    text = format_summary(summary, "failed", "RUN")
+    assert "rank 1 exit code 3 before any step it reported: restarted; steps and time lost unknown" in text
+    assert "steps lost: unknown; time lost: unknown" in text and "last committed step: none" in text
+    assert "-1" not in text and "None" not in text
+
+
+def test_a_generation_that_failed_before_its_first_step_lost_no_steps():
+    events = _events((1, "launch", {}), (2, "workers_started", {}), (3, "fresh_start", {"step": 0}),
+                     (4, "first_step", {"step": 1}),
+                     (5, "worker_failed", {"rank": 0, "exitcode": -9, "signal": "SIGKILL", "last_step": 30}),
+                     (6, "workers_started", {}),
+                     (7, "worker_failed", {"rank": 1, "exitcode": 1, "signal": None, "last_step": -1, "attempt": 1}),
+                     (8, "workers_started", {}), (9, "resumed", {"step": 25, "source": "disk"}),
+                     (10, "first_step", {"step": 26}))
+    summary = summarize(events)
+    assert [f["steps_lost"] for f in summary["failures"]] == [5, 0]
+    assert summary["steps_lost"] == 5
+    text = format_summary(summary, "succeeded", "RUN")
+    assert "rank 1 exit code 1 before any step it reported: resumed from step 25 (disk), 0 steps" in text
