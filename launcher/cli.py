@@ -18,6 +18,7 @@ Every torchrun flag keeps its meaning (the parser is torchrun's own). What diffe
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -99,6 +100,9 @@ def parse_args(argv: list[str] | None = None):
         parser.error(str(e))
     if args.max_restarts < 0:
         parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.nproc_per_node not in ("auto", "cpu", "gpu", "xpu") and not (
+            args.nproc_per_node.isdigit() and int(args.nproc_per_node) >= 1):
+        parser.error(f"--nproc-per-node must be a number >= 1 or auto, cpu, gpu, xpu; got {args.nproc_per_node!r}")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error(f"--metrics-port must be a port number (0-65535; 0: a free one), got {args.metrics_port}")
     for spec in args.inject:
@@ -146,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[ftlaunch] %(message)s")
     args = parse_args(argv)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", "ftlaunch", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as e:
+        print(f"ftlaunch: error: --run-dir {run_dir}: {e.strerror or e}; give a directory ftlaunch can create and "
+              "write (events, heartbeats, logs)", file=sys.stderr)
+        return 2
     os.environ[contract.RUN_DIR_ENV] = run_dir
     if args.inject:
         os.environ[INJECT_ENV] = ",".join(args.inject)
