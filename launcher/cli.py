@@ -100,9 +100,12 @@ def parse_args(argv: list[str] | None = None):
         parser.error(str(e))
     if args.max_restarts < 0:
         parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
-    if args.nproc_per_node not in ("auto", "cpu", "gpu", "xpu") and not (
-            args.nproc_per_node.isdigit() and int(args.nproc_per_node) >= 1):
-        parser.error(f"--nproc-per-node must be a number >= 1 or auto, cpu, gpu, xpu; got {args.nproc_per_node!r}")
+    try:
+        args.nproc_count = int(args.nproc_per_node)
+    except ValueError:  # auto, cpu, gpu, xpu, a privateuse1 backend's name: torchrun resolves it or says why not
+        args.nproc_count = None
+    if args.nproc_count is not None and args.nproc_count < 1:  # torchrun would divide by it
+        parser.error(f"--nproc-per-node must be >= 1, got {args.nproc_per_node!r}")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error(f"--metrics-port must be a port number (0-65535; 0: a free one), got {args.metrics_port}")
     for spec in args.inject:
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.inject:
         os.environ[INJECT_ENV] = ",".join(args.inject)
     os.environ[contract.AGENT_PID_ENV] = str(os.getpid())
-    nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
+    nproc = args.nproc_count or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # a fresh store per generation
     if args.log_dir is None:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+# Why a failure's cost can be unknown: the figures need the events "resumed" (or "fresh_start")
+# and "first_step" of the next generation, which train.py writes through Reporter.event on the
+# node of global rank 0; a plain script, or another node's run dir, has none.
+_NOT_RECORDED = ("this run dir holds no record of where a generation resumed and its first step: "
+                 "Reporter.event('resumed' | 'fresh_start') and Reporter.event('first_step'), from global rank 0")
+
+
 def _failure_kind(event: dict) -> str:
     if event["event"] == "node_left":
         return "node left"
@@ -90,16 +97,14 @@ def format_summary(summary: dict, result: str, run_dir: str) -> str:
             at = f"at step {f['last_step']}" if f["last_step"] is not None else "before any step it reported"
             where = f"  {who}{f['kind']} {at}"
             if f["resumed_step"] is None or f["seconds_lost"] is None:
-                lines.append(f"{where}: " + ("restarted; steps and time lost unknown (the script does not report "
-                                             "them through launcher.worker.Reporter)" if f["restarted"]
+                lines.append(f"{where}: " + (f"restarted; steps and time lost unknown ({_NOT_RECORDED})" if f["restarted"]
                                              else "not recovered (no restart followed)"))
             else:
                 source = f" ({f['resumed_from']})" if f.get("resumed_from") else ""
                 lines.append(f"{where}: resumed from step {f['resumed_step']}{source}, {f['steps_lost']} steps and "
                              f"{f['seconds_lost']} s lost")
         if summary["steps_lost"] is None:
-            lines.append("steps lost: unknown; time lost: unknown (the script does not report its steps "
-                         "through launcher.worker.Reporter)")
+            lines.append(f"steps lost: unknown; time lost: unknown ({_NOT_RECORDED})")
         else:
             lines.append(f"steps lost: {summary['steps_lost']}; time lost: {summary['seconds_lost']} s "
                          "(failure, or a hung rank's last progress, -> first step of the next generation)")

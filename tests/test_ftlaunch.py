@@ -178,7 +178,7 @@ def test_sigterm_commits_the_last_step_and_resumes_bit_exactly(tmp_path):
     (["--nnodes", "2:4"], "spans several nodes: give --rdzv-endpoint"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--nnodes", "2:3", "--rdzv-endpoint", "localhost:"], "must be an integer between 0 and 65536"),
-    (["--nproc-per-node", "0"], "--nproc-per-node must be a number >= 1 or auto"),  # was a ZeroDivisionError
+    (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got '0'"),  # was a ZeroDivisionError
     (["--run-dir", "/proc/ftlaunch-no-such-dir"], "--run-dir /proc/ftlaunch-no-such-dir: No such file or directory"),
 ])
 def test_bad_flags_get_one_line(tmp_path, args, message):

@@ -55,7 +55,7 @@ def test_failures_of_a_script_that_reports_no_steps_cost_an_unknown_amount_not_z
     assert summary["steps_lost"] is None and summary["seconds_lost"] is None
     assert [f["last_step"] for f in summary["failures"]] == [None, None]
     text = format_summary(summary, "failed", "RUN")
-    assert "rank 1 exit code 3 before any step it reported: restarted; steps and time lost unknown" in text
+    assert "rank 1 exit code 3 before any step it reported: restarted; steps and time lost unknown (this run dir" in text
     assert "steps lost: unknown; time lost: unknown" in text and "last committed step: none" in text
     assert "-1" not in text and "None" not in text
 
