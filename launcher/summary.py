@@ -47,12 +47,18 @@ def summarize(events: list[dict]) -> dict:
     # Only the trainer's Reporter says where a generation started and its first step; without
     # it no failure's cost is known, and none is counted as 0.
     reports = any(e["event"] in ("resumed", "fresh_start", "first_step") for e in events)
-    failures = []  # one per failed generation: its first failure event (root cause first)
-    seen_attempts = set()
+    # Attempts count from 0 in each launch: a generation is (launch, attempt).
+    launch_of, launches = {}, 0
     for e in events:
-        if e["event"] in ("worker_failed", "hang_detected", "node_left") and e["attempt"] not in seen_attempts:
-            seen_attempts.add(e["attempt"])
-            same = [x for x in events if x["event"] == e["event"] and x["attempt"] == e["attempt"]]
+        launches += e["event"] == "launch"
+        launch_of[id(e)] = launches
+    failures = []  # one per failed generation: its first failure event (root cause first)
+    seen_generations = set()
+    for e in events:
+        generation = (launch_of[id(e)], e.get("attempt"))
+        if e["event"] in ("worker_failed", "hang_detected", "node_left") and generation not in seen_generations:
+            seen_generations.add(generation)
+            same = [x for x in events if x["event"] == e["event"] and (launch_of[id(x)], x.get("attempt")) == generation]
             # -1 (or none): no step reported yet in that generation.
             steps = [s for s in (x.get("last_step") if x["event"] == "worker_failed" else x.get("step") for x in same)
                      if isinstance(s, int) and s >= 0]

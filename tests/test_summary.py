@@ -73,3 +73,20 @@ def test_a_generation_that_failed_before_its_first_step_lost_no_steps():
     assert summary["steps_lost"] == 5
     text = format_summary(summary, "succeeded", "RUN")
     assert "rank 1 exit code 1 before any step it reported: resumed from step 25 (disk), 0 steps" in text
+
+
+def test_a_run_dir_reused_by_a_second_launch_keeps_both_launches_failures():
+    """Attempts count from 0 in every launch: the second launch's first failure is a failure
+    of its own, not a repeat of the first launch's attempt 0 (it was dropped)."""
+    first = ((1, "launch", {}), (2, "workers_started", {}), (3, "fresh_start", {"step": 0}),
+             (4, "first_step", {"step": 1}),
+             (5, "worker_failed", {"rank": 1, "exitcode": -9, "signal": "SIGKILL", "last_step": 23}))
+    second = ((10, "launch", {}), (11, "workers_started", {}), (12, "resumed", {"step": 20, "source": "disk"}),
+              (13, "first_step", {"step": 21}),
+              (14, "worker_failed", {"rank": 0, "exitcode": 1, "signal": None, "last_step": 40}),
+              (15, "workers_started", {"attempt": 1}), (16, "resumed", {"step": 40, "source": "disk"}),
+              (17, "first_step", {"step": 41}), (18, "finished", {"step": 50}))
+    summary = summarize(_events(*first, *second))
+    assert [(f["kind"], f["last_step"], f["resumed_step"]) for f in summary["failures"]] == [
+        ("signal SIGKILL", 23, 20), ("exit code 1", 40, 40)]
+    assert summary["steps_lost"] == 3 and summary["attempts"] == 3
