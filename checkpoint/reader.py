@@ -26,14 +26,18 @@ sends the tensor to DCP's path.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import io
 import math
+import mmap
 import os
 import pickle
 import struct
 import sys
+import threading
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -68,7 +72,7 @@ class DirectFileSystemReader(SafeMetadataReader, dcp.FileSystemReader):
         per_file: dict[str, list] = {}
         for req in plan.items:
             per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
-        for relative_path, reqs in per_file.items():
+        for relative_path, reqs in sorted(per_file.items()):  # the order ReadAhead reads them in
             path = self.fs.concat_path(self.path, relative_path)
             with self.fs.create_stream(path, "rb") as stream:
                 crc = _FileCrc32(stream.fileno(), path) if relative_path in self.checksum else _NO_CRC
@@ -340,6 +344,101 @@ def refused_tensor_record(storage, dirname: str) -> str | None:
                 except Exception as e:  # refused, or not an archive torch can read: what the load would meet
                     return f"{where} is not loaded: {unpickling_reason(e)}"
     return None
+
+
+class ReadAhead:
+    """Reads a checkpoint's files front to back in a thread, into a scratch buffer, so that
+    the page cache holds them when the load reads them.
+
+    Started when a load starts, it keeps the disk busy from then on. A cold 101 MB load (2
+    ranks) spent a fifth of its time before its first read of a shard: finding and verifying
+    the checkpoint, DCP's planning, the ranks' agreements, with the disk idle. The ranks'
+    own reads then copy from the page cache behind it. Files whose first and last slices the
+    page cache holds already (a restart on the node that wrote them) are not read: copying
+    them would only take CPU from the ranks' reads.
+
+    Measured and not chosen: the kernel's ``posix_fadvise(WILLNEED)`` of the whole files
+    (slower than no read-ahead: it queues every request at once, ahead of the small reads
+    that finding the checkpoint needs), and skipping each slice the page cache holds (a rank
+    ahead of it then made two streams of one).
+
+    ``find`` (run in the thread) names the files. Errors end it quietly: it only warms the
+    cache, and the load reports what it finds itself."""
+
+    def __init__(self, find: Callable[[], list[str]]):
+        self.find = find
+        self.bytes_read = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckpt-read-ahead", daemon=True)
+        self._thread.start()
+
+    def close(self, wait_until_done: bool = False) -> None:
+        """Stop (within one slice's read; or, ``wait_until_done``, once every file is read)
+        and wait for the thread."""
+        if not wait_until_done:
+            self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        fds = []
+        try:
+            for path in self.find():
+                fds.append(os.open(path, os.O_RDONLY))
+            if all(_in_page_cache(fd) for fd in fds):
+                return
+            scratch = bytearray(_READ_SLICE)
+            for fd in fds:
+                while not self._stop.is_set():
+                    n = os.readv(fd, [scratch])
+                    if not n:
+                        break
+                    self.bytes_read += n
+        except Exception:  # a missing or unreadable file, a root being deleted: the load reports what it finds
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _in_page_cache(fd: int) -> bool:
+    """Whether the page cache holds the open file ``fd``: its first and last slices, as
+    ``mincore`` on a mapping of it tells (no I/O, unlike a read; a sample, as checking every
+    page of a large file took milliseconds of CPU the ranks' reads need). False where the
+    platform cannot tell."""
+    libc = _libc()
+    size = os.fstat(fd).st_size
+    if libc is None or size == 0 or not hasattr(mmap, "PROT_READ"):
+        return size == 0
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        return False
+    try:
+        last = max(0, size - _READ_SLICE) // mmap.PAGESIZE * mmap.PAGESIZE
+        for start in {0, last}:
+            length = min(_READ_SLICE, size - start)
+            resident = ctypes.create_string_buffer((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+            if libc.mincore(address + start, length, resident) != 0 or resident.raw.translate(_RESIDENT_BIT).count(0):
+                return False
+        return True
+    finally:
+        libc.munmap(address, size)
+
+
+_RESIDENT_BIT = bytes(i & 1 for i in range(256))  # mincore's flags: bit 0 is "resident", the rest are reserved
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library's mmap, munmap and mincore (None where there are none)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        return libc
+    except (OSError, AttributeError, TypeError):  # not a C library with these (not Linux)
+        return None
 
 
 def reader_for(storage, dirname: str, checksum=()):

@@ -189,3 +189,78 @@ def test_a_flipped_byte_that_no_read_touches_still_fails_the_load(tmp_path, capl
     assert step == 10
     assert all(torch.equal(v, snaps[10][k]) for k, v in model.state_dict().items())
     assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
+
+
+def _evicted(paths) -> bool:
+    """Drop ``paths`` from the page cache; False where that cannot be done (tmpfs)."""
+    import os
+
+    from checkpoint.reader import _in_page_cache
+
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if _in_page_cache(fd):
+                return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_warm_one(tmp_path):
+    """A load starts a ReadAhead of the newest checkpoint's files: cold, it reads every byte
+    (so the ranks' reads find them in the page cache); warm, it reads none (copying them
+    would only take CPU from the ranks); a file it cannot open ends it quietly."""
+    import os
+
+    from checkpoint import CheckpointManager
+    from checkpoint.manager import _newest_committed_files
+    from checkpoint.reader import ReadAhead, _in_page_cache
+    from checkpoint.storage import Storage
+
+    model = torch.nn.Linear(1000, 1000)  # 4 MB: two 2 MiB slices and a part one
+    manager = CheckpointManager(tmp_path, model=model)
+    manager.save(3)
+    manager.save(7)
+    (tmp_path / "step-00000009").mkdir()  # newer, but never committed: not what a load reads
+    files = _newest_committed_files(Storage(tmp_path))
+    names = [os.path.basename(f) for f in files]
+    assert {os.path.dirname(f) for f in files} == {str(tmp_path / "step-00000007")}
+    assert names[:2] == ["manifest.json", ".metadata"] and names[2:] == sorted(names[2:]) and len(names) > 2
+    if not _evicted(files):
+        pytest.skip(f"the page cache of {tmp_path} cannot be dropped here (tmpfs?)")
+
+    cold = ReadAhead(lambda: files)
+    cold.close(wait_until_done=True)
+    assert cold.bytes_read == sum(os.path.getsize(f) for f in files)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert _in_page_cache(fd), path
+        finally:
+            os.close(fd)
+
+    warm = ReadAhead(lambda: files)
+    warm.close(wait_until_done=True)
+    assert warm.bytes_read == 0
+
+    missing = ReadAhead(lambda: [str(tmp_path / "gone")] + files)
+    missing.close(wait_until_done=True)
+    assert missing.bytes_read == 0
+    assert _newest_committed_files(Storage(tmp_path / "empty")) == []
+
+
+def test_a_load_leaves_no_read_ahead_running(tmp_path):
+    """The read-ahead ends with the load, whether it loaded or failed."""
+    import threading
+
+    from checkpoint import CheckpointError, CheckpointManager
+
+    CheckpointManager(tmp_path, model=torch.nn.Linear(300, 300)).save(5)
+    assert CheckpointManager(tmp_path, model=torch.nn.Linear(300, 300)).load().step == 5
+    assert not [t for t in threading.enumerate() if t.name == "ckpt-read-ahead"]
+    with pytest.raises(CheckpointError):  # another model's checkpoint: refused before any read
+        CheckpointManager(tmp_path, model=torch.nn.Linear(30, 30)).load()
+    assert not [t for t in threading.enumerate() if t.name == "ckpt-read-ahead"]
