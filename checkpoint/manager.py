@@ -368,7 +368,7 @@ class CheckpointManager:
 
         read_ahead = ReadAhead(lambda: _newest_committed_files(self.storage)) if self._reads_ahead() else None
         try:
-            return self._load_newest(started)
+            return self._load_newest(started, read_ahead)
         finally:
             if read_ahead is not None:
                 read_ahead.close()
@@ -377,15 +377,17 @@ class CheckpointManager:
     def _reads_ahead(self) -> bool:
         """Whether this rank reads the newest checkpoint ahead of the load (``ReadAhead``): on
         a local disk, one rank per node (its local rank 0; the node's other ranks read behind
-        it, from the page cache), and only when every rank loads every byte (plain
-        parameters: DDP or one process). A node of a sharded model (DTensor, FSDP's flat
-        parameters) needs only its ranks' share; reading all of it would take the disk from
-        the reads it needs."""
+        it, from the page cache), and only for a model whose parameters are plain tensors,
+        where each rank loads all of it (DDP, one process). A node of a sharded model (DTensor,
+        FSDP's flat parameters) needs only its ranks' share: reading all of it would take the
+        disk from the reads it needs. (A pipeline stage or hand-made tensor parallelism with
+        plain parameters loads a part too; its node then reads more than it needs, at most
+        while its load lasts.)"""
         model = self.training.model
         return (self.storage.is_local and os.environ.get("LOCAL_RANK", str(self.rank)) == "0"
                 and (model is None or all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())))
 
-    def _load_newest(self, started: float) -> Manifest | None:
+    def _load_newest(self, started: float, read_ahead: ReadAhead | None) -> Manifest | None:
         failed: dict[tuple[str, int], Rejection] = {}  # (root url, step): found bad while loading
         self._failed_loads = {}  # this search's, not an earlier one's
         while True:
@@ -400,6 +402,8 @@ class CheckpointManager:
                 return None
             manifest = Manifest.from_json(found)
             source = self.mirror_storage if from_mirror else self.storage
+            if read_ahead is not None:  # reading another checkpoint ahead would only take the disk from this one
+                read_ahead.keep_only(self.storage.join(step_dir_name(manifest.step)) if not from_mirror else "")
             state, rejection = self._load_step(manifest, source)
             if rejection is None:
                 break

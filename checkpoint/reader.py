@@ -34,11 +34,13 @@ import math
 import mmap
 import os
 import pickle
+import stat
 import struct
 import sys
 import threading
 from typing import Callable
 
+import psutil
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import LoadItemType
@@ -353,75 +355,115 @@ class ReadAhead:
     Started when a load starts, it keeps the disk busy from then on. A cold 101 MB load (2
     ranks) spent a fifth of its time before its first read of a shard: finding and verifying
     the checkpoint, DCP's planning, the ranks' agreements, with the disk idle. The ranks'
-    own reads then copy from the page cache behind it. Files whose first and last slices the
-    page cache holds already (a restart on the node that wrote them) are not read: copying
-    them would only take CPU from the ranks' reads.
+    own reads then copy from the page cache behind it. When the first and last slices of
+    every file are in the page cache already (a restart on a node that read them), it reads
+    nothing: copying them would only take CPU from the ranks' reads. It reads at most half
+    the memory available when it starts, so that what it reads first is not evicted before
+    the ranks get there.
 
     Measured and not chosen: the kernel's ``posix_fadvise(WILLNEED)`` of the whole files
     (slower than no read-ahead: it queues every request at once, ahead of the small reads
     that finding the checkpoint needs), and skipping each slice the page cache holds (a rank
     ahead of it then made two streams of one).
 
-    ``find`` (run in the thread) names the files. Errors end it quietly: it only warms the
+    ``find`` (run in the thread) names the files; only regular files are read (a FIFO or a
+    device named like a shard is passed over). Errors end it quietly: it only warms the
     cache, and the load reports what it finds itself."""
 
     def __init__(self, find: Callable[[], list[str]]):
         self.find = find
         self.bytes_read = 0
+        self._wanted: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ckpt-read-ahead", daemon=True)
         self._thread.start()
 
-    def close(self, wait_until_done: bool = False) -> None:
-        """Stop (within one slice's read; or, ``wait_until_done``, once every file is read)
-        and wait for the thread."""
+    def keep_only(self, directory: str) -> None:
+        """The load chose the checkpoint in ``directory``: stop if the files being read are
+        another's (the newest failed to verify, or a mirror's is newer)."""
+        self._wanted = os.path.abspath(directory)
+
+    def close(self, wait_until_done: bool = False, timeout: float | None = None) -> bool:
+        """Stop (at the next slice: a read of at most 2 MiB) and wait for the thread; or,
+        ``wait_until_done``, wait until it has read every file. Whether it has ended."""
         if not wait_until_done:
             self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _reading(self, path: str) -> bool:
+        return not self._stop.is_set() and self._wanted in (None, os.path.dirname(os.path.abspath(path)))
 
     def _run(self) -> None:
-        fds = []
         try:
-            for path in self.find():
-                fds.append(os.open(path, os.O_RDONLY))
-            if all(_in_page_cache(fd) for fd in fds):
+            paths = self.find()
+            if all(_in_page_cache(path) for path in paths):
                 return
+            budget = psutil.virtual_memory().available // 2
             scratch = bytearray(_READ_SLICE)
-            for fd in fds:
-                while not self._stop.is_set():
-                    n = os.readv(fd, [scratch])
-                    if not n:
-                        break
-                    self.bytes_read += n
+            for path in paths:
+                fd = _open_regular(path)
+                if fd is None:
+                    continue
+                try:
+                    while self._reading(path) and self.bytes_read < budget:
+                        n = os.readv(fd, [scratch])
+                        if not n:
+                            break
+                        self.bytes_read += n
+                finally:
+                    os.close(fd)
+                if not self._reading(path):
+                    return
         except Exception:  # a missing or unreadable file, a root being deleted: the load reports what it finds
             return
-        finally:
-            for fd in fds:
-                os.close(fd)
 
 
-def _in_page_cache(fd: int) -> bool:
-    """Whether the page cache holds the open file ``fd``: its first and last slices, as
+def _open_regular(path: str) -> int | None:
+    """A read-only descriptor of ``path`` if it is a regular file (not a link: the load
+    opens only files its metadata names; never blocking on a FIFO), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _in_page_cache(path: str) -> bool:
+    """Whether the page cache holds the file at ``path``: its first and last slices, as
     ``mincore`` on a mapping of it tells (no I/O, unlike a read; a sample, as checking every
     page of a large file took milliseconds of CPU the ranks' reads need). False where the
-    platform cannot tell."""
-    libc = _libc()
-    size = os.fstat(fd).st_size
-    if libc is None or size == 0 or not hasattr(mmap, "PROT_READ"):
-        return size == 0
-    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if address in (None, ctypes.c_void_p(-1).value):
+    platform cannot tell, and for a file this process neither owns nor may write (mincore
+    then reports every page as there)."""
+    fd = _open_regular(path)
+    if fd is None:
         return False
     try:
-        last = max(0, size - _READ_SLICE) // mmap.PAGESIZE * mmap.PAGESIZE
-        for start in {0, last}:
-            length = min(_READ_SLICE, size - start)
-            resident = ctypes.create_string_buffer((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-            if libc.mincore(address + start, length, resident) != 0 or resident.raw.translate(_RESIDENT_BIT).count(0):
-                return False
-        return True
+        info = os.fstat(fd)
+        libc = _libc()
+        if info.st_size == 0:
+            return True
+        if (libc is None or not hasattr(mmap, "PROT_READ")
+                or not (os.geteuid() in (0, info.st_uid) or os.access(path, os.W_OK))):
+            return False
+        size = info.st_size
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            return False
+        try:
+            for start in {0, max(0, size - _READ_SLICE) // mmap.PAGESIZE * mmap.PAGESIZE}:
+                length = min(_READ_SLICE, size) if start == 0 else size - start
+                resident = ctypes.create_string_buffer((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+                if libc.mincore(address + start, length, resident) != 0 or resident.raw.translate(_RESIDENT_BIT).count(0):
+                    return False
+            return True
+        finally:
+            libc.munmap(address, size)
     finally:
-        libc.munmap(address, size)
+        os.close(fd)
 
 
 _RESIDENT_BIT = bytes(i & 1 for i in range(256))  # mincore's flags: bit 0 is "resident", the rest are reserved

@@ -191,28 +191,37 @@ def test_a_flipped_byte_that_no_read_touches_still_fails_the_load(tmp_path, capl
     assert any(str(shard) in r.getMessage() and "crc32" in r.getMessage() for r in caplog.records)
 
 
-def _evicted(paths) -> bool:
-    """Drop ``paths`` from the page cache; False where that cannot be done (tmpfs)."""
+def _on_tmpfs(path) -> bool:
+    """Whether ``path`` lies on a tmpfs (whose pages cannot be dropped: they are the file)."""
     import os
 
-    from checkpoint.reader import _in_page_cache
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, mountpoint, kind, *_ = line.split()
+            if (path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")) and len(mountpoint) > len(best):
+                best, fstype = mountpoint, kind
+    return fstype == "tmpfs"
+
+
+def _evict(paths) -> None:
+    import os
 
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)  # dirty pages are not dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if _in_page_cache(fd):
-                return False
         finally:
             os.close(fd)
-    return True
 
 
 def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_warm_one(tmp_path):
     """A load starts a ReadAhead of the newest checkpoint's files: cold, it reads every byte
     (so the ranks' reads find them in the page cache); warm, it reads none (copying them
-    would only take CPU from the ranks); a file it cannot open ends it quietly."""
+    would only take CPU from the ranks); files it cannot open, and a FIFO named like a shard
+    (whose open would block), are passed over; it leaves no descriptor open."""
     import os
 
     from checkpoint import CheckpointManager
@@ -220,6 +229,8 @@ def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_war
     from checkpoint.reader import ReadAhead, _in_page_cache
     from checkpoint.storage import Storage
 
+    if _on_tmpfs(tmp_path):
+        pytest.skip(f"{tmp_path} is on a tmpfs: its pages cannot be dropped")
     model = torch.nn.Linear(1000, 1000)  # 4 MB: two 2 MiB slices and a part one
     manager = CheckpointManager(tmp_path, model=model)
     manager.save(3)
@@ -229,38 +240,84 @@ def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_war
     names = [os.path.basename(f) for f in files]
     assert {os.path.dirname(f) for f in files} == {str(tmp_path / "step-00000007")}
     assert names[:2] == ["manifest.json", ".metadata"] and names[2:] == sorted(names[2:]) and len(names) > 2
-    if not _evicted(files):
-        pytest.skip(f"the page cache of {tmp_path} cannot be dropped here (tmpfs?)")
+    size = sum(os.path.getsize(f) for f in files)
+    _evict(files)
+    assert not any(_in_page_cache(f) for f in files[2:])
 
-    cold = ReadAhead(lambda: files)
-    cold.close(wait_until_done=True)
-    assert cold.bytes_read == sum(os.path.getsize(f) for f in files)
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            assert _in_page_cache(fd), path
-        finally:
-            os.close(fd)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    fifo = str(tmp_path / "step-00000007" / "__99_0.distcp")
+    os.mkfifo(fifo)
+    cold = ReadAhead(lambda: files + [fifo, str(tmp_path / "gone")])
+    assert cold.close(wait_until_done=True, timeout=60), "the read-ahead did not end (blocked on the FIFO?)"
+    assert cold.bytes_read == size
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert all(_in_page_cache(f) for f in files)
+    os.unlink(fifo)
 
     warm = ReadAhead(lambda: files)
-    warm.close(wait_until_done=True)
+    assert warm.close(wait_until_done=True, timeout=60)
     assert warm.bytes_read == 0
-
-    missing = ReadAhead(lambda: [str(tmp_path / "gone")] + files)
-    missing.close(wait_until_done=True)
-    assert missing.bytes_read == 0
     assert _newest_committed_files(Storage(tmp_path / "empty")) == []
 
 
-def test_a_load_leaves_no_read_ahead_running(tmp_path):
-    """The read-ahead ends with the load, whether it loaded or failed."""
+def test_read_ahead_stops_when_the_load_chose_another_checkpoint(tmp_path):
+    """Discovery may pass the newest checkpoint over (it fails to verify, or the mirror's is
+    newer): the read-ahead must not go on reading it."""
+    import os
     import threading
 
+    from checkpoint import CheckpointManager
+    from checkpoint.manager import _newest_committed_files
+    from checkpoint.reader import ReadAhead
+    from checkpoint.storage import Storage
+
+    if _on_tmpfs(tmp_path):
+        pytest.skip(f"{tmp_path} is on a tmpfs: its pages cannot be dropped")
+    CheckpointManager(tmp_path, model=torch.nn.Linear(1000, 1000)).save(7)
+    files = _newest_committed_files(Storage(tmp_path))
+    for chosen, expected in ((str(tmp_path / "step-00000003"), 0),
+                             (str(tmp_path / "step-00000007"), sum(os.path.getsize(f) for f in files))):
+        _evict(files)
+        listed = threading.Event()
+        read_ahead = ReadAhead(lambda: listed.wait(60) and files)
+        read_ahead.keep_only(chosen)
+        listed.set()
+        assert read_ahead.close(wait_until_done=True, timeout=60)
+        assert read_ahead.bytes_read == expected, chosen
+
+
+def test_a_load_reads_ahead_once_per_node_and_only_for_plain_parameters(tmp_path, monkeypatch):
+    """Local rank 0 reads ahead; another local rank, or a model with parameters of another
+    type (sharded: DTensor, FSDP's flat parameters), does not. The read-ahead ends with the
+    load, whether it loaded or failed."""
+    import threading
+
+    import checkpoint.manager
     from checkpoint import CheckpointError, CheckpointManager
 
+    started = []
+
+    class Counted(checkpoint.manager.ReadAhead):
+        def __init__(self, find):
+            started.append(self)
+            super().__init__(find)
+
+    class Flat(torch.nn.Parameter):  # what FSDP's FlatParameter is to the check
+        pass
+
+    monkeypatch.setattr(checkpoint.manager, "ReadAhead", Counted)
     CheckpointManager(tmp_path, model=torch.nn.Linear(300, 300)).save(5)
     assert CheckpointManager(tmp_path, model=torch.nn.Linear(300, 300)).load().step == 5
-    assert not [t for t in threading.enumerate() if t.name == "ckpt-read-ahead"]
+    assert len(started) == 1 and started[0].close(timeout=0)
     with pytest.raises(CheckpointError):  # another model's checkpoint: refused before any read
         CheckpointManager(tmp_path, model=torch.nn.Linear(30, 30)).load()
+    assert len(started) == 2 and started[1].close(timeout=0)
     assert not [t for t in threading.enumerate() if t.name == "ckpt-read-ahead"]
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert CheckpointManager(tmp_path, model=torch.nn.Linear(300, 300)).load().step == 5
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    sharded = torch.nn.Linear(300, 300)
+    sharded.weight = Flat(sharded.weight.detach().clone())
+    assert CheckpointManager(tmp_path, model=sharded).load().step == 5
+    assert len(started) == 2
