@@ -116,6 +116,17 @@ def cold_read_seconds(paths: list[str], buffer: torch.Tensor) -> float:
     return time.monotonic() - started
 
 
+def fsynced_write_seconds(path: str, nbytes: int, chunk) -> float:
+    """One process writing ``nbytes`` (``chunk`` after ``chunk``) into the new file ``path``
+    and fsyncing it: a save's bound on the disk of its own moment."""
+    started = time.monotonic()
+    with open(path, "wb", buffering=0) as f:
+        for offset in range(0, nbytes, len(chunk)):
+            f.write(chunk[:min(len(chunk), nbytes - offset)])
+        os.fsync(f.fileno())
+    return time.monotonic() - started
+
+
 def dir_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
 
@@ -299,22 +310,40 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
         dist.barrier()
         arms[name] = Arm(name, root, ddp, opt, group, args.memory_dir)
-        results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": []}
+        results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": [],
+                                 "writes_s": []}
 
     # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
     # the others did not): each is timed with training idle until it is durable. The order
     # changes every round: an arm pays for what the one before it left behind (measured:
     # whichever of D or E came right after C's async_save took 0.07-0.09 s longer at 101 MB,
     # with the disk idle), and in a fixed order D always came after C.
+    write_chunk = torch.empty(16 << 20, dtype=torch.uint8).random_().numpy()
+
+    def write_bound(arm: Arm, i: int) -> None:
+        """Ours' durable time's bound, on the disk of the same moment (its speed swings by 3x
+        within seconds here): one process's fsync'd write of as many bytes as the arm's last
+        checkpoint, into a new file (a checkpoint's are new), kept until the end (deleting
+        it would make the disk discard its blocks under the next save)."""
+        if rank == 0 and arm.name in "DE":
+            path = os.path.join(args.ckpt_root, f"write-bound-{arm.name}-{i}.bin")
+            results["arms"][arm.name]["writes_s"].append(
+                fsynced_write_seconds(path, dir_bytes(arm.path(arm.last)), write_chunk))
+        dist.barrier()
+
     for i in range(args.saves + 1):  # the first round warms up (buffers, plans)
         for name, arm in in_turn(arms, i):
             r = results["arms"][name]
+            if i > 0 and i % 2 == 0:  # the write before the save, then after it: neither gains from the other's order
+                write_bound(arm, i)
             train_step()
             dist.barrier()
             started = time.monotonic()
             arm.save(100 + i)
             stall = wall_max(time.monotonic() - started)
             durable = wall_max(arm.durable() - started)
+            if i % 2 == 1:
+                write_bound(arm, i)
             if i == 0:
                 r["first_stall_s"] = stall
                 continue
@@ -363,6 +392,10 @@ def main() -> None:
                       if name == "A" else dir_bytes(arm.path(arm.last)))
         r["staging_bytes"] = arm.ckpt.stats.staging_bytes if name == "E" else 0
         r["stall_s"], r["durable_s"] = statistics.median(r["stalls_s"]), statistics.median(r["durables_s"])
+        if r["writes_s"]:
+            # Save i and write i ran back to back: durable MB/s over the write's MB/s (same
+            # bytes) is the write's time over the save's, the median of those ratios.
+            r["durable_vs_write"] = statistics.median(w / d for w, d in zip(r["writes_s"], r["durables_s"]))
         r["background_cpu_s"] = statistics.median(r["background_cpu_s"]) if r["background_cpu_s"] else 0.0
         if rank == 0:
             print(f"[bench] arm {name} ({ARMS[name]}): stall {r['stall_s']:.3f} s, durable {r['durable_s']:.3f} s, "

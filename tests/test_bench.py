@@ -21,6 +21,9 @@ def test_checkpoint_bench_small(tmp_path):
         assert arm["stall_s"] > 0 and arm["durable_s"] >= arm["stall_s"] * 0.5 and arm["load_s"] > 0
         assert arm["bytes"] > 3 * 10**6  # the state really went to disk (M: to shared memory)
     assert 0 < report["arms"]["E"]["staging_bytes"] <= 1.01 * report["state_bytes"]  # this rank's share
+    for name in "DE":  # each save against a write of as many bytes next to it
+        arm = report["arms"][name]
+        assert len(arm["writes_s"]) == len(arm["durables_s"]) == 1 and arm["durable_vs_write"] > 0
     assert len(report["targets"]) == 13 and report["memory_every"] >= 1
     assert 0 < report["ranks_fresh_memcpy_Bps"] and 0 < report["param_bytes"] < report["state_bytes"]
     table = (out / "checkpoint-bench.md").read_text()
