@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from size_sweep import disk_runs, durable_vs_write, load_vs_read, memory_needed, read_bound, sweep_report
+from size_sweep import (disk_runs, durable_vs_write, load_vs_read, memory_needed, read_bound, sweep_report,
+                        write_speeds)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNK = 16 << 20
@@ -153,6 +154,7 @@ def table(res: dict) -> tuple[str, list[str]]:
         f"{res['ranks_memcpy_Bps'] / 1e9:.2f} GB/s, into fresh memory {res['ranks_fresh_memcpy_Bps'] / 1e9:.2f} GB/s); fsync'd write {cal['write_Bps'] / 1e6:.0f} MB/s; "
         f"read {cal['read_Bps'] / 1e6:.0f} MB/s ({'cold' if cal['read_cold'] else 'page cache could not be dropped'}); "
         f"the disk, measured before / after the arms: write {disk_runs(cal, 'write_Bps')}, read {disk_runs(cal, 'read_Bps')} MB/s; "
+        f"one process's fsync'd writes next to ours' saves: {write_speeds('D', arms['D'])}, {write_speeds('E', arms['E'])} MB/s; "
         f"worker start {cal['worker_start_s']:.2f} s; step {res['step_seconds']:.3f} s; "
         f"{res['save_every']} steps without a save: median {statistics.median(res['train_none_s']):.2f} s "
         f"(range {min(res['train_none_s']):.2f}-{max(res['train_none_s']):.2f}) over {res['rounds']} rounds; "

@@ -32,7 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointManager, Observer
 from checkpoint.memory import MemorySnapshots
+from checkpoint.retention import finish_deletions
 from checkpoint.safe_load import default_item_globals
+from checkpoint.storage import fsync_dir
 from checkpoint.state import TrainingState
 
 ARMS = {"A": "torch.save, rank 0", "B": "DCP save (sync)", "C": "DCP async_save",
@@ -320,30 +322,41 @@ def main() -> None:
     # with the disk idle), and in a fixed order D always came after C.
     write_chunk = torch.empty(16 << 20, dtype=torch.uint8).random_().numpy()
 
-    def write_bound(arm: Arm, i: int) -> None:
-        """Ours' durable time's bound, on the disk of the same moment (its speed swings by 3x
-        within seconds here): one process's fsync'd write of as many bytes as the arm's last
-        checkpoint, into a new file (a checkpoint's are new), kept until the end (deleting
-        it would make the disk discard its blocks under the next save)."""
-        if rank == 0 and arm.name in "DE":
-            path = os.path.join(args.ckpt_root, f"write-bound-{arm.name}-{i}.bin")
-            results["arms"][arm.name]["writes_s"].append(
-                fsynced_write_seconds(path, dir_bytes(arm.path(arm.last)), write_chunk))
+    def write_bound(arm: Arm) -> float:
+        """Ours' durable time's bound on the disk of the same moment (its write speed swings
+        3x within seconds here, and is slowest for the first write after an idle spell):
+        one process's fsync'd write of as many bytes as the arm's last checkpoint, into a
+        new file (a checkpoint's are new). Untimed around it: retention's deletions finish
+        first (their discards would slow the write), and the file is dropped from the page
+        cache, deleted and its deletion made durable (its discard then does not fall on the
+        next save). Rank 0's seconds (0 elsewhere)."""
+        seconds = 0.0
+        if rank == 0:
+            finish_deletions()
+            path = os.path.join(args.ckpt_root, "write-bound.bin")
+            seconds = fsynced_write_seconds(path, dir_bytes(arm.path(arm.last)), write_chunk)
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            os.unlink(path)
+            fsync_dir(args.ckpt_root)
         dist.barrier()
+        return seconds
 
     for i in range(args.saves + 1):  # the first round warms up (buffers, plans)
         for name, arm in in_turn(arms, i):
             r = results["arms"][name]
-            if i > 0 and i % 2 == 0:  # the write before the save, then after it: neither gains from the other's order
-                write_bound(arm, i)
             train_step()
+            # Ours' saves against a write right before and one right after (their mean): the
+            # first warms the disk up for the save, the save for the second.
+            before = write_bound(arm) if i > 0 and name in "DE" else 0.0
             dist.barrier()
             started = time.monotonic()
             arm.save(100 + i)
             stall = wall_max(time.monotonic() - started)
             durable = wall_max(arm.durable() - started)
-            if i % 2 == 1:
-                write_bound(arm, i)
+            if i > 0 and name in "DE":
+                r["writes_s"].append((before + write_bound(arm)) / 2)
             if i == 0:
                 r["first_stall_s"] = stall
                 continue

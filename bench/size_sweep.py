@@ -6,16 +6,19 @@ least squares on log-log axes: ``k`` = 1.0 is linear, above it a cost grows fast
 state (what a size sweep is for: a ratio that holds at 400 MB and not at 4 GB). The targets
 are checked at every size against that size's own bounds, measured in the same run: memcpy
 with every rank copying at once (the ranks share the memory bandwidth, as their staging
-does), fsync'd write bandwidth of the checkpoint directory (the mean of measurements before
-and after the arms: the disk's speed swings from minute to minute), and for loads one
-process's cold read of the same checkpoint's files, right before or after each load (the
-median of the load / read ratios).
+does), for ours' saves one process's fsync'd write of as many bytes into a new file right
+before and right after each save (the median of the durable / write ratios, each save against
+the mean of its two writes: the disk's write speed swings 3x within seconds here), and for
+loads one process's cold read of the same checkpoint's files, right before or after each
+load (the median of the load / read ratios). The calibration's write bandwidth (the mean of
+measurements before and after the arms) is reported beside it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 
 COSTS = (("stall_s", "stall"), ("durable_s", "durable + committed"), ("load_s", "load"))
 EXPONENT_LIMIT = 1.1
@@ -73,10 +76,24 @@ def durable_vs_write(arm: dict, cal: dict) -> float:
     return arm["durable_vs_write"] if "durable_vs_write" in arm else calibrated_durable(arm, cal)
 
 
+def write_bound(arm: dict, cal: dict) -> float:
+    """Seconds for one process to write the arm's bytes, fsync'd: the median of the writes
+    next to its saves (results from before: bytes / the calibration's write bandwidth)."""
+    return statistics.median(arm["writes_s"]) if arm.get("writes_s") else arm["bytes"] / cal["write_Bps"]
+
+
 def calibrated_durable(arm: dict, cal: dict) -> float:
     """The arm's median durable MB/s over the mean of the write bounds measured before and
     after the size's arms (minutes apart): the figure up to the eleventh session."""
     return arm["bytes"] / arm["durable_s"] / cal["write_Bps"]
+
+
+def write_speeds(name: str, arm: dict) -> str:
+    """The MB/s of one process's fsync'd writes next to the arm's saves: median (range)."""
+    speeds = sorted(arm["bytes"] / w / 1e6 for w in arm.get("writes_s") or [])
+    if not speeds:
+        return f"{name} -"
+    return f"{name} {statistics.median(speeds):.0f} ({speeds[0]:.0f}-{speeds[-1]:.0f})"
 
 
 def _holds(text: str, value: float, limit: float) -> bool:
@@ -128,6 +145,9 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
               "durable was: " + "; ".join(
                   f"{size / 1e6:.0f} MB: D {calibrated_durable(r['arms']['D'], r['calibration']):.2f}x, "
                   f"E {calibrated_durable(r['arms']['E'], r['calibration']):.2f}x" for size, r in zip(sizes, results))
+              + "; one process's fsync'd writes of as many bytes next to ours' saves, MB/s (median, range): "
+              + "; ".join(f"{size / 1e6:.0f} MB: " + ", ".join(write_speeds(n, r['arms'][n]) for n in "DE")
+                          for size, r in zip(sizes, results))
               + ". A load's bound is one process's cold read of its own "
               "files right before or after it. The calibration, MB/s, before / after: "
               + "; ".join(f"{size / 1e6:.0f} MB: write {disk_runs(r['calibration'], 'write_Bps')}, "
@@ -162,9 +182,11 @@ def chart(results: list[dict], exponents: dict, path: str) -> None:
         for name in results[0]["arms"]:
             ax.loglog(gb, [r["arms"][name][key] for r in results], marker="o",
                       label=f"{name} {results[0]['arms'][name]['label']} (k={exponents[name][key]:.2f})")
-        if key == "durable_s":  # the bound: the bytes of both ranks at the fsync'd write bandwidth
-            ax.loglog(gb, [r["arms"]["B"]["bytes"] / r["calibration"]["write_Bps"] for r in results], "k--",
-                      label="bytes / fsync'd write bandwidth")
+        if key == "durable_s":  # the bounds: one process's write of E's bytes next to its saves (median), and the calibration's
+            ax.loglog(gb, [write_bound(r["arms"]["E"], r["calibration"]) for r in results], "k--",
+                      label="one process's fsync'd write of E's bytes")
+            ax.loglog(gb, [r["arms"]["B"]["bytes"] / r["calibration"]["write_Bps"] for r in results], "k:",
+                      label="bytes / the calibration's write bandwidth")
         if key == "load_s":  # the bound: one process's cold read of E's files (median), next to its loads
             ax.loglog(gb, [read_bound(r["arms"]["E"], r["calibration"]) for r in results], "k:",
                       label="one process's cold read of E's files")
