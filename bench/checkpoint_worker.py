@@ -313,7 +313,7 @@ def main() -> None:
         dist.barrier()
         arms[name] = Arm(name, root, ddp, opt, group, args.memory_dir)
         results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": [],
-                                 "writes_s": []}
+                                 "writes_s": [], "memcpys_s": []}
 
     # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
     # the others did not): each is timed with training idle until it is durable. The order
@@ -343,18 +343,39 @@ def main() -> None:
         dist.barrier()
         return seconds
 
+    copy_src = torch.empty(256 << 20, dtype=torch.uint8, device=device).random_()
+    copy_dst = torch.empty(copy_src.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    copy_dst.copy_(copy_src)
+
+    def memcpy_seconds_per_byte() -> float:
+        """E's stall's bound at its own moment (the memory bandwidth here swings 2x from one
+        copy to the next): seconds per byte of a 256 MiB copy into a reused buffer, every
+        rank copying at once, the slowest rank's."""
+        dist.barrier()
+        started = time.monotonic()
+        copy_dst.copy_(copy_src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return wall_max(time.monotonic() - started) / copy_src.numel()
+
     for i in range(args.saves + 1):  # the first round warms up (buffers, plans)
         for name, arm in in_turn(arms, i):
             r = results["arms"][name]
             train_step()
             # Ours' saves against a write right before and one right after (their mean): the
-            # first warms the disk up for the save, the save for the second.
+            # first warms the disk up for the save, the save for the second. E's stall against
+            # a memcpy right before it and one once the save is durable (their mean; not while
+            # its writer runs, which would slow the copy).
             before = write_bound(arm) if i > 0 and name in "DE" else 0.0
+            copy_before = memcpy_seconds_per_byte() if i > 0 and name == "E" else 0.0
             dist.barrier()
             started = time.monotonic()
             arm.save(100 + i)
             stall = wall_max(time.monotonic() - started)
             durable = wall_max(arm.durable() - started)
+            if i > 0 and name == "E":
+                staged = arm.ckpt.stats.staging_bytes
+                r["memcpys_s"].append(staged * (copy_before + memcpy_seconds_per_byte()) / 2)
             if i > 0 and name in "DE":
                 r["writes_s"].append((before + write_bound(arm)) / 2)
             if i == 0:
@@ -409,6 +430,8 @@ def main() -> None:
             # Save i and write i ran back to back: durable MB/s over the write's MB/s (same
             # bytes) is the write's time over the save's, the median of those ratios.
             r["durable_vs_write"] = statistics.median(w / d for w, d in zip(r["writes_s"], r["durables_s"]))
+        if r["memcpys_s"]:  # save i and its memcpys: the median of the stall / memcpy ratios
+            r["stall_vs_memcpy"] = statistics.median(st / m for st, m in zip(r["stalls_s"], r["memcpys_s"]))
         r["background_cpu_s"] = statistics.median(r["background_cpu_s"]) if r["background_cpu_s"] else 0.0
         if rank == 0:
             print(f"[bench] arm {name} ({ARMS[name]}): stall {r['stall_s']:.3f} s, durable {r['durable_s']:.3f} s, "

@@ -4,9 +4,10 @@
 Per arm, the stall, the durable time and the load are fitted as ``seconds = c * bytes^k`` by
 least squares on log-log axes: ``k`` = 1.0 is linear, above it a cost grows faster than the
 state (what a size sweep is for: a ratio that holds at 400 MB and not at 4 GB). The targets
-are checked at every size against that size's own bounds, measured in the same run: memcpy
-with every rank copying at once (the ranks share the memory bandwidth, as their staging
-does), for ours' saves one process's fsync'd write of as many bytes into a new file right
+are checked at every size against that size's own bounds, measured in the same run: for E's
+stall a memcpy with every rank copying at once (the ranks share the memory bandwidth, as their
+staging does) right before and after each save (the memory bandwidth swings 2x from one copy
+to the next here), for ours' saves one process's fsync'd write of as many bytes into a new file right
 before and right after each save (the median of the durable / write ratios, each save against
 the mean of its two writes: the disk's write speed swings 3x within seconds here), and for
 loads one process's cold read of the same checkpoint's files, right before or after each
@@ -43,10 +44,8 @@ def targets_at(res: dict) -> list[tuple[str, float, float]]:
     the text says >=."""
     cal, arms = res["calibration"], res["arms"]
     B, D, E = arms["B"], arms["D"], arms["E"]
-    staged = E["staging_bytes"] or res["state_bytes"]
     return [
-        ("E stall <= 1.5x (staged bytes / memcpy, all ranks at once)", E["stall_s"] / (staged / res["ranks_memcpy_Bps"]),
-         1.5),
+        ("E stall <= 1.5x (staged bytes / memcpy, all ranks at once, next to it)", stall_vs_memcpy(E, res), 1.5),
         ("E stall <= 0.1x DCP sync's", E["stall_s"] / B["stall_s"], 0.1),
         ("D durable >= 0.8x fsync'd write bandwidth (one process's write next to it)", durable_vs_write(D, cal), 0.8),
         ("E durable >= 0.8x fsync'd write bandwidth (one process's write next to it)", durable_vs_write(E, cal), 0.8),
@@ -74,6 +73,20 @@ def durable_vs_write(arm: dict, cal: dict) -> float:
     ratios of each save to a write of as many bytes right before or after it (results from
     before 2026-11-30, twelfth session: over the calibration's mean write bound)."""
     return arm["durable_vs_write"] if "durable_vs_write" in arm else calibrated_durable(arm, cal)
+
+
+def stall_vs_memcpy(arm: dict, res: dict) -> float:
+    """E's stall over a memcpy of the bytes it staged, every rank copying at once: the median
+    of the ratios of each save to the copies right before and after it (results from before
+    2026-11-30, twelfth session: the median stall over the fastest of three copies at the
+    worker's start, still shown beside it)."""
+    return arm["stall_vs_memcpy"] if "stall_vs_memcpy" in arm else calibrated_stall(arm, res)
+
+
+def calibrated_stall(arm: dict, res: dict) -> float:
+    """The median stall over the staged bytes at the fastest of three memcpys (every rank at
+    once) at the worker's start."""
+    return arm["stall_s"] / ((arm["staging_bytes"] or res["state_bytes"]) / res["ranks_memcpy_Bps"])
 
 
 def write_bound(arm: dict, cal: dict) -> float:
@@ -145,6 +158,8 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
               "durable was: " + "; ".join(
                   f"{size / 1e6:.0f} MB: D {calibrated_durable(r['arms']['D'], r['calibration']):.2f}x, "
                   f"E {calibrated_durable(r['arms']['E'], r['calibration']):.2f}x" for size, r in zip(sizes, results))
+              + "; E's stall against the fastest of three memcpys at the worker's start instead: "
+              + ", ".join(f"{size / 1e6:.0f} MB {calibrated_stall(r['arms']['E'], r):.2f}x" for size, r in zip(sizes, results))
               + "; one process's fsync'd writes of as many bytes next to ours' saves, MB/s (median, range): "
               + "; ".join(f"{size / 1e6:.0f} MB: " + ", ".join(write_speeds(n, r['arms'][n]) for n in "DE")
                           for size, r in zip(sizes, results))
