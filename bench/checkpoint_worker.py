@@ -313,7 +313,7 @@ def main() -> None:
         dist.barrier()
         arms[name] = Arm(name, root, ddp, opt, group, args.memory_dir)
         results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": [],
-                                 "writes_s": [], "memcpys_s": []}
+                                 "writes_s": [], "memcpys_s": [], "memcpy_Bps": []}
 
     # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
     # the others did not): each is timed with training idle until it is durable. The order
@@ -343,20 +343,22 @@ def main() -> None:
         dist.barrier()
         return seconds
 
-    copy_src = torch.empty(256 << 20, dtype=torch.uint8, device=device).random_()
+    # E's stall's bound at its own moment (the memory bandwidth here swings 2x from one copy
+    # to the next): as many bytes as E stages per rank under DDP (its share), at most 256 MiB.
+    copy_src = torch.empty(min(256 << 20, -(-state_bytes // dist.get_world_size())), dtype=torch.uint8,
+                           device=device).random_()
     copy_dst = torch.empty(copy_src.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda")
     copy_dst.copy_(copy_src)
 
     def memcpy_seconds_per_byte() -> float:
-        """E's stall's bound at its own moment (the memory bandwidth here swings 2x from one
-        copy to the next): seconds per byte of a 256 MiB copy into a reused buffer, every
-        rank copying at once, the slowest rank's."""
+        """This rank's seconds per byte of a copy into a reused buffer, every rank copying at
+        once (after a barrier)."""
         dist.barrier()
         started = time.monotonic()
         copy_dst.copy_(copy_src)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return wall_max(time.monotonic() - started) / copy_src.numel()
+        return (time.monotonic() - started) / copy_src.numel()
 
     for i in range(args.saves + 1):  # the first round warms up (buffers, plans)
         for name, arm in in_turn(arms, i):
@@ -374,8 +376,11 @@ def main() -> None:
             stall = wall_max(time.monotonic() - started)
             durable = wall_max(arm.durable() - started)
             if i > 0 and name == "E":
-                staged = arm.ckpt.stats.staging_bytes
-                r["memcpys_s"].append(staged * (copy_before + memcpy_seconds_per_byte()) / 2)
+                if rank == 0:
+                    finish_deletions()  # retention's deletion thread would slow the copy after
+                per_byte = min(copy_before, memcpy_seconds_per_byte())  # the faster: a bound
+                r["memcpy_Bps"].append(1 / wall_max(per_byte))  # the slowest rank's
+                r["memcpys_s"].append(wall_max(arm.ckpt.stats.staging_bytes * per_byte))
             if i > 0 and name in "DE":
                 r["writes_s"].append((before + write_bound(arm)) / 2)
             if i == 0:
@@ -386,6 +391,7 @@ def main() -> None:
             if name == "E":
                 r["background_cpu_s"].append(wall_max(arm.ckpt.stats.last_background_cpu_seconds))
 
+    copy_src = copy_dst = None  # their memory back for the loads and the training rounds
     for name in arms:
         results["arms"][name]["loads_s"] = []
         results["arms"][name]["reads_s"] = []
@@ -430,7 +436,7 @@ def main() -> None:
             # Save i and write i ran back to back: durable MB/s over the write's MB/s (same
             # bytes) is the write's time over the save's, the median of those ratios.
             r["durable_vs_write"] = statistics.median(w / d for w, d in zip(r["writes_s"], r["durables_s"]))
-        if r["memcpys_s"]:  # save i and its memcpys: the median of the stall / memcpy ratios
+        if r["memcpys_s"] and min(r["memcpys_s"]) > 0:  # save i against its copies: the median of the ratios
             r["stall_vs_memcpy"] = statistics.median(st / m for st, m in zip(r["stalls_s"], r["memcpys_s"]))
         r["background_cpu_s"] = statistics.median(r["background_cpu_s"]) if r["background_cpu_s"] else 0.0
         if rank == 0:

@@ -6,8 +6,8 @@ least squares on log-log axes: ``k`` = 1.0 is linear, above it a cost grows fast
 state (what a size sweep is for: a ratio that holds at 400 MB and not at 4 GB). The targets
 are checked at every size against that size's own bounds, measured in the same run: for E's
 stall a memcpy with every rank copying at once (the ranks share the memory bandwidth, as their
-staging does) right before and after each save (the memory bandwidth swings 2x from one copy
-to the next here), for ours' saves one process's fsync'd write of as many bytes into a new file right
+staging does), the faster of one right before each save and one once it is durable (the
+memory bandwidth swings 2x from one copy to the next here), for ours' saves one process's fsync'd write of as many bytes into a new file right
 before and right after each save (the median of the durable / write ratios, each save against
 the mean of its two writes: the disk's write speed swings 3x within seconds here), and for
 loads one process's cold read of the same checkpoint's files, right before or after each
@@ -28,8 +28,9 @@ EXPONENT_LIMIT = 1.1
 def memory_needed(state_bytes: float, ranks: int) -> float:
     """What the arms hold at once, all ranks together: per rank the live state, DCP
     async_save's copy, our staging (this rank's share, at first the whole state) and the
-    memory tier's two slots in shared memory, all kept for the whole run."""
-    return ranks * state_bytes * 5
+    memory tier's two slots in shared memory, all kept for the whole run; and the copy that
+    measures E's stall's bound next to each save (two buffers of at most 256 MiB)."""
+    return ranks * (state_bytes * 5 + 2 * min(256 << 20, state_bytes / ranks))
 
 
 def exponent(sizes: list[float], seconds: list[float]) -> float:
@@ -77,7 +78,8 @@ def durable_vs_write(arm: dict, cal: dict) -> float:
 
 def stall_vs_memcpy(arm: dict, res: dict) -> float:
     """E's stall over a memcpy of the bytes it staged, every rank copying at once: the median
-    of the ratios of each save to the copies right before and after it (results from before
+    of the ratios of each save to the faster of a copy right before it and one once it is
+    durable (results from before
     2026-11-30, twelfth session: the median stall over the fastest of three copies at the
     worker's start, still shown beside it)."""
     return arm["stall_vs_memcpy"] if "stall_vs_memcpy" in arm else calibrated_stall(arm, res)
@@ -99,6 +101,14 @@ def calibrated_durable(arm: dict, cal: dict) -> float:
     """The arm's median durable MB/s over the mean of the write bounds measured before and
     after the size's arms (minutes apart): the figure up to the eleventh session."""
     return arm["bytes"] / arm["durable_s"] / cal["write_Bps"]
+
+
+def memcpy_speeds(arm: dict) -> str:
+    """The GB/s per rank of the memcpys next to the arm's saves: median (range)."""
+    speeds = sorted(b / 1e9 for b in arm.get("memcpy_Bps") or [])
+    if not speeds:
+        return "-"
+    return f"{statistics.median(speeds):.1f} ({speeds[0]:.1f}-{speeds[-1]:.1f})"
 
 
 def write_speeds(name: str, arm: dict) -> str:
@@ -158,6 +168,8 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
               "durable was: " + "; ".join(
                   f"{size / 1e6:.0f} MB: D {calibrated_durable(r['arms']['D'], r['calibration']):.2f}x, "
                   f"E {calibrated_durable(r['arms']['E'], r['calibration']):.2f}x" for size, r in zip(sizes, results))
+              + "; the memcpys next to E's saves, GB/s per rank (median, range): "
+              + ", ".join(f"{size / 1e6:.0f} MB {memcpy_speeds(r['arms']['E'])}" for size, r in zip(sizes, results))
               + "; E's stall against the fastest of three memcpys at the worker's start instead: "
               + ", ".join(f"{size / 1e6:.0f} MB {calibrated_stall(r['arms']['E'], r):.2f}x" for size, r in zip(sizes, results))
               + "; one process's fsync'd writes of as many bytes next to ours' saves, MB/s (median, range): "
