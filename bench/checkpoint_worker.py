@@ -366,7 +366,7 @@ def main() -> None:
             train_step()
             # Ours' saves against a write right before and one right after (their mean): the
             # first warms the disk up for the save, the save for the second. E's stall against
-            # a memcpy right before it and one once the save is durable (their mean; not while
+            # the faster of a memcpy right before it and one once the save is durable (not while
             # its writer runs, which would slow the copy).
             before = write_bound(arm) if i > 0 and name in "DE" else 0.0
             copy_before = memcpy_seconds_per_byte() if i > 0 and name == "E" else 0.0

@@ -7,9 +7,10 @@ state (what a size sweep is for: a ratio that holds at 400 MB and not at 4 GB). 
 are checked at every size against that size's own bounds, measured in the same run: for E's
 stall a memcpy with every rank copying at once (the ranks share the memory bandwidth, as their
 staging does), the faster of one right before each save and one once it is durable (the
-memory bandwidth swings 2x from one copy to the next here), for ours' saves one process's fsync'd write of as many bytes into a new file right
-before and right after each save (the median of the durable / write ratios, each save against
-the mean of its two writes: the disk's write speed swings 3x within seconds here), and for
+memory bandwidth swings 2x from one copy to the next here); for ours' saves one process's
+fsync'd write of as many bytes into a new file right before and right after each save (the
+median of the durable / write ratios, each save against the mean of its two writes: the
+disk's write speed swings 3x within seconds here); and for
 loads one process's cold read of the same checkpoint's files, right before or after each
 load (the median of the load / read ratios). The calibration's write bandwidth (the mean of
 measurements before and after the arms) is reported beside it.
@@ -71,7 +72,8 @@ def load_vs_read(arm: dict, cal: dict) -> float:
 
 def durable_vs_write(arm: dict, cal: dict) -> float:
     """The arm's durable MB/s over one process's fsync'd write bandwidth: the median of the
-    ratios of each save to a write of as many bytes right before or after it (results from
+    ratios of each save to the mean of a write of as many bytes right before it and one right
+    after it (results from
     before 2026-11-30, twelfth session: over the calibration's mean write bound)."""
     return arm["durable_vs_write"] if "durable_vs_write" in arm else calibrated_durable(arm, cal)
 
@@ -79,9 +81,8 @@ def durable_vs_write(arm: dict, cal: dict) -> float:
 def stall_vs_memcpy(arm: dict, res: dict) -> float:
     """E's stall over a memcpy of the bytes it staged, every rank copying at once: the median
     of the ratios of each save to the faster of a copy right before it and one once it is
-    durable (results from before
-    2026-11-30, twelfth session: the median stall over the fastest of three copies at the
-    worker's start, still shown beside it)."""
+    durable (results from before 2026-11-30, twelfth session: the median stall over the
+    fastest of three copies at the worker's start, still shown beside it)."""
     return arm["stall_vs_memcpy"] if "stall_vs_memcpy" in arm else calibrated_stall(arm, res)
 
 
@@ -162,9 +163,9 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
             k = exponents[name][key]
             if k > EXPONENT_LIMIT:
                 failed.append(f"{name} {label} exponent {k:.2f} > {EXPONENT_LIMIT}")
-    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear). A save's write bound is one "
-              "process's fsync'd write of as many bytes into a new file right before or after it (the median of the "
-              "ratios); against the mean of the write bounds measured before and after each size's arms instead, "
+    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear). A save's write bound is the mean "
+              "of one process's fsync'd writes of as many bytes into a new file right before and right after it (the "
+              "median of the ratios); against the mean of the write bounds measured before and after each size's arms instead, "
               "durable was: " + "; ".join(
                   f"{size / 1e6:.0f} MB: D {calibrated_durable(r['arms']['D'], r['calibration']):.2f}x, "
                   f"E {calibrated_durable(r['arms']['E'], r['calibration']):.2f}x" for size, r in zip(sizes, results))

@@ -403,7 +403,10 @@ class CheckpointManager:
             manifest = Manifest.from_json(found)
             source = self.mirror_storage if from_mirror else self.storage
             if read_ahead is not None:  # reading another checkpoint ahead would only take the disk from this one
-                read_ahead.keep_only(self.storage.join(step_dir_name(manifest.step)) if not from_mirror else "")
+                if from_mirror:
+                    read_ahead.close()
+                else:
+                    read_ahead.keep_only(self.storage.join(step_dir_name(manifest.step)))
             state, rejection = self._load_step(manifest, source)
             if rejection is None:
                 break
