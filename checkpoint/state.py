@@ -22,6 +22,11 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict, set_state_dict, set_model_state_dict
 
+try:  # how get_state_dict names a model's key (DDP's "module." and torch.compile's "_orig_mod." left out)
+    from torch.distributed.checkpoint.state_dict import _get_fqns
+except ImportError:  # another torch: every state dict goes through get_state_dict
+    _get_fqns = None
+
 from .errors import CheckpointError, CheckpointMismatchError, one_line
 from .manifest import DCP_METADATA_NAME
 
@@ -137,6 +142,7 @@ class TrainingState:
                 raise TypeError(f"extra state {name!r} must be a dict or have state_dict()/load_state_dict()")
         if optimizer is not None and model is None:
             raise ValueError("an optimizer needs its model: pass model= too")
+        self._dcp_layout = DcpLayout()
 
     def state_dict(self, rank: int, with_rng: bool = True, dcp: bool = True) -> dict[str, Any]:
         """DCP's layout (``dcp``: optimizer state keyed by parameter name, any sharding), or
@@ -148,10 +154,10 @@ class TrainingState:
                 out["model"] = self.model.state_dict()
             if self.optimizer is not None:
                 out["optim"] = self.optimizer.state_dict()
-        elif self.model is not None and self.optimizer is not None:
-            out["model"], out["optim"] = get_state_dict(self.model, self.optimizer)
         elif self.model is not None:
-            out["model"] = get_model_state_dict(self.model)
+            out["model"], optim = self._dcp_layout.state_dicts(self.model, self.optimizer)
+            if self.optimizer is not None:
+                out["optim"] = optim
         if self.scheduler is not None:
             out["scheduler"] = self.scheduler.state_dict()
         for name, obj in self.extra.items():
@@ -182,6 +188,101 @@ class TrainingState:
                 obj.update(loaded[name])
         if "rng" in loaded:
             restore_rng(loaded["rng"][rng_key(rank)])
+
+
+class DcpLayout:
+    """``get_state_dict``'s result for a model (and optimizer) in a tenth of the time, once the
+    layout is known. DCP's function walks every parameter's names three times per call: 1.5 ms
+    for 64 parameters here, 0.15 ms for 4, growing with a model's parameter count, and all of
+    it is in an async save's stall. Here the objects' own ``state_dict()``s are renamed with
+    the names DCP gave the same keys, learnt from one ``get_state_dict`` call; they are used
+    only if, on that call's objects, the renamed dicts were identical to DCP's (the same
+    keys in the same order, the same tensors, equal values). Every other case goes through
+    ``get_state_dict``: an optimizer without state yet (DCP creates it), other parameters
+    than the ones learnt, model keys not seen before, a layout the renaming does not give
+    (tried once per layout)."""
+
+    def __init__(self) -> None:
+        self._layout: tuple = ((), [])  # model.state_dict()'s keys, the optimizer's parameters
+        self._usable = False  # whether renaming gives get_state_dict's result for that layout
+        self._names: dict[str, str] = {}  # model key -> DCP's name
+        self._param_names: list[str] = []  # DCP's name of each parameter, by the optimizer's index
+
+    def state_dicts(self, model, optimizer) -> tuple[dict, dict | None]:
+        """(model state dict, optimizer state dict or None) as ``get_state_dict`` gives them."""
+        raw_model = model.state_dict()
+        params = [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
+        known = self._is_layout(raw_model, params)
+        if known and self._usable and (optimizer is None or optimizer.state):
+            return self._renamed(raw_model, None if optimizer is None else optimizer.state_dict())
+        slow = (get_model_state_dict(model), None) if optimizer is None else get_state_dict(model, optimizer)
+        if not known:
+            self._learn(model, optimizer, slow)
+        return slow
+
+    def _is_layout(self, raw_model: dict, params: list) -> bool:
+        keys, learnt = self._layout
+        return (tuple(raw_model) == keys and len(params) == len(learnt)
+                and all(a is b for a, b in zip(params, learnt)))
+
+    def _renamed(self, raw_model: dict, raw_optim: dict | None) -> tuple[dict, dict | None]:
+        model = raw_model
+        for key in list(model):  # as get_state_dict renames: in place, a renamed key moves last
+            name = self._names[key]
+            if name != key:
+                model[name] = model.pop(key)
+        if raw_optim is None:
+            return model, None
+        names = self._param_names
+        state = {names[pid]: value for pid, value in raw_optim["state"].items()}
+        groups = [{**group, "params": [names[pid] for pid in group["params"]]} for group in raw_optim["param_groups"]]
+        return model, {"state": state, "param_groups": groups}
+
+    def _learn(self, model, optimizer, slow: tuple[dict, dict | None]) -> None:
+        """Learn the names from the call just made (whose result is ``slow``), usable only if
+        renaming the objects' state dicts gives what it gave."""
+        raw_model = model.state_dict()
+        params = [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
+        self._layout, self._usable, self._names, self._param_names = (tuple(raw_model), params), False, {}, []
+        if _get_fqns is None:
+            return
+        try:
+            for key in raw_model:
+                fqns = _get_fqns(model, key)
+                if len(fqns) != 1:
+                    return
+                self._names[key] = next(iter(fqns))
+            raw_optim = None
+            if optimizer is not None:
+                raw_optim = optimizer.state_dict()
+                self._param_names = [""] * len(params)
+                for raw_group, dcp_group in zip(raw_optim["param_groups"], slow[1]["param_groups"], strict=True):
+                    for pid, name in zip(raw_group["params"], dcp_group["params"], strict=True):
+                        self._param_names[pid] = name
+            self._usable = _same(self._renamed(raw_model, raw_optim), slow)
+        except Exception:  # a layout this renaming does not know: get_state_dict's it stays
+            self._usable = False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two state dicts are the same: equal structure and values, and tensors that
+    are views of the same memory with the same layout."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        try:
+            return (type(a) is type(b) and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+                    and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+        except Exception:  # no data pointer (a DTensor, a meta tensor)
+            return False
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def flatten_tensors(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Size]:

@@ -1,0 +1,125 @@
+"""``state.DcpLayout``: the renamed state dicts an async save stages are exactly what DCP's
+``get_state_dict`` gives, and every layout it has not verified goes through DCP's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint.state as state
+from checkpoint.state import DcpLayout, TrainingState, _same
+
+
+def _tied() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10, bias=False))
+    model[2].weight = model[0].weight  # tied input and output embeddings, as language models do
+    return model
+
+
+def _step(model, opt) -> None:
+    opt.zero_grad()
+    out = model(torch.arange(4)) if isinstance(_inner(model)[0], torch.nn.Embedding) else model(torch.randn(4, 8))
+    out.sum().backward()
+    opt.step()
+
+
+def _inner(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often DCP's get_state_dict ran."""
+    count = {"n": 0}
+    real = state.get_state_dict
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state, "get_state_dict", counted)
+    return count
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _model(kind: str):
+    if kind == "tied":
+        return _tied()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 8))
+    return DDP(model) if kind == "ddp" else model
+
+
+@pytest.mark.parametrize("kind", ["plain", "ddp", "tied"])
+def test_renamed_state_dicts_are_get_state_dicts(kind, calls, request):
+    if kind == "ddp":
+        request.getfixturevalue("one_rank_group")
+    torch.manual_seed(0)
+    model = _model(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, opt)
+    layout = DcpLayout()
+    layout.state_dicts(model, opt)  # learns the layout from DCP's own result
+    assert calls["n"] == 1
+    for _ in range(3):
+        _step(model, opt)
+        fast = layout.state_dicts(model, opt)
+        assert calls["n"] == 1  # renamed, DCP's function not run
+        assert _same(fast, get_state_dict(model, opt))  # torch's own function, not the counted one
+    if kind == "ddp":
+        assert all(not key.startswith("module.") for key in fast[0])  # DDP's prefix left out, as DCP does
+
+
+def test_layouts_it_has_not_verified_go_through_get_state_dict(calls):
+    torch.manual_seed(0)
+    model = _model("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layout = DcpLayout()
+    layout.state_dicts(model, opt)  # no optimizer state yet: DCP creates it (a step with zero grads)
+    assert calls["n"] == 1 and opt.state
+    opt.state.clear()
+    layout.state_dicts(model, opt)  # empty again: DCP's function again, never a renaming of nothing
+    assert calls["n"] == 2
+    extra = torch.nn.Parameter(torch.zeros(3))
+    model.register_parameter("extra", extra)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    _step(model, opt)
+    got = layout.state_dicts(model, opt)  # new keys, a new parameter: learnt anew
+    assert calls["n"] == 3 and _same(got, get_state_dict(model, opt))
+    assert _same(layout.state_dicts(model, opt), get_state_dict(model, opt)) and calls["n"] == 3
+    old = model[0].weight
+    model[0].weight = torch.nn.Parameter(old.detach().clone())  # a parameter replaced, its state moved
+    opt.param_groups[0]["params"][0] = model[0].weight
+    opt.state[model[0].weight] = opt.state.pop(old)
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 4 and _same(got, get_state_dict(model, opt))
+
+
+def test_a_layout_the_renaming_gets_wrong_stays_with_get_state_dict(calls, monkeypatch):
+    """Learning is tried once per layout; a wrong name is never used."""
+    model = _model("plain")
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt)
+    asked = []
+    monkeypatch.setattr(state, "_get_fqns", lambda _model, key: asked.append(key) or {key + "_wrong"})
+    layout = DcpLayout()
+    for n in range(1, 4):
+        got = layout.state_dicts(model, opt)
+        assert calls["n"] == n and "0.weight" in got[0]
+    assert asked == list(model.state_dict())  # tried for the first call only
+
+
+def test_training_state_without_an_optimizer_is_dcps_model_state_dict():
+    model = _model("plain")
+    training = TrainingState(model)
+    first, second = training.state_dict(0), training.state_dict(0)
+    assert "optim" not in second and _same(first["model"], second["model"])
+    assert training._dcp_layout._usable
