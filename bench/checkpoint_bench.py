@@ -9,7 +9,7 @@ checkpoint directory, worker start time), then starts 2 ranks under torchrun tha
 every arm on the same live state (bench/checkpoint_worker.py), then measures the disk again
 (its speed swings here, by 3x within seconds). Each of ours' saves is compared with one
 process's fsync'd write of as many bytes right before and after it, E's stall with the faster
-of a memcpy (every rank at once) right before it and one once it is durable, and each load with one
+of two memcpys (every rank at once) right before it, and each load with one
 process's cold read of that arm's own files right before or after it: the medians of those
 ratios (the calibration's mean write bound is shown too). Prints a Markdown table and
 which targets hold; writes checkpoint-bench.json, .md and .png to --out. With --sizes, does
@@ -31,7 +31,7 @@ import time
 import torch
 
 from size_sweep import (calibrated_stall, disk_runs, durable_vs_write, load_vs_read, memcpy_speeds, memory_needed,
-                        read_bound, stall_vs_memcpy, sweep_report, write_speeds)
+                        read_bound, stall_vs_memcpy, stall_with_after, sweep_report, write_speeds)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNK = 16 << 20
@@ -156,7 +156,8 @@ def table(res: dict) -> tuple[str, list[str]]:
         f"read {cal['read_Bps'] / 1e6:.0f} MB/s ({'cold' if cal['read_cold'] else 'page cache could not be dropped'}); "
         f"the disk, measured before / after the arms: write {disk_runs(cal, 'write_Bps')}, read {disk_runs(cal, 'read_Bps')} MB/s; "
         f"one process's fsync'd writes next to ours' saves: {write_speeds('D', arms['D'])}, {write_speeds('E', arms['E'])} MB/s; "
-        f"memcpys next to E's saves {memcpy_speeds(E)} GB/s per rank (E's stall against the worker-start memcpy "
+        f"memcpys next to E's saves {memcpy_speeds(E)} GB/s per rank (E's stall against the faster of those and "
+        f"one once the save was durable {stall_with_after(E)}, against the worker-start memcpy "
         f"{calibrated_stall(E, res):.2f}x); "
         f"worker start {cal['worker_start_s']:.2f} s; step {res['step_seconds']:.3f} s; "
         f"{res['save_every']} steps without a save: median {statistics.median(res['train_none_s']):.2f} s "
