@@ -197,33 +197,37 @@ class DcpLayout:
     it is in an async save's stall. Here the objects' own ``state_dict()``s are renamed with
     the names DCP gave the same keys, learnt from one ``get_state_dict`` call; they are used
     only if, on that call's objects, the renamed dicts were identical to DCP's (the same
-    keys in the same order, the same tensors, equal values). Every other case goes through
-    ``get_state_dict``: an optimizer without state yet (DCP creates it), other parameters
-    than the ones learnt, model keys not seen before, a layout the renaming does not give
-    (tried once per layout)."""
+    keys in the same order, the same tensors, equal values), and only while the model has the
+    same parameters in the same places, the optimizer the same ones in the same order, and the
+    model's state dict the same keys. Every other case goes through ``get_state_dict``: an
+    optimizer without state yet (DCP creates it), a layout not learnt, one the renaming does
+    not give (tried once per layout), FSDP's flat parameters (never tried: their
+    ``state_dict()`` gathers the whole model)."""
 
     def __init__(self) -> None:
-        self._layout: tuple = ((), [])  # model.state_dict()'s keys, the optimizer's parameters
+        self._layout: tuple = ([], [])  # the model's parameters, the optimizer's (identities, in order)
         self._usable = False  # whether renaming gives get_state_dict's result for that layout
+        self._model_keys: tuple = ()  # model.state_dict()'s keys when learnt
         self._names: dict[str, str] = {}  # model key -> DCP's name
         self._param_names: list[str] = []  # DCP's name of each parameter, by the optimizer's index
 
     def state_dicts(self, model, optimizer) -> tuple[dict, dict | None]:
         """(model state dict, optimizer state dict or None) as ``get_state_dict`` gives them."""
-        raw_model = model.state_dict()
-        params = [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
-        known = self._is_layout(raw_model, params)
+        layout = _params(model, optimizer)
+        known = self._is_layout(layout)
         if known and self._usable and (optimizer is None or optimizer.state):
-            return self._renamed(raw_model, None if optimizer is None else optimizer.state_dict())
+            raw_model = model.state_dict()
+            if tuple(raw_model) == self._model_keys:
+                return self._renamed(raw_model, None if optimizer is None else optimizer.state_dict())
+            known = False  # the same parameters, other keys (a buffer registered since): learn anew
         slow = (get_model_state_dict(model), None) if optimizer is None else get_state_dict(model, optimizer)
         if not known:
-            self._learn(model, optimizer, slow)
+            self._learn(model, optimizer, layout, slow)
         return slow
 
-    def _is_layout(self, raw_model: dict, params: list) -> bool:
-        keys, learnt = self._layout
-        return (tuple(raw_model) == keys and len(params) == len(learnt)
-                and all(a is b for a, b in zip(params, learnt)))
+    def _is_layout(self, layout: tuple) -> bool:
+        return all(len(now) == len(learnt) and all(a is b for a, b in zip(now, learnt))
+                   for now, learnt in zip(layout, self._layout))
 
     def _renamed(self, raw_model: dict, raw_optim: dict | None) -> tuple[dict, dict | None]:
         model = raw_model
@@ -238,15 +242,15 @@ class DcpLayout:
         groups = [{**group, "params": [names[pid] for pid in group["params"]]} for group in raw_optim["param_groups"]]
         return model, {"state": state, "param_groups": groups}
 
-    def _learn(self, model, optimizer, slow: tuple[dict, dict | None]) -> None:
+    def _learn(self, model, optimizer, layout: tuple, slow: tuple[dict, dict | None]) -> None:
         """Learn the names from the call just made (whose result is ``slow``), usable only if
         renaming the objects' state dicts gives what it gave."""
-        raw_model = model.state_dict()
-        params = [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
-        self._layout, self._usable, self._names, self._param_names = (tuple(raw_model), params), False, {}, []
-        if _get_fqns is None:
+        self._layout, self._usable, self._model_keys, self._names, self._param_names = layout, False, (), {}, []
+        if _get_fqns is None or _has_flat_parameters(model):
             return
         try:
+            raw_model = model.state_dict()
+            self._model_keys = tuple(raw_model)
             for key in raw_model:
                 fqns = _get_fqns(model, key)
                 if len(fqns) != 1:
@@ -255,7 +259,7 @@ class DcpLayout:
             raw_optim = None
             if optimizer is not None:
                 raw_optim = optimizer.state_dict()
-                self._param_names = [""] * len(params)
+                self._param_names = [""] * len(layout[1])
                 for raw_group, dcp_group in zip(raw_optim["param_groups"], slow[1]["param_groups"], strict=True):
                     for pid, name in zip(raw_group["params"], dcp_group["params"], strict=True):
                         self._param_names[pid] = name
@@ -264,14 +268,36 @@ class DcpLayout:
             self._usable = False
 
 
+def _params(model, optimizer) -> tuple[list, list]:
+    """The model's parameters (each once, in module order) and the optimizer's, in its order:
+    the same objects in the same places keep the names learnt for them."""
+    return list(model.parameters()), [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _has_flat_parameters(model) -> bool:
+    """Whether FSDP (the wrapper, FSDP1) manages part of the model: its ``state_dict()`` is
+    a collective that gathers the full model by default."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return bool(FullyShardedDataParallel.fsdp_modules(model))
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two state dicts are the same: equal structure and values, and tensors that
-    are views of the same memory with the same layout."""
+    are views of the same memory with the same layout (a DTensor: the same placements of the
+    same local shard)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if type(a) is not type(b):
+            return False
         try:
-            return (type(a) is type(b) and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+            if hasattr(a, "to_local"):  # a DTensor: data_ptr() is 0 for every one
+                return (a.placements == b.placements and a.device_mesh == b.device_mesh and a.shape == b.shape
+                        and _same(a.to_local(), b.to_local()))
+            return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
                     and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
-        except Exception:  # no data pointer (a DTensor, a meta tensor)
+        except Exception:  # a tensor without storage to compare
             return False
     if type(a) is not type(b):
         return False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint.state as state
@@ -103,6 +103,43 @@ def test_layouts_it_has_not_verified_go_through_get_state_dict(calls):
     assert calls["n"] == 4 and _same(got, get_state_dict(model, opt))
 
 
+def test_what_changes_between_saves_is_read_anew(calls):
+    """Learnt on an optimizer without state (a load's first call); then the learning rate a
+    scheduler sets, state a parameter gains later, and swapped parameters are all as DCP's."""
+    torch.manual_seed(0)
+    model = _model("plain")
+    model[2].weight.requires_grad_(False)  # no grad, so no state at first
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    layout = DcpLayout()
+    layout.state_dicts(model, opt)
+    assert calls["n"] == 1
+    _step(model, opt)
+    scheduler.step()
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 1 and got[1]["param_groups"][0]["lr"] == 0.05 and _same(got, get_state_dict(model, opt))
+    model[2].weight.requires_grad_(True)
+    _step(model, opt)
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 1 and "2.weight" in got[1]["state"] and _same(got, get_state_dict(model, opt))
+    model[0].weight, model[2].weight = model[2].weight, model[0].weight  # the same keys, other tensors
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 2 and _same(got, get_state_dict(model, opt))
+    assert got[1]["state"]["0.weight"] is opt.state[model[0].weight]  # each state under its parameter's name
+    model.register_buffer("seen", torch.zeros(2))  # the same parameters, one key more
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 3 and "seen" in got[0] and _same(got, get_state_dict(model, opt))
+
+
+def test_same_tells_other_memory_and_other_values_apart():
+    weights = torch.ones(3)
+    assert _same({"w": weights, "lr": 0.1}, {"w": weights.detach(), "lr": 0.1})
+    assert not _same({"w": weights}, {"w": weights.clone()})  # equal values, other memory
+    assert not _same({"w": weights, "lr": 0.1}, {"w": weights, "lr": 0.2})
+    assert not _same({"a": weights, "b": weights}, {"b": weights, "a": weights})  # another order
+    assert not _same({"w": weights}, {"w": weights[:2]})
+
+
 def test_a_layout_the_renaming_gets_wrong_stays_with_get_state_dict(calls, monkeypatch):
     """Learning is tried once per layout; a wrong name is never used."""
     model = _model("plain")
@@ -120,6 +157,7 @@ def test_a_layout_the_renaming_gets_wrong_stays_with_get_state_dict(calls, monke
 def test_training_state_without_an_optimizer_is_dcps_model_state_dict():
     model = _model("plain")
     training = TrainingState(model)
-    first, second = training.state_dict(0), training.state_dict(0)
-    assert "optim" not in second and _same(first["model"], second["model"])
-    assert training._dcp_layout._usable
+    training.state_dict(0)
+    second = training.state_dict(0)
+    assert training._dcp_layout._usable  # the second one was renamed
+    assert "optim" not in second and _same(second["model"], get_model_state_dict(model))
