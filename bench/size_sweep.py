@@ -178,8 +178,8 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
                   f"E {calibrated_durable(r['arms']['E'], r['calibration']):.2f}x" for size, r in zip(sizes, results))
               + "; the memcpys next to E's saves, GB/s per rank (median, range): "
               + ", ".join(f"{size / 1e6:.0f} MB {memcpy_speeds(r['arms']['E'])}" for size, r in zip(sizes, results))
-              + "; E's stall against the faster of those and a memcpy once the save was durable, a second later "
-              "(the twelfth session's bound): "
+              + "; E's stall against each rank's faster of those and a memcpy once the save was durable (the "
+              "twelfth session's bound, with one copy more before): "
               + ", ".join(f"{size / 1e6:.0f} MB {stall_with_after(r['arms']['E'])}" for size, r in zip(sizes, results))
               + "; against the fastest of three memcpys at the worker's start: "
               + ", ".join(f"{size / 1e6:.0f} MB {calibrated_stall(r['arms']['E'], r):.2f}x" for size, r in zip(sizes, results))
