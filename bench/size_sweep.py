@@ -105,6 +105,24 @@ def write_bound(arm: dict, cal: dict) -> float:
     return statistics.median(arm["writes_s"]) if arm.get("writes_s") else arm["bytes"] / cal["write_Bps"]
 
 
+def memcpy_bound(arm: dict, res: dict) -> float:
+    """Seconds to copy the bytes E staged, every rank at once: the median of the copies next
+    to its saves (results from before: at the worker-start copy's speed)."""
+    if arm.get("memcpys_s"):
+        return statistics.median(arm["memcpys_s"])
+    return (arm["staging_bytes"] or res["state_bytes"]) / res["ranks_memcpy_Bps"]
+
+
+def bound_exponents(sizes: list[float], results: list[dict]) -> str:
+    """How E's bounds themselves grow with the bytes: a cost held to a fixed ratio of its
+    bound grows as fast as the bound does."""
+    E = [r["arms"]["E"] for r in results]
+    return ", ".join([
+        f"E's memcpys {exponent(sizes, [memcpy_bound(a, r) for a, r in zip(E, results)]):.2f}",
+        f"the writes next to E's saves {exponent(sizes, [write_bound(a, r['calibration']) for a, r in zip(E, results)]):.2f}",
+        f"the reads next to E's loads {exponent(sizes, [read_bound(a, r['calibration']) for a, r in zip(E, results)]):.2f}"])
+
+
 def calibrated_durable(arm: dict, cal: dict) -> float:
     """The arm's median durable MB/s over the mean of the write bounds measured before and
     after the size's arms (minutes apart): the figure up to the eleventh session."""
@@ -170,7 +188,8 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
             k = exponents[name][key]
             if k > EXPONENT_LIMIT:
                 failed.append(f"{name} {label} exponent {k:.2f} > {EXPONENT_LIMIT}")
-    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear). A save's write bound is the mean "
+    lines += ["", f"Exponents of ours (D, E) must be <= {EXPONENT_LIMIT} (1.0 is linear); the exponents of the bounds "
+              f"measured next to E: {bound_exponents(sizes, results)}. A save's write bound is the mean "
               "of one process's fsync'd writes of as many bytes into a new file right before and right after it (the "
               "median of the ratios); against the mean of the write bounds measured before and after each size's arms instead, "
               "durable was: " + "; ".join(
@@ -220,6 +239,9 @@ def chart(results: list[dict], exponents: dict, path: str) -> None:
         for name in results[0]["arms"]:
             ax.loglog(gb, [r["arms"][name][key] for r in results], marker="o",
                       label=f"{name} {results[0]['arms'][name]['label']} (k={exponents[name][key]:.2f})")
+        if key == "stall_s":  # the bound: a copy of E's staged bytes, every rank at once, next to its saves (median)
+            ax.loglog(gb, [memcpy_bound(r["arms"]["E"], r) for r in results], "k:",
+                      label="memcpy of E's staged bytes, all ranks at once")
         if key == "durable_s":  # the bounds: one process's write of E's bytes next to its saves (median), and the calibration's
             ax.loglog(gb, [write_bound(r["arms"]["E"], r["calibration"]) for r in results], "k--",
                       label="one process's fsync'd write of E's bytes")
