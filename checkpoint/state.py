@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import struct
+import weakref
 from typing import Any, Mapping
 
 import numpy as np
@@ -205,7 +206,7 @@ class DcpLayout:
     ``state_dict()`` gathers the whole model)."""
 
     def __init__(self) -> None:
-        self._layout: tuple = ([], [])  # the model's parameters, the optimizer's (identities, in order)
+        self._layout: tuple | None = None  # the model's named parameters and the optimizer's, when learnt
         self._usable = False  # whether renaming gives get_state_dict's result for that layout
         self._model_keys: tuple = ()  # model.state_dict()'s keys when learnt
         self._names: dict[str, str] = {}  # model key -> DCP's name
@@ -218,7 +219,10 @@ class DcpLayout:
         if known and self._usable and (optimizer is None or optimizer.state):
             raw_model = model.state_dict()
             if tuple(raw_model) == self._model_keys:
-                return self._renamed(raw_model, None if optimizer is None else optimizer.state_dict())
+                try:
+                    return self._renamed(raw_model, None if optimizer is None else optimizer.state_dict())
+                except (KeyError, IndexError, TypeError):  # not the optimizer's usual state dict (patched)
+                    pass
             known = False  # the same parameters, other keys (a buffer registered since): learn anew
         slow = (get_model_state_dict(model), None) if optimizer is None else get_state_dict(model, optimizer)
         if not known:
@@ -226,8 +230,11 @@ class DcpLayout:
         return slow
 
     def _is_layout(self, layout: tuple) -> bool:
-        return all(len(now) == len(learnt) and all(a is b for a, b in zip(now, learnt))
-                   for now, learnt in zip(layout, self._layout))
+        if self._layout is None:
+            return False
+        (names, params), (learnt_names, learnt_params) = layout, self._layout
+        return (names == learnt_names and len(params) == len(learnt_params)
+                and all(ref() is p for p, ref in zip(params, learnt_params)))
 
     def _renamed(self, raw_model: dict, raw_optim: dict | None) -> tuple[dict, dict | None]:
         model = raw_model
@@ -245,7 +252,10 @@ class DcpLayout:
     def _learn(self, model, optimizer, layout: tuple, slow: tuple[dict, dict | None]) -> None:
         """Learn the names from the call just made (whose result is ``slow``), usable only if
         renaming the objects' state dicts gives what it gave."""
-        self._layout, self._usable, self._model_keys, self._names, self._param_names = layout, False, (), {}, []
+        names, params = layout
+        # Weak references: a parameter replaced since (load_state_dict(assign=True)) is not kept alive.
+        self._layout = (names, [weakref.ref(p) for p in params])
+        self._usable, self._model_keys, self._names, self._param_names = False, (), {}, []
         if _get_fqns is None or _has_flat_parameters(model):
             return
         try:
@@ -259,7 +269,7 @@ class DcpLayout:
             raw_optim = None
             if optimizer is not None:
                 raw_optim = optimizer.state_dict()
-                self._param_names = [""] * len(layout[1])
+                self._param_names = [""] * len(_optimizer_params(optimizer))
                 for raw_group, dcp_group in zip(raw_optim["param_groups"], slow[1]["param_groups"], strict=True):
                     for pid, name in zip(raw_group["params"], dcp_group["params"], strict=True):
                         self._param_names[pid] = name
@@ -269,9 +279,18 @@ class DcpLayout:
 
 
 def _params(model, optimizer) -> tuple[list, list]:
-    """The model's parameters (each once, in module order) and the optimizer's, in its order:
-    the same objects in the same places keep the names learnt for them."""
-    return list(model.parameters()), [] if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+    """The names of the model's parameters (a tied one under its first name, the one DCP
+    gives its optimizer state) and, in that order followed by the optimizer's in its order,
+    the parameters: the same objects in the same places keep the names learnt for them."""
+    names, params = [], []
+    for name, param in model.named_parameters():
+        names.append(name)
+        params.append(param)
+    return names, params + _optimizer_params(optimizer)
+
+
+def _optimizer_params(optimizer) -> list:
+    return [] if optimizer is None else [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _has_flat_parameters(model) -> bool:

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import Replicate, distribute_tensor
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint.state as state
-from checkpoint.state import DcpLayout, TrainingState, _same
+from checkpoint.state import DcpLayout, TrainingState, _has_flat_parameters, _same
 
 
 def _tied() -> torch.nn.Module:
@@ -129,6 +135,55 @@ def test_what_changes_between_saves_is_read_anew(calls):
     model.register_buffer("seen", torch.zeros(2))  # the same parameters, one key more
     got = layout.state_dicts(model, opt)
     assert calls["n"] == 3 and "seen" in got[0] and _same(got, get_state_dict(model, opt))
+
+
+def test_a_retied_weight_keeps_dcps_name(calls):
+    """DCP names a tied parameter's optimizer state after its first place in the model: tying
+    it elsewhere (the same parameters, the same keys) changes that name."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False),
+                                torch.nn.Linear(8, 8, bias=False))
+    model[1].weight = model[0].weight
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt)
+    layout = DcpLayout()
+    layout.state_dicts(model, opt)
+    model[1].weight = model[2].weight  # re-tied: 1 and 2 share now
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 2 and _same(got, get_state_dict(model, opt)) and "1.weight" in got[1]["state"]
+
+
+def test_a_replaced_parameter_is_not_kept_alive():
+    model = _model("plain")
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt)
+    layout = DcpLayout()
+    layout.state_dicts(model, opt)
+    old = weakref.ref(model[0].weight)
+    model.load_state_dict(model.state_dict(), assign=True)  # new Parameter objects
+    opt = torch.optim.AdamW(model.parameters())
+    gc.collect()
+    assert old() is None
+
+
+def test_dtensors_compare_by_their_local_shards(one_rank_group):
+    mesh = init_device_mesh("cpu", (1,))
+    weights = distribute_tensor(torch.ones(4, 4), mesh, [Replicate()])
+    assert _same({"w": weights}, {"w": weights.detach()})
+    assert not _same({"w": weights}, {"w": distribute_tensor(torch.ones(4, 4), mesh, [Replicate()])})
+
+
+def test_fsdp2_models_are_renamed_and_fsdp1_models_never_tried(one_rank_group, calls):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt)
+    layout = DcpLayout()
+    layout.state_dicts(model, opt)
+    got = layout.state_dicts(model, opt)
+    assert calls["n"] == 1 and _same(got, get_state_dict(model, opt))
+    fsdp1 = FullyShardedDataParallel(torch.nn.Linear(8, 8), device_id=torch.device("cpu"))
+    assert _has_flat_parameters(fsdp1) and not _has_flat_parameters(model)
 
 
 def test_same_tells_other_memory_and_other_values_apart():
