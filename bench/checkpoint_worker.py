@@ -313,8 +313,8 @@ def main() -> None:
         dist.barrier()
         arms[name] = Arm(name, root, ddp, opt, group, args.memory_dir)
         results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": [],
-                                 "writes_s": [], "memcpys_s": [], "memcpys_after_s": [],
-                                 "memcpys_with_after_s": [], "memcpy_Bps": []}
+                                 "writes_s": [], "memcpys_s": [], "memcpys_with_after_s": [],
+                                 "memcpy_Bps": []}
 
     # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
     # the others did not): each is timed with training idle until it is durable. The order
@@ -385,9 +385,8 @@ def main() -> None:
                 staged = arm.ckpt.stats.staging_bytes
                 r["memcpy_Bps"].append(1 / wall_max(copy_before))  # the slowest rank's
                 r["memcpys_s"].append(wall_max(staged * copy_before))
-                after = memcpy_seconds_per_byte()
-                r["memcpys_after_s"].append(wall_max(staged * after))
-                r["memcpys_with_after_s"].append(wall_max(staged * min(copy_before, after)))  # for the report
+                after = memcpy_seconds_per_byte()  # for the report only
+                r["memcpys_with_after_s"].append(wall_max(staged * min(copy_before, after)))
             if i > 0 and name in "DE":
                 r["writes_s"].append((before + write_bound(arm)) / 2)
             if i == 0:
