@@ -42,6 +42,7 @@ import torch
 
 from .memory_format import Unpickler, join, layout_of, split, tensor_indices
 from .safe_load import UnsafeCheckpointError
+from .staging import copy_all
 
 log = logging.getLogger("checkpoint")
 
@@ -119,9 +120,8 @@ class MemorySnapshots:
             if views is None:
                 views = self._views[slot] = [data[off:off + n].view(getattr(torch, dtype)).view(shape)
                                              for dtype, shape, off, n, _ in layout if n]
-            if views:
-                with torch.no_grad():  # one call, not one per tensor
-                    torch._foreach_copy_(views, [t for t in tensors if t.numel()])
+            if views:  # streaming stores: nothing reads the slot until a restore
+                copy_all(views, [t for t in tensors if t.numel()])
             data[offset:size].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
             # The slot's commit, last: its header.

@@ -12,6 +12,12 @@ tensor on one rank only. Once a save has shown which tensors this rank writes, l
 stage only those (``skip``) plus any tensor not seen before: the stall and the staging memory
 shrink to this rank's share (half with 2 ranks, an eighth with 8).
 
+The copy of a large CPU tensor uses streaming stores (``copy_into``, ``_streamcopy.c``): the
+buffers are not read again until the writer thread, so a copy that reads each destination
+line first and keeps it in the caches (torch's) does a third more memory traffic for nothing.
+Measured at 1611 MB per rank on the bench's 2-core machine: 0.73-0.85x torch's copy time.
+Without the compiled module (no C compiler at install, not x86-64), torch's copy does it.
+
 Non-tensor leaves (step counters, RNG states, numpy arrays) are small and deep-copied.
 DCP's own ``_copy_state_dict`` is not used because it refuses tuples and numpy arrays (a
 user's state may hold them; numpy's RNG state, when its bit generator is not the legacy one).
@@ -20,9 +26,65 @@ user's state may hold them; numpy's RNG state, when its bit generator is not the
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Callable
 
 import torch
+
+try:
+    from . import _streamcopy
+except ImportError:  # not built: no C compiler at install
+    _streamcopy = None
+
+log = logging.getLogger(__name__)
+
+# Whether large CPU copies use streaming stores (False: torch's copy does them).
+STREAMING = bool(_streamcopy is not None and _streamcopy.STREAMS)
+# Below this a copy stays in the caches anyway, and one Python call per tensor costs more
+# than streaming saves.
+STREAM_MIN_BYTES = 1 << 20
+_told = False
+
+
+def _streamable(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether streaming stores can copy ``src`` into ``dst``: both plain contiguous CPU
+    tensors of the same dtype and shape, at least ``STREAM_MIN_BYTES`` (a conjugate or
+    negative view, a quantized or sparse tensor goes to torch, which resolves them)."""
+    global _told
+    large = src.numel() * src.element_size() >= STREAM_MIN_BYTES and src.device.type == "cpu"
+    if not STREAMING:
+        if large and not _told:
+            _told = True
+            log.info("staging with torch's copy: checkpoint._streamcopy is %s (reinstall with a C compiler "
+                     "for streaming copies, about 0.8x the stall on CPU)",
+                     "not built" if _streamcopy is None else "without streaming stores on this CPU")
+        return False
+    return (large and dst.device.type == "cpu" and src.dtype == dst.dtype and src.shape == dst.shape
+            and src.layout == torch.strided and dst.layout == torch.strided
+            and src.is_contiguous() and dst.is_contiguous()
+            and not (src.is_conj() or src.is_neg() or src.is_quantized or dst.is_quantized))
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, with streaming stores where they apply (``_streamable``)."""
+    if _streamable(dst, src):
+        _streamcopy.copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    else:
+        dst.copy_(src)
+
+
+@torch.no_grad()
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``copy_into`` pairwise: the large ones with streaming stores, the rest in one
+    ``torch._foreach_copy_`` call (not one Python call per small tensor)."""
+    rest = []
+    for dst, src in zip(dsts, srcs, strict=True):
+        if _streamable(dst, src):
+            _streamcopy.copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+        else:
+            rest.append((dst, src))
+    if rest:
+        torch._foreach_copy_([d for d, _ in rest], [s for _, s in rest])
 
 
 class Stager:
@@ -89,5 +151,5 @@ class Stager:
             self._device_copies = True
             buffer.copy_(tensor.detach(), non_blocking=True)
         else:
-            buffer.copy_(tensor.detach())
+            copy_into(buffer, tensor.detach())
         return buffer
