@@ -16,7 +16,8 @@ The copy of a large CPU tensor uses streaming stores (``copy_into``, ``_streamco
 buffers are not read again until the writer thread, so a copy that reads each destination
 line first and keeps it in the caches (torch's) does a third more memory traffic for nothing.
 Measured at 1611 MB per rank on the bench's 2-core machine: 0.73-0.85x torch's copy time.
-Without the compiled module (no C compiler at install, not x86-64), torch's copy does it.
+Torch's copy does it without the compiled module (no C compiler at install, not x86-64),
+and where torch has several threads (OMP_NUM_THREADS > 1: it splits a large copy over them).
 
 Non-tensor leaves (step counters, RNG states, numpy arrays) are small and deep-copied.
 DCP's own ``_copy_state_dict`` is not used because it refuses tuples and numpy arrays (a
@@ -47,26 +48,37 @@ _told = False
 
 
 def _streamable(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether streaming stores can copy ``src`` into ``dst``: both plain contiguous CPU
-    tensors of the same dtype and shape, at least ``STREAM_MIN_BYTES`` (a conjugate or
-    negative view, a quantized or sparse tensor goes to torch, which resolves them)."""
+    """Whether streaming stores can copy ``src`` into ``dst``: both plain (no subclass: a
+    DTensor's or a wrapper's ``data_ptr()`` is 0), dense and contiguous CPU tensors with
+    bytes of their own (not a zero tensor), the same dtype and shape, at least
+    ``STREAM_MIN_BYTES``, and torch using one thread (its copy splits a large one over its
+    threads, which one streaming thread would not beat). A conjugate or negative view, a
+    quantized or sparse tensor goes to torch, which resolves them."""
     global _told
     large = src.numel() * src.element_size() >= STREAM_MIN_BYTES and src.device.type == "cpu"
     if not STREAMING:
         if large and not _told:
             _told = True
-            log.info("staging with torch's copy: checkpoint._streamcopy is %s (reinstall with a C compiler "
-                     "for streaming copies, about 0.8x the stall on CPU)",
-                     "not built" if _streamcopy is None else "without streaming stores on this CPU")
+            log.info("staging with torch's copy: %s", "checkpoint._streamcopy is not built (reinstall with a C "
+                     "compiler for streaming copies, about 0.8x the stall on CPU)" if _streamcopy is None else
+                     "this platform has no streaming-store build (x86-64 with gcc or clang only)")
         return False
-    return (large and dst.device.type == "cpu" and src.dtype == dst.dtype and src.shape == dst.shape
+    return (large and type(src) in _PLAIN and type(dst) in _PLAIN and dst.device.type == "cpu"
+            and src.dtype == dst.dtype and src.shape == dst.shape
             and src.layout == torch.strided and dst.layout == torch.strided
             and src.is_contiguous() and dst.is_contiguous()
-            and not (src.is_conj() or src.is_neg() or src.is_quantized or dst.is_quantized))
+            and not (src.is_conj() or src.is_neg() or src.is_quantized or dst.is_quantized
+                     or src._is_zerotensor() or dst._is_zerotensor())
+            and src.data_ptr() != 0 and dst.data_ptr() != 0 and torch.get_num_threads() == 1)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@torch.no_grad()
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)``, with streaming stores where they apply (``_streamable``)."""
+    """``dst.copy_(src)``, with streaming stores where they apply (``_streamable``). ``dst``
+    is a buffer of ours: no autograd history to keep."""
     if _streamable(dst, src):
         _streamcopy.copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
     else:
@@ -77,8 +89,10 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     """``copy_into`` pairwise: the large ones with streaming stores, the rest in one
     ``torch._foreach_copy_`` call (not one Python call per small tensor)."""
+    if len(dsts) != len(srcs):  # before copying anything
+        raise ValueError(f"copy_all: {len(dsts)} destinations for {len(srcs)} tensors")
     rest = []
-    for dst, src in zip(dsts, srcs, strict=True):
+    for dst, src in zip(dsts, srcs):
         if _streamable(dst, src):
             _streamcopy.copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
         else:

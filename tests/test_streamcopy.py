@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from checkpoint import staging
 from checkpoint.staging import Stager, copy_all, copy_into
@@ -16,7 +17,9 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 
 @pytest.fixture
 def streamed(monkeypatch):
-    """Counts the streaming copies, so a test can tell the path it covered was taken."""
+    """Counts the streaming copies, so a test can tell the path it covered was taken. Torch
+    at one thread, as under `make test` and torchrun (streaming is for one thread only)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     calls = []
     real = staging._streamcopy.copy
 
@@ -78,18 +81,65 @@ def test_copy_all_mixes_both_paths(streamed):
     copy_all(dsts, srcs)
     assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
     assert len(streamed) == 2
-    with pytest.raises(ValueError):  # a layout mismatch is a bug, never a partial copy
-        copy_all(dsts, srcs[:3])
+    fresh = [torch.zeros(s.shape, dtype=s.dtype) for s in srcs]
+    with pytest.raises(ValueError):  # a layout mismatch is a bug: nothing is copied
+        copy_all(fresh, srcs[:3])
+    assert not any(d.any() for d in fresh) and len(streamed) == 2
 
 
-def test_stager_stages_the_same_bytes_either_way(monkeypatch):
+class Wrapper(torch.Tensor):
+    """A wrapper subclass (as DTensor and quantized tensor types are): CPU, contiguous, the
+    right dtype and shape, and data_ptr() 0; torch's copy unwraps it."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, Wrapper) else t  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+
+@pytest.mark.skipif(not staging.STREAMING, reason="checkpoint._streamcopy not built")
+def test_tensors_without_their_own_bytes_go_to_torch(streamed):
+    """A pointer of 0 would be read by the C copy (SIGSEGV): subclasses and zero tensors go to
+    torch's copy, which knows what they hold."""
+    inner = torch.randn(1 << 18)
+    wrapped = Wrapper(inner)
+    assert wrapped.data_ptr() == 0
+    zeros = torch._efficientzerotensor(1 << 18)
+    for src, expected in ((wrapped, inner), (zeros, torch.zeros(1 << 18))):
+        dst = torch.empty(1 << 18)
+        copy_into(dst, src)
+        assert torch.equal(dst, expected)
+        copy_all([dst], [src])
+        assert torch.equal(dst, expected)
+    assert streamed == []
+
+
+@pytest.mark.skipif(not staging.STREAMING, reason="checkpoint._streamcopy not built")
+def test_several_torch_threads_keep_torch_copy(streamed, monkeypatch):
+    """torch splits a large copy over its threads; one streaming thread would be slower there."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    src, dst = torch.randn(1 << 18), torch.empty(1 << 18)
+    copy_into(dst, src)
+    assert torch.equal(dst, src) and streamed == []
+
+
+@pytest.mark.skipif(not staging.STREAMING, reason="checkpoint._streamcopy not built")
+def test_stager_stages_the_same_bytes_either_way(monkeypatch, streamed):
     state = {"model": {"w": torch.randn(1024, 1024), "b": torch.randn(10)},
              "optim": {"state": {0: {"exp_avg": torch.randn(1024, 1024).t(), "step": torch.tensor(3.0)}}}}
-    streamed = Stager().stage(state)
+    staged = Stager().stage(state)
+    assert len(streamed) == 1  # "w"; the transposed one and the small ones go to torch
     monkeypatch.setattr(staging, "STREAMING", False)
     copied = Stager().stage(state)
     for path in (("model", "w"), ("model", "b"), ("optim", "state", 0, "exp_avg"), ("optim", "state", 0, "step")):
-        a, b, live = streamed, copied, state
+        a, b, live = staged, copied, state
         for key in path:
             a, b, live = a[key], b[key], live[key]
         assert torch.equal(a, live) and torch.equal(b, live), path
