@@ -49,27 +49,44 @@ _told = False
 
 def _streamable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """Whether streaming stores can copy ``src`` into ``dst``: both plain (no subclass: a
-    DTensor's or a wrapper's ``data_ptr()`` is 0), dense and contiguous CPU tensors with
-    bytes of their own (not a zero tensor), the same dtype and shape, at least
-    ``STREAM_MIN_BYTES``, and torch using one thread (its copy splits a large one over its
-    threads, which one streaming thread would not beat). A conjugate or negative view, a
-    quantized or sparse tensor goes to torch, which resolves them."""
-    global _told
+    DTensor's or a wrapper's ``data_ptr()`` is 0), dense and contiguous CPU tensors whose
+    storage holds the bytes they claim (not a zero tensor, not a freed or shrunk storage),
+    the same dtype and shape, at least ``STREAM_MIN_BYTES``, and torch using one thread (its
+    copy splits a large one over its threads, which one streaming thread would not beat). A
+    conjugate or negative view, a quantized or sparse tensor goes to torch, which resolves
+    them."""
     large = src.numel() * src.element_size() >= STREAM_MIN_BYTES and src.device.type == "cpu"
-    if not STREAMING:
-        if large and not _told:
-            _told = True
-            log.info("staging with torch's copy: %s", "checkpoint._streamcopy is not built (reinstall with a C "
-                     "compiler for streaming copies, about 0.8x the stall on CPU)" if _streamcopy is None else
-                     "this platform has no streaming-store build (x86-64 with gcc or clang only)")
+    if not large:
         return False
-    return (large and type(src) in _PLAIN and type(dst) in _PLAIN and dst.device.type == "cpu"
+    if not STREAMING or torch.get_num_threads() != 1:
+        _tell_once()
+        return False
+    return (type(src) in _PLAIN and type(dst) in _PLAIN and dst.device.type == "cpu"
             and src.dtype == dst.dtype and src.shape == dst.shape
             and src.layout == torch.strided and dst.layout == torch.strided
             and src.is_contiguous() and dst.is_contiguous()
-            and not (src.is_conj() or src.is_neg() or src.is_quantized or dst.is_quantized
-                     or src._is_zerotensor() or dst._is_zerotensor())
-            and src.data_ptr() != 0 and dst.data_ptr() != 0 and torch.get_num_threads() == 1)
+            and not any(t.is_conj() or t.is_neg() or t.is_quantized or t._is_zerotensor() for t in (src, dst))
+            and _holds_its_bytes(src) and _holds_its_bytes(dst))
+
+
+def _holds_its_bytes(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds every byte ``t`` claims (a pointer of 0, a storage freed
+    or shrunk under the view, would be read or written past its end)."""
+    return t.data_ptr() != 0 and (t.untyped_storage().nbytes()
+                                  >= (t.storage_offset() + t.numel()) * t.element_size())
+
+
+def _tell_once() -> None:
+    global _told
+    if not _told:
+        _told = True
+        if _streamcopy is None:
+            why = "checkpoint._streamcopy is not built (reinstall with a C compiler and Python's headers)"
+        elif not STREAMING:
+            why = "this platform has no streaming-store build (x86-64 with gcc or clang only)"
+        else:
+            why = f"torch uses {torch.get_num_threads()} threads here, over which its copy splits"
+        log.info("staging large CPU tensors with torch's copy, not streaming stores: %s", why)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -78,7 +95,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 @torch.no_grad()
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)``, with streaming stores where they apply (``_streamable``). ``dst``
-    is a buffer of ours: no autograd history to keep."""
+    is a buffer of ours that ``src`` does not overlap, with no autograd history to keep (the
+    streaming path does not bump its version counter)."""
     if _streamable(dst, src):
         _streamcopy.copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
     else:
@@ -88,7 +106,9 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 @torch.no_grad()
 def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     """``copy_into`` pairwise: the large ones with streaming stores, the rest in one
-    ``torch._foreach_copy_`` call (not one Python call per small tensor)."""
+    ``torch._foreach_copy_`` call (not one Python call per small tensor). The large ones are
+    copied first: if the rest fails, the destinations hold part of the state (the memory tier
+    uncommits its slot before copying into it)."""
     if len(dsts) != len(srcs):  # before copying anything
         raise ValueError(f"copy_all: {len(dsts)} destinations for {len(srcs)} tensors")
     rest = []

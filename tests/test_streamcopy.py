@@ -2,8 +2,10 @@
 byte-exact at every alignment and size, on both instruction paths, and only where it applies
 (anything torch must resolve, a conjugate view say, goes to torch's copy)."""
 
+import os
 import platform
 import shutil
+import sysconfig
 
 import pytest
 import torch
@@ -31,12 +33,21 @@ def streamed(monkeypatch):
     return calls
 
 
-def test_built_where_a_compiler_is():
-    """`make install` builds it on x86-64 where a C compiler is; a silent fallback here would
-    leave the stall at torch's copy without anyone knowing."""
-    if not X86 or not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no x86-64 C build here: torch's copy stages")
-    assert staging.STREAMING, "checkpoint._streamcopy did not build: run `make install` and read its output"
+def _can_build() -> bool:
+    """What setuptools needs to build the extension: x86-64, Python's headers and the C
+    compiler this Python was built with (sysconfig's CC) on PATH."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    return X86 and os.path.exists(headers) and shutil.which(cc) is not None
+
+
+def test_built_where_it_can_be():
+    """`make install` builds it where it can; a silent fallback there would leave the stall at
+    torch's copy without anyone knowing."""
+    if not _can_build():
+        pytest.skip("no x86-64 C build here (compiler, Python headers): torch's copy stages")
+    assert staging._streamcopy is not None and staging.STREAMING, \
+        "checkpoint._streamcopy did not build: run `make install` and read its output"
 
 
 @pytest.mark.skipif(not staging.STREAMING, reason="checkpoint._streamcopy not built")
@@ -144,3 +155,17 @@ def test_stager_stages_the_same_bytes_either_way(monkeypatch, streamed):
             a, b, live = a[key], b[key], live[key]
         assert torch.equal(a, live) and torch.equal(b, live), path
         assert a.data_ptr() != live.data_ptr()  # a copy, not the live tensor
+
+
+@pytest.mark.skipif(not staging.STREAMING, reason="checkpoint._streamcopy not built")
+def test_a_storage_shorter_than_its_view_or_a_conjugate_destination_go_to_torch(streamed):
+    src = torch.randn((1 << 18) + 16)
+    view = src[16:]
+    assert staging._streamable(torch.empty(view.shape), view)
+    src.untyped_storage().resize_(4096)  # the view now claims bytes past the storage's end
+    assert not staging._streamable(torch.empty(view.shape), view)  # (not copied: torch would read past it too)
+
+    src = torch.randn(1 << 18, dtype=torch.complex64)
+    dst = torch.empty(1 << 18, dtype=torch.complex64).conj()  # a conjugate view as the destination
+    copy_into(dst, src)
+    assert torch.equal(dst, src) and streamed == []
