@@ -5,7 +5,7 @@
  * and leaves the copy in the caches. Staging writes whole buffers that nothing reads until
  * the writer thread, much later: streaming stores write the lines straight to memory, with
  * a third less memory traffic and the caches left to training. Measured in the bench at
- * 1611 MB per rank on the 2-core machine: 0.73-0.85x the time of torch's copy_.
+ * 1611 MB per rank on the 2-core machine: 0.65-1.0x the time of torch's copy_, median 0.75x.
  *
  * x86-64 with GCC or Clang only (AVX2 where the CPU has it, else SSE2, which every x86-64
  * CPU has); elsewhere STREAMS is 0 and callers use torch's copy. The GIL is released during

@@ -15,7 +15,8 @@ shrink to this rank's share (half with 2 ranks, an eighth with 8).
 The copy of a large CPU tensor uses streaming stores (``copy_into``, ``_streamcopy.c``): the
 buffers are not read again until the writer thread, so a copy that reads each destination
 line first and keeps it in the caches (torch's) does a third more memory traffic for nothing.
-Measured at 1611 MB per rank on the bench's 2-core machine: 0.73-0.85x torch's copy time.
+Measured at 1611 MB per rank on the bench's 2-core machine: 0.65-1.0x torch's copy time,
+median 0.75x.
 Torch's copy does it without the compiled module (no C compiler at install, not x86-64),
 and where torch has several threads (OMP_NUM_THREADS > 1: it splits a large copy over them).
 
