@@ -169,3 +169,19 @@ def test_a_storage_shorter_than_its_view_or_a_conjugate_destination_go_to_torch(
     dst = torch.empty(1 << 18, dtype=torch.complex64).conj()  # a conjugate view as the destination
     copy_into(dst, src)
     assert torch.equal(dst, src) and streamed == []
+
+
+@pytest.mark.skipif(not staging.STREAMING, reason="checkpoint._streamcopy not built")
+def test_memory_tier_snapshot_streams_and_reads_back_bit_exact(tmp_path, streamed):
+    from checkpoint.memory import MemorySnapshots
+
+    snapshots = MemorySnapshots(str(tmp_path / "shm"), "/nonexistent-root", "run", 0, 1, "id")
+    for step in (1, 2, 3):  # both slots, then the first again (its cached views)
+        live = {"step": step, "w": torch.randn(1 << 19), "odd": torch.randn(1 << 18, dtype=torch.float64)[1:],
+                "b": torch.randn(10), "t": torch.randn(600, 600).t()}
+        snapshots.snapshot(step, live)
+        back = snapshots.read(step)
+        assert back["step"] == step
+        for key in ("w", "odd", "b", "t"):
+            assert torch.equal(back[key], live[key]), (step, key)
+    assert len(streamed) == 6  # "w" and "odd" at each step; the small and transposed ones by torch
