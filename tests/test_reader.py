@@ -252,12 +252,85 @@ def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_war
     assert cold.bytes_read == size
     assert len(os.listdir("/proc/self/fd")) == descriptors
     assert all(_in_page_cache(f) for f in files)
+    assert all(_resident_pages(f) == _pages(f) for f in files)  # every page, not the sampled slices
     os.unlink(fifo)
 
     warm = ReadAhead(lambda: files)
     assert warm.close(wait_until_done=True, timeout=60)
     assert warm.bytes_read == 0
     assert _newest_committed_files(Storage(tmp_path / "empty")) == []
+
+
+def _pages(path) -> int:
+    import mmap
+    import os
+    return -(-os.path.getsize(path) // mmap.PAGESIZE)
+
+
+def _resident_pages(path) -> int:
+    """How many of the file's pages the page cache holds (mincore over a mapping of all of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    from checkpoint.reader import _libc
+
+    libc = _libc()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value)
+        try:
+            resident = ctypes.create_string_buffer(_pages(path))
+            assert libc.mincore(address, size, resident) == 0, ctypes.get_errno()
+            return sum(b & 1 for b in resident.raw)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def test_read_ahead_reads_by_copying_where_sendfile_refuses(tmp_path, monkeypatch):
+    """Where ``sendfile`` will not send a file to /dev/null (another OS's sendfile only sends
+    to sockets), the read-ahead reads into a buffer instead: every page still arrives, and
+    /dev/null is not left open. Any other error ends it (the load reports what it finds)."""
+    import errno
+    import os
+
+    from checkpoint import CheckpointManager
+    from checkpoint.manager import _newest_committed_files
+    from checkpoint.reader import ReadAhead
+    from checkpoint.storage import Storage
+
+    if _on_tmpfs(tmp_path):
+        pytest.skip(f"{tmp_path} is on a tmpfs: its pages cannot be dropped")
+    CheckpointManager(tmp_path, model=torch.nn.Linear(1000, 1000)).save(7)
+    files = _newest_committed_files(Storage(tmp_path))
+    size = sum(os.path.getsize(f) for f in files)
+    calls = []
+
+    def refused(*args):
+        calls.append(args)
+        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
+
+    monkeypatch.setattr(os, "sendfile", refused)
+    _evict(files)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    read_ahead = ReadAhead(lambda: files)
+    assert read_ahead.close(wait_until_done=True, timeout=60)
+    assert len(calls) == 1 and read_ahead.bytes_read == size
+    assert all(_resident_pages(f) == _pages(f) for f in files)
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+    def failing(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "sendfile", failing)
+    _evict(files)
+    read_ahead = ReadAhead(lambda: files)
+    assert read_ahead.close(wait_until_done=True, timeout=60) and read_ahead.bytes_read == 0
+    assert len(os.listdir("/proc/self/fd")) == descriptors
 
 
 def test_read_ahead_stops_when_the_load_chose_another_checkpoint(tmp_path):
