@@ -363,13 +363,14 @@ class ReadAhead:
     the ranks get there.
 
     It reads with ``sendfile`` into ``/dev/null``: the kernel reads the pages into the page
-    cache as a ``read`` would, and copies them nowhere (where ``sendfile`` refuses, on another
-    OS, it reads into a scratch buffer). The ranks' own reads of the same files run beside it
-    on the node's cores, and they slow it: in cold 101 MB loads (2 ranks, 2 cores) it took
-    0.98x one process's cold read of the files while the ranks waited, 1.07x while both cores
-    copied memory, 1.19-1.21x while the ranks read. Its own copy added to that: against a
-    read into a buffer, taking turns in one run (medians of 16-24 loads), the loads' ratio to
-    the cold read was lower in 9 runs of 9 (7 at 101 MB, 2 at 403 MB), by 0.02-0.20.
+    cache as a ``read`` would, and copies them nowhere (``_Sink``: where that cannot be, it
+    reads into a scratch buffer). The ranks' own reads of the same files run beside it on the
+    node's cores and slow it: reading into a buffer, in cold 101 MB loads (2 ranks, 2 cores),
+    it took 0.98x one process's cold read of the files while the ranks waited, 1.07x while
+    both cores only copied memory, 1.19-1.21x while the ranks read. Its own copy added to
+    that: against the read into a buffer, taking turns in one run (medians of 16-24 loads),
+    the loads' ratio to the cold read was lower in 9 runs of 9 (7 at 101 MB, 2 at 403 MB), by
+    0.02-0.20.
 
     Measured and not chosen: the kernel's ``posix_fadvise(WILLNEED)`` of the whole files
     (slower than no read-ahead: it queues every request at once, ahead of the small reads
@@ -436,11 +437,15 @@ class ReadAhead:
 
 class _Sink:
     """Where the read-ahead's bytes go: ``/dev/null`` through ``sendfile`` (no copy), or a
-    scratch buffer where ``sendfile`` refuses a file and ``/dev/null`` (not Linux)."""
+    scratch buffer where that cannot be: not Linux, a ``/dev/null`` that is missing or not the
+    null device (a regular file there would fill with the checkpoint, a FIFO block the open),
+    or a kernel, file system or sandbox that refuses the ``sendfile``."""
+
+    _FALLBACK_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES)
 
     def __init__(self):
-        self._scratch = bytearray(_READ_SLICE)
-        self._null = os.open(os.devnull, os.O_WRONLY) if hasattr(os, "sendfile") else None
+        self._scratch: bytearray | None = None
+        self._null = _open_null_device() if hasattr(os, "sendfile") and sys.platform.startswith("linux") else None
 
     def read(self, fd: int, offset: int) -> int:
         """Bring up to a slice of ``fd`` at ``offset`` into the page cache; the bytes read."""
@@ -448,10 +453,15 @@ class _Sink:
             try:
                 return os.sendfile(self._null, fd, offset, _READ_SLICE)
             except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP):
+                if e.errno not in self._FALLBACK_ERRNOS:
                     raise
-                self.close()  # this OS's sendfile only sends to sockets: read instead
-        return os.preadv(fd, [self._scratch], offset)
+                self.close()
+        if self._scratch is None:
+            self._scratch = bytearray(_READ_SLICE)
+        if hasattr(os, "preadv"):
+            return os.preadv(fd, [self._scratch], offset)
+        os.lseek(fd, offset, os.SEEK_SET)  # sendfile never moved it
+        return os.readv(fd, [self._scratch])
 
     def close(self) -> None:
         if self._null is not None:
@@ -463,6 +473,19 @@ class _Sink:
 
     def __exit__(self, *_exc):
         self.close()
+
+
+def _open_null_device() -> int | None:
+    """A descriptor of Linux's null device (character device 1:3) at ``os.devnull``, or None."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(1, 3):
+        return fd
+    os.close(fd)
+    return None
 
 
 def _open_regular(path: str) -> int | None:

@@ -217,7 +217,7 @@ def _evict(paths) -> None:
             os.close(fd)
 
 
-def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_warm_one(tmp_path):
+def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_warm_one(tmp_path, monkeypatch):
     """A load starts a ReadAhead of the newest checkpoint's files: cold, it reads every byte
     (so the ranks' reads find them in the page cache); warm, it reads none (copying them
     would only take CPU from the ranks); files it cannot open, and a FIFO named like a shard
@@ -247,9 +247,18 @@ def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_war
     descriptors = len(os.listdir("/proc/self/fd"))
     fifo = str(tmp_path / "step-00000007" / "__99_0.distcp")
     os.mkfifo(fifo)
+    sent = []
+    sendfile = os.sendfile
+
+    def counted(*args):
+        sent.append(args[3])
+        return sendfile(*args)
+
+    monkeypatch.setattr(os, "sendfile", counted)
     cold = ReadAhead(lambda: files + [fifo, str(tmp_path / "gone")])
     assert cold.close(wait_until_done=True, timeout=60), "the read-ahead did not end (blocked on the FIFO?)"
     assert cold.bytes_read == size
+    assert sent, "the read-ahead did not use sendfile"
     assert len(os.listdir("/proc/self/fd")) == descriptors
     assert all(_in_page_cache(f) for f in files)
     assert all(_resident_pages(f) == _pages(f) for f in files)  # every page, not the sampled slices
@@ -279,6 +288,8 @@ def _resident_pages(path) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
         address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         assert address not in (None, ctypes.c_void_p(-1).value)
         try:
@@ -291,46 +302,66 @@ def _resident_pages(path) -> int:
         os.close(fd)
 
 
-def test_read_ahead_reads_by_copying_where_sendfile_refuses(tmp_path, monkeypatch):
-    """Where ``sendfile`` will not send a file to /dev/null (another OS's sendfile only sends
-    to sockets), the read-ahead reads into a buffer instead: every page still arrives, and
-    /dev/null is not left open. Any other error ends it (the load reports what it finds)."""
+def test_read_ahead_reads_into_a_buffer_where_sendfile_cannot_be_used(tmp_path, monkeypatch):
+    """Where ``sendfile`` refuses to send a file to /dev/null (a kernel or file system that
+    cannot splice it, a sandbox), or /dev/null is missing or not the null device (a regular
+    file there must not fill with the checkpoint), the read-ahead reads into a buffer instead:
+    every page still arrives, and nothing is left open. Any other error ends it (the load
+    reports what it finds)."""
     import errno
     import os
 
     from checkpoint import CheckpointManager
     from checkpoint.manager import _newest_committed_files
-    from checkpoint.reader import ReadAhead
+    from checkpoint.reader import ReadAhead, _in_page_cache
     from checkpoint.storage import Storage
 
     if _on_tmpfs(tmp_path):
         pytest.skip(f"{tmp_path} is on a tmpfs: its pages cannot be dropped")
-    CheckpointManager(tmp_path, model=torch.nn.Linear(1000, 1000)).save(7)
-    files = _newest_committed_files(Storage(tmp_path))
+    CheckpointManager(tmp_path / "root", model=torch.nn.Linear(1000, 1000)).save(7)
+    files = _newest_committed_files(Storage(tmp_path / "root"))
     size = sum(os.path.getsize(f) for f in files)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    sendfile = os.sendfile
+
+    def read_ahead_cold() -> ReadAhead:
+        _evict(files)
+        assert not any(_in_page_cache(f) for f in files[2:])
+        read_ahead = ReadAhead(lambda: files)
+        assert read_ahead.close(wait_until_done=True, timeout=60)
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+        return read_ahead
+
+    for refusal in (errno.EINVAL, errno.ENOTSOCK, errno.EPERM):
+        calls = []
+
+        def refused(*args, refusal=refusal):
+            calls.append(args)
+            raise OSError(refusal, os.strerror(refusal))
+
+        monkeypatch.setattr(os, "sendfile", refused)
+        assert read_ahead_cold().bytes_read == size and len(calls) == 1, refusal
+        assert all(_resident_pages(f) == _pages(f) for f in files)
+
+    sent = []
+    monkeypatch.setattr(os, "sendfile", lambda *args: sent.append(args) or sendfile(*args))
+    not_null = tmp_path / "not-null"
+    not_null.write_bytes(b"")
+    for devnull in (str(not_null), str(tmp_path / "missing")):
+        monkeypatch.setattr(os, "devnull", devnull)
+        assert read_ahead_cold().bytes_read == size and not sent, devnull
+        assert all(_resident_pages(f) == _pages(f) for f in files)
+    assert not_null.read_bytes() == b""
+    monkeypatch.undo()
+
     calls = []
 
-    def refused(*args):
-        calls.append(args)
-        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
-
-    monkeypatch.setattr(os, "sendfile", refused)
-    _evict(files)
-    descriptors = len(os.listdir("/proc/self/fd"))
-    read_ahead = ReadAhead(lambda: files)
-    assert read_ahead.close(wait_until_done=True, timeout=60)
-    assert len(calls) == 1 and read_ahead.bytes_read == size
-    assert all(_resident_pages(f) == _pages(f) for f in files)
-    assert len(os.listdir("/proc/self/fd")) == descriptors
-
     def failing(*args):
+        calls.append(args)
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "sendfile", failing)
-    _evict(files)
-    read_ahead = ReadAhead(lambda: files)
-    assert read_ahead.close(wait_until_done=True, timeout=60) and read_ahead.bytes_read == 0
-    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert read_ahead_cold().bytes_read == 0 and len(calls) == 1
 
 
 def test_read_ahead_stops_when_the_load_chose_another_checkpoint(tmp_path):
