@@ -368,9 +368,9 @@ class ReadAhead:
     node's cores and slow it: reading into a buffer, in cold 101 MB loads (2 ranks, 2 cores),
     it took 0.98x one process's cold read of the files while the ranks waited, 1.07x while
     both cores only copied memory, 1.19-1.21x while the ranks read. Its own copy added to
-    that: against the read into a buffer, taking turns in one run (medians of 16-24 loads),
-    the loads' ratio to the cold read was lower in 9 runs of 9 (7 at 101 MB, 2 at 403 MB), by
-    0.02-0.20.
+    that: against the read into a buffer, taking turns in one run (medians of 8-24 loads),
+    the loads' ratio to the cold read was lower in 11 runs of 11 (8 at 101 MB, 2 at 403 MB,
+    1 at 1611 MB), by 0.02-0.20.
 
     Measured and not chosen: the kernel's ``posix_fadvise(WILLNEED)`` of the whole files
     (slower than no read-ahead: it queues every request at once, ahead of the small reads
