@@ -376,9 +376,9 @@ class ReadAhead:
     (slower than no read-ahead: it queues every request at once, ahead of the small reads
     that finding the checkpoint needs); ``WILLNEED`` a few slices ahead, or
     ``madvise(MADV_POPULATE_READ)`` of a mapping, instead of reading (loads 1.4-1.6x a cold
-    read); ``POSIX_FADV_SEQUENTIAL`` or 4 MiB slices (slower); two threads on two files, or
-    each rank starting at another file (no difference within the noise); and skipping each
-    slice the page cache holds (a rank ahead of it then made two streams of one).
+    read); ``POSIX_FADV_SEQUENTIAL`` (slower); 4 or 8 MiB slices, two threads on two files,
+    or each rank starting at another file (no difference within the noise); and skipping
+    each slice the page cache holds (a rank ahead of it then made two streams of one).
 
     ``find`` (run in the thread) names the files; only regular files are read (a FIFO or a
     device named like a shard is passed over). Errors end it quietly: it only warms the

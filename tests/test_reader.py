@@ -219,8 +219,8 @@ def _evict(paths) -> None:
 
 def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_warm_one(tmp_path, monkeypatch):
     """A load starts a ReadAhead of the newest checkpoint's files: cold, it reads every byte
-    (so the ranks' reads find them in the page cache); warm, it reads none (copying them
-    would only take CPU from the ranks); files it cannot open, and a FIFO named like a shard
+    (so the ranks' reads find them in the page cache), with ``sendfile``; warm, it reads none
+    (that would only take CPU from the ranks); files it cannot open, and a FIFO named like a shard
     (whose open would block), are passed over; it leaves no descriptor open."""
     import os
 
@@ -251,7 +251,7 @@ def test_read_ahead_reads_a_cold_checkpoint_into_the_page_cache_and_leaves_a_war
     sendfile = os.sendfile
 
     def counted(*args):
-        sent.append(args[3])
+        sent.append(args)
         return sendfile(*args)
 
     monkeypatch.setattr(os, "sendfile", counted)
