@@ -8,7 +8,9 @@ the GIL on large buffers, so writer threads still run in parallel).
 
 DCP's FileSystemWriter already does the rest of a fast durable write: one file per writer
 thread (``io_threads`` files per rank, written in parallel), large sequential writes of whole
-tensors, and one fsync per file.
+tensors, and one fsync per file. Local files are written with O_DIRECT (``direct_io.py``), past
+the page cache; where a file system refuses it at the open, through the page cache with
+write-behind (``_ChecksumStream``).
 
 DCP stores each tensor with ``torch.save``, which computes a crc32 of its own for the zip
 entry; nothing checks it on load (``torch.load`` does not), and it costs more than our crc32
@@ -36,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import WriteItemType
 import torch.utils.serialization.config as serialization_config
 
+from . import direct_io
 from .manifest import FileRecord
 from .storage import crc32, is_object_store
 
@@ -159,10 +162,10 @@ class _ChecksummingFileSystem:
     the result is kept under the file's final name (DCP writes ``.metadata.tmp`` and
     renames it)."""
 
-    def __init__(self, fs: Any, io_threads: int, sha256: bool = False, write_behind: bool = False):
+    def __init__(self, fs: Any, io_threads: int, sha256: bool = False, local: bool = False):
         self._fs = fs
         self._sha256 = sha256
-        self._write_behind = write_behind
+        self._local = local
         self._lock = threading.Lock()
         self._skip_torch_crc32 = _PER_THREAD or io_threads == 1
         self.files: dict[str, FileRecord] = {}
@@ -180,9 +183,19 @@ class _ChecksummingFileSystem:
         if self._skip_torch_crc32:
             serialization_config.save.compute_crc32 = False
         try:
-            with self._fs.create_stream(path, mode) as raw:
-                stream = _ChecksumStream(raw, self._sha256, self._write_behind)
-                yield stream
+            direct = direct_io.open_direct(path) if self._local and direct_io.ENABLED else None
+            if direct is not None:
+                try:
+                    stream = _ChecksumStream(direct, self._sha256)
+                    yield stream
+                except BaseException:
+                    direct.abort()
+                    raise
+                direct.close()
+            else:
+                with self._fs.create_stream(path, mode) as raw:
+                    stream = _ChecksumStream(raw, self._sha256, self._local and WRITE_BEHIND)
+                    yield stream
         finally:
             if self._skip_torch_crc32:
                 serialization_config.save.compute_crc32 = torch_crc32
@@ -234,7 +247,7 @@ def checksumming_writer(url: str, *, local: bool, io_threads: int, sha256: bool 
             return super().write_data(plan, planner)
 
     writer = Writer(url, thread_count=io_threads, **kwargs)
-    fs = _ChecksummingFileSystem(writer.fs, io_threads, sha256, write_behind=local and WRITE_BEHIND)
+    fs = _ChecksummingFileSystem(writer.fs, io_threads, sha256, local=local)
     writer.fs = fs
     record = WriteRecord(fs.files)
     return writer, record

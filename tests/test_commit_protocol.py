@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from checkpoint import (ALREADY_COMMITTED, CheckpointError, CheckpointManager, CheckpointMismatchError, Storage,
                         find_latest)
+import checkpoint.direct_io
 import checkpoint.reader
 import checkpoint.retention
 import checkpoint.storage
@@ -612,23 +613,38 @@ def _mount_point(path: Path) -> str:
 
 
 @pytest.mark.skipif(checkpoint.writer._sync_file_range is None, reason="write-behind is Linux only")
-@pytest.mark.parametrize("write_behind", [True, False])
-def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path, monkeypatch, write_behind):
-    """Write-behind: a committed checkpoint's bytes are on disk and out of the page cache
-    (where they would pile up as dirty pages and push out what training uses); without it,
-    they stay cached (the control: the measurement sees the difference)."""
+@pytest.mark.parametrize("mode", ["direct", "write-behind", "plain"])
+def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path, monkeypatch, mode):
+    """O_DIRECT, or write-behind where O_DIRECT cannot be used: a committed checkpoint's bytes
+    are on disk and out of the page cache (where they would pile up as dirty pages and push
+    out what training uses); with neither, they stay cached (the control: the measurement
+    sees the difference)."""
     if _on_tmpfs(tmp_path):
         pytest.skip("the test directory is on tmpfs: its pages are the files, nothing to drop")
-    monkeypatch.setattr(checkpoint.writer, "WRITE_BEHIND", write_behind)
+    if mode == "direct":
+        probe = checkpoint.direct_io.open_direct(tmp_path / "probe")
+        if probe is None:
+            pytest.skip("the test directory's file system refuses O_DIRECT")
+        probe.abort()
+        os.unlink(tmp_path / "probe")
+    monkeypatch.setattr(checkpoint.direct_io, "ENABLED", mode == "direct")
+    monkeypatch.setattr(checkpoint.writer, "WRITE_BEHIND", mode == "write-behind")
+    opened = []
+    open_direct = checkpoint.direct_io.open_direct
+    monkeypatch.setattr(checkpoint.direct_io, "open_direct", lambda path: opened.append(open_direct(path)) or opened[-1])
     model = nn.Linear(4096, 4096)  # 64 MiB of weights: more than one write-behind window
     mgr = CheckpointManager(tmp_path, model=model)
     mgr.save(1)
     mgr.close()
+    if mode == "direct":
+        assert opened and None not in opened  # every file was written with O_DIRECT
+    else:
+        assert not opened
     shard = max(shard_files(tmp_path / "step-00000001"), key=lambda p: p.stat().st_size)
     assert shard.stat().st_size > checkpoint.writer.WRITE_BEHIND_BYTES
-    assert verify(Storage(tmp_path), "step-00000001", "size")[1] is None
     resident = _resident_fraction(shard)
-    assert resident < 0.1 if write_behind else resident > 0.5, resident
+    assert resident < 0.1 if mode != "plain" else resident > 0.5, resident
+    assert verify(Storage(tmp_path), "step-00000001", "hash")[1] is None  # (reads it into the cache)
 
 
 @pytest.mark.skipif(checkpoint.writer._sync_file_range is None, reason="write-behind is Linux only")
