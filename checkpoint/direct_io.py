@@ -8,19 +8,20 @@ it took 1.3-2.8 ms per MB that way, nearly all of it the kernel's CPU time, agai
 ms per MB with O_DIRECT, of which 0.03-0.12 ms of kernel CPU. A checkpoint is written once and
 read only after a failure, so leaving it out of the page cache costs nothing later.
 
-How: the bytes collect in an 8 MiB buffer (copied with the GIL released); each full buffer
-goes to the file in one ``pwrite`` at its offset, a multiple of the buffer's size. The end
-that does not fill a buffer goes out, padded with zeros to the 4 KiB alignment and then
-truncated back to the file's true size, when the descriptor is asked for (``fileno``: DCP
-asks for it to fsync the file, after the last write) or at ``close``. ``flush`` sends nothing:
-DCP calls it after every item it writes, small ones too, and each would cost a synchronous
-write of the partly filled block.
+Only on Linux, and only on the local block-device file systems where O_DIRECT really goes
+past the page cache (ext4, XFS, btrfs, f2fs): elsewhere (NFS, where every direct write is a
+synchronous round trip; tmpfs, which takes O_DIRECT and caches anyway; FUSE) ``open_direct``
+returns None and the caller writes through the page cache with write-behind.
 
-Where O_DIRECT is refused, the caller writes through the page cache instead: at the open
-(``open_direct`` returns None: tmpfs before Linux 6.6, some FUSE file systems), or at a write
-(EINVAL: the disk needs a larger alignment), where the file drops O_DIRECT, goes on, and
-drops its pages from the page cache at ``close``; later files on that file system skip
-O_DIRECT.
+How: the bytes collect in an 8 MiB buffer (writes of 64 KiB or more are copied with the GIL
+released); each full buffer goes to the file in one ``pwrite``. The end that does not fill a
+buffer goes out, padded with zeros to the 4 KiB alignment and then truncated back to the
+file's true size, when the descriptor is asked for (``fileno``: DCP asks for it to fsync the
+file, after the last write) or at ``close``. ``flush`` sends nothing: DCP calls it after every
+item it writes, small ones too, and each would cost a synchronous write of the partly filled
+block. A write the disk refuses (EINVAL: it needs a larger alignment) makes the file go on
+without O_DIRECT, writing behind through the page cache, and later files on that file system
+skip O_DIRECT.
 """
 
 from __future__ import annotations
@@ -29,43 +30,68 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 import threading
 
 import numpy as np
 
-try:
-    from . import _streamcopy  # streaming stores: the buffer goes to the disk, not to the cache
+try:  # non-temporal stores: the copied bytes do not push training's data out of the CPU caches
+    from . import _streamcopy
 except ImportError:  # not built: a plain memmove (which releases the GIL too)
     _streamcopy = None
 
-ENABLED = hasattr(os, "O_DIRECT") and os.environ.get("FTCKPT_DIRECT_IO", "1") != "0"  # 0: off (for measuring)
+ENABLED = (sys.platform.startswith("linux") and hasattr(os, "O_DIRECT")
+           and os.environ.get("FTCKPT_DIRECT_IO", "1") != "0")  # 0: off (for measuring)
 BUFFER_BYTES = 8 << 20
 ALIGN = 4096  # file offsets and lengths: a multiple of any disk's logical block size in common use
 SMALL_WRITE = 64 << 10  # below this, a copy under the GIL costs less than releasing it
+# statfs f_type of the file systems O_DIRECT is used on: ext2/3/4, XFS, btrfs, f2fs.
+DIRECT_FILE_SYSTEMS = {0xEF53, 0x58465342, 0x9123683E, 0xF2F52010}
 _REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
-_refused_devices: set[int] = set()  # file systems that refused an O_DIRECT write
+_refused_devices: set[int] = set()  # file systems that refused an O_DIRECT open or write
+
+
+def _load_statfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).statfs
+    except (OSError, AttributeError):
+        return None
+
+
+_statfs = _load_statfs() if ENABLED else None
+
+
+def _file_system_type(directory: str) -> int | None:
+    """statfs's f_type (Linux: the first field, a C long), None where it cannot be had."""
+    if _statfs is None:
+        return None
+    result = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _statfs(os.fsencode(directory), result) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(result).value & 0xFFFFFFFF
 
 
 def open_direct(path) -> DirectFile | None:
-    """``path``, a new file, opened for an O_DIRECT write; None where the file system refuses
-    O_DIRECT (the caller then writes through the page cache). Any other error is raised."""
+    """``path``, a new file, opened for an O_DIRECT write; None where O_DIRECT is not used
+    there (the caller then writes through the page cache). Any other error is raised."""
     path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        device = os.stat(os.path.dirname(os.path.abspath(path))).st_dev
+        device = os.stat(directory).st_dev
     except OSError:
-        device = None  # the open reports what is wrong
+        return None  # the caller's own open reports what is wrong
     if device in _refused_devices:
+        return None
+    if _file_system_type(directory) not in DIRECT_FILE_SYSTEMS:
+        _refused_devices.add(device)
         return None
     try:
         return DirectFile(path, device)
     except OSError as e:
         if e.errno in _REFUSED:
+            _refused_devices.add(device)
             return None
         raise
-
-
-def _align_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 class DirectFile:
@@ -92,9 +118,10 @@ class DirectFile:
         self._check()
         view = memoryview(data).cast("B")
         source = np.frombuffer(view, np.uint8).ctypes.data if len(view) >= SMALL_WRITE else None
+        capacity = len(self._buffer)
         done = 0
         while done < len(view):
-            take = min(len(view) - done, BUFFER_BYTES - self._used)
+            take = min(len(view) - done, capacity - self._used)
             if source is None:
                 self._buffer[self._used:self._used + take] = view[done:done + take]
             elif _streamcopy is not None:
@@ -104,43 +131,61 @@ class DirectFile:
             self._used += take
             done += take
             self._all_sent = False
-            if self._used == BUFFER_BYTES:
-                self._send(BUFFER_BYTES)
-                self._offset += BUFFER_BYTES
+            if self._used == capacity:
+                self._send(capacity)
+                if not self._direct:
+                    self._write_behind(self._offset + capacity)
+                self._offset += capacity
                 self._used = self._sent = 0
         return len(view)
 
     def _send(self, end: int) -> None:
-        """The buffer's bytes from the first not yet in the file for good to ``end``."""
-        with memoryview(self._buffer) as buffer:
-            start = self._sent
-            while start < end:
-                try:
-                    n = os.pwrite(self._fd, buffer[start:end], self._offset + start)
-                except OSError as e:
-                    if e.errno in _REFUSED and self._direct:
-                        self._drop_direct()  # a short write left an unaligned offset, or the disk needs more
-                        continue
-                    self._failed = True
-                    raise
-                if n <= 0:
-                    self._failed = True
-                    raise OSError(errno.EIO, "writing the checkpoint file failed: a write made no progress")
-                start += n
+        """The buffer's bytes from the first not yet in the file for good up to ``end``."""
+        try:
+            with memoryview(self._buffer) as buffer:
+                start = self._sent
+                while start < end:
+                    try:
+                        n = os.pwrite(self._fd, buffer[start:end], self._offset + start)
+                    except OSError as e:
+                        if e.errno in _REFUSED and self._direct and start % ALIGN == 0:
+                            self._drop_direct()  # the disk needs a larger alignment
+                            continue
+                        raise
+                    if n <= 0:
+                        raise OSError(errno.EIO, "writing the checkpoint file failed: a write made no progress")
+                    if self._direct and n % ALIGN:  # a short write (a disk nearly full): its block again, whole
+                        if n < ALIGN:
+                            self._drop_direct(remember=False)  # not one block: on without alignment
+                        else:
+                            n -= n % ALIGN
+                    start += n
+        except BaseException:
+            self._failed = True
+            raise
 
-    def _drop_direct(self) -> None:
+    def _drop_direct(self, remember: bool = True) -> None:
+        """Goes on through the page cache; ``remember``: later files on this file system too."""
         import fcntl
 
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self._direct = False
-        if self._device is not None:
+        if remember and self._device is not None:
             _refused_devices.add(self._device)
+
+    def _write_behind(self, end: int) -> None:
+        """Without O_DIRECT: start writing out what is in the page cache, and drop what is
+        written by now (the rest goes at close, after the fsync). Advice only."""
+        try:
+            os.posix_fadvise(self._fd, 0, end, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
     def _send_the_rest(self) -> None:
         if self._all_sent:
             return
         try:
-            padded = _align_up(self._used)
+            padded = -(-self._used // ALIGN) * ALIGN
             self._buffer[self._used:padded] = bytes(padded - self._used)
             self._send(padded)
             if padded != self._used:
@@ -176,7 +221,7 @@ class DirectFile:
                 self._send_the_rest()
                 os.fsync(self._fd)
             if not self._direct:
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean after the fsync: dropped
+                self._write_behind(0)  # the whole file: clean after the fsync, dropped
         finally:
             self.abort()
 
@@ -184,9 +229,9 @@ class DirectFile:
         """Closes the file without sending anything more (a write or the save failed)."""
         if not self.closed:
             self.closed = True
-            os.close(self._fd)
             _give_back_buffer(self._buffer, self._address)
             self._buffer = None
+            os.close(self._fd)
 
 
 _free_buffers: list[tuple[mmap.mmap, int]] = []  # kept between saves: a new buffer's first fill faults
@@ -195,8 +240,10 @@ _free_buffers_lock = threading.Lock()
 
 def _take_buffer() -> tuple[mmap.mmap, int]:
     with _free_buffers_lock:
-        if _free_buffers:
-            return _free_buffers.pop()
+        while _free_buffers:
+            buffer, address = _free_buffers.pop()
+            if len(buffer) == BUFFER_BYTES:
+                return buffer, address
     buffer = mmap.mmap(-1, BUFFER_BYTES, flags=mmap.MAP_PRIVATE)  # page-aligned, as O_DIRECT needs
     return buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 

@@ -32,10 +32,21 @@ def direct_dir(tmp_path, monkeypatch) -> Path:
         pytest.skip("no O_DIRECT here (not Linux, or FTCKPT_DIRECT_IO=0)")
     probe = direct_io.open_direct(tmp_path / "probe")
     if probe is None:
-        pytest.skip("the test directory's file system refuses O_DIRECT")
-    probe.abort()
+        pytest.skip("O_DIRECT is not used on the test directory's file system")
+    try:
+        probe.write(bytes(ALIGN))
+        probe.fileno()
+        if not _is_direct(probe.fileno()):
+            pytest.skip("the test directory's disk refuses 4 KiB-aligned O_DIRECT writes")
+    finally:
+        probe.abort()
     os.unlink(tmp_path / "probe")
+    monkeypatch.setattr(direct_io, "_refused_devices", set())
     return tmp_path
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def _is_direct(fd: int) -> bool:
@@ -51,9 +62,14 @@ def _is_direct(fd: int) -> bool:
     [5, 2 * BUFFER + 17],  # a write larger than the buffer
     [100, SMALL, SMALL - 1, 3 * ALIGN],  # both copies, under and over the GIL
 ])
-def test_every_byte_arrives_whatever_the_write_sizes(direct_dir, sizes):
+@pytest.mark.parametrize("copy", ["streaming", "memmove"])
+def test_every_byte_arrives_whatever_the_write_sizes(direct_dir, monkeypatch, sizes, copy):
     """The file holds exactly the bytes written, padding never shows, and the descriptor is
-    O_DIRECT's to the end."""
+    O_DIRECT's to the end; with the streaming-store copy and with memmove (no C extension)."""
+    if copy == "memmove":
+        monkeypatch.setattr(direct_io, "_streamcopy", None)
+    elif direct_io._streamcopy is None:
+        pytest.skip("checkpoint/_streamcopy.c is not built here")
     rng = random.Random(len(sizes))
     path = direct_dir / "file"
     f = direct_io.open_direct(path)
@@ -96,7 +112,13 @@ def test_a_save_sends_each_byte_once(direct_dir, monkeypatch):
     most one padded block per file."""
     sent = []
     real_pwrite = os.pwrite
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: sent.append(len(data)) or real_pwrite(fd, data, offset))
+
+    def counting_pwrite(fd, data, offset):
+        if "step-00000001" in os.readlink(f"/proc/self/fd/{fd}"):
+            sent.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", counting_pwrite)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(100)], nn.Linear(64, 40000))  # 10 MiB + 200 small
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 64)).sum().backward()
@@ -112,33 +134,42 @@ def test_a_save_sends_each_byte_once(direct_dir, monkeypatch):
 
 
 def test_a_file_system_that_refuses_o_direct_at_the_open_gets_write_behind(tmp_path, monkeypatch):
-    """EINVAL at the open (tmpfs before Linux 6.6, some FUSE file systems): the save goes
-    through the page cache with write-behind, and commits."""
+    """EINVAL at the open (some FUSE file systems): the save goes through the page cache with
+    write-behind (its shard is not left in the page cache) and commits; the refusal is
+    remembered, so later files do not try again."""
+    monkeypatch.setattr(direct_io, "_refused_devices", set())
     real_open = os.open
+    tried = []
 
     def refusing_open(path, flags, *args, **kwargs):
         if flags & getattr(os, "O_DIRECT", 0):
+            tried.append(path)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refusing_open)
-    assert direct_io.open_direct(tmp_path / "refused") is None
-    model = nn.Linear(512, 512)
+    model = nn.Linear(2048, 2048)  # 16 MiB
     mgr = CheckpointManager(tmp_path / "ckpt", model=model)
     mgr.save(1)
     mgr.close()
+    assert len(tried) <= 1  # the first file's open at most (none where O_DIRECT is not used anyway)
+    from test_commit_protocol import _on_tmpfs, _resident_fraction, shard_files
+    shard = max(shard_files(tmp_path / "ckpt" / "step-00000001"), key=lambda p: p.stat().st_size)
+    if not _on_tmpfs(shard):
+        assert _resident_fraction(shard) < 0.1
     assert verify(Storage(tmp_path / "ckpt"), "step-00000001", "hash")[1] is None
 
 
-def test_a_write_refused_mid_file_goes_on_without_o_direct_and_later_files_skip_it(direct_dir, monkeypatch):
-    """EINVAL at a write (the disk needs a larger alignment): the file drops O_DIRECT, goes on
-    with the same bytes, and leaves no pages in the page cache; the next file on that file
-    system is not opened with O_DIRECT."""
+@pytest.mark.parametrize("where", ["first block", "the padded end"])
+def test_a_write_refused_mid_file_goes_on_without_o_direct_and_later_files_skip_it(direct_dir, monkeypatch, where):
+    """EINVAL at a write (the disk needs a larger alignment), at the first block or only at
+    the padded end: the file drops O_DIRECT, goes on with the same bytes, writes behind and
+    leaves no pages in the page cache; the next file on that file system skips O_DIRECT."""
     real_pwrite = os.pwrite
     refused = []
 
     def refusing_pwrite(fd, data, offset):
-        if _is_direct(fd):
+        if _is_direct(fd) and (where == "first block" or len(data) < BUFFER):
             refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
@@ -146,17 +177,47 @@ def test_a_write_refused_mid_file_goes_on_without_o_direct_and_later_files_skip_
     monkeypatch.setattr(os, "pwrite", refusing_pwrite)
     path = direct_dir / "file"
     f = direct_io.open_direct(path)
-    data = random.Random(1).randbytes(BUFFER + 12345)
-    f.write(data)
-    os.fsync(f.fileno())
-    assert not _is_direct(f.fileno())
-    f.close()
-    assert refused == [0]
+    try:
+        data = random.Random(1).randbytes(3 * BUFFER + 12345)
+        f.write(data)
+        os.fsync(f.fileno())
+        assert not _is_direct(f.fileno())
+    finally:
+        f.close()
+    assert refused == [0 if where == "first block" else 3 * BUFFER]
     from test_commit_protocol import _on_tmpfs, _resident_fraction
     if not _on_tmpfs(path):
         assert _resident_fraction(path) < 0.1
     assert path.read_bytes() == data
     assert direct_io.open_direct(direct_dir / "next") is None
+
+
+def test_a_short_write_sends_its_last_block_again_and_keeps_o_direct(direct_dir, monkeypatch):
+    """A write that takes only part of its bytes (a disk nearly full) and ends mid-block: the
+    block is sent again whole, the file keeps O_DIRECT, and nothing is remembered against the
+    file system."""
+    real_pwrite = os.pwrite
+    offsets = []
+
+    def short_once(fd, data, offset):
+        offsets.append(offset)
+        if len(offsets) == 1:  # O_DIRECT writes whole blocks: a count that ends mid-block, as a
+            # kernel could report one, after an aligned write
+            return real_pwrite(fd, memoryview(data)[:len(data) - 2 * ALIGN], offset) - 100
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", short_once)
+    path = direct_dir / "file"
+    f = direct_io.open_direct(path)
+    try:
+        data = random.Random(3).randbytes(BUFFER + 5)
+        f.write(data)
+        assert _is_direct(f.fileno())
+    finally:
+        f.close()
+    assert offsets[:2] == [0, BUFFER - 3 * ALIGN]
+    assert path.read_bytes() == data
+    assert not direct_io._refused_devices
 
 
 def test_a_write_error_fails_the_save_and_close_sends_nothing_more(direct_dir, monkeypatch):
@@ -169,6 +230,7 @@ def test_a_write_error_fails_the_save_and_close_sends_nothing_more(direct_dir, m
         calls.append(offset)
         raise OSError(errno.EIO, "Input/output error")
 
+    fds = _open_fds()
     monkeypatch.setattr(os, "pwrite", failing_pwrite)
     f = direct_io.open_direct(direct_dir / "file")
     with pytest.raises(OSError, match="Input/output error"):
@@ -188,6 +250,39 @@ def test_a_write_error_fails_the_save_and_close_sends_nothing_more(direct_dir, m
     finally:
         mgr.close()
     assert find_latest(Storage(direct_dir / "ckpt"), "hash") is None
+    assert _open_fds() == fds
+
+
+def test_a_save_that_fails_between_writes_closes_its_files_without_writing(direct_dir, monkeypatch):
+    """An error that is not the file's own (here torch.save raising partway through the
+    shard): the file is closed and sends nothing more, no descriptor is left open, and the
+    save commits nothing."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    real_save = torch.save
+    saved = []
+
+    def failing_save(obj, f, *args, **kwargs):
+        saved.append(1)
+        if len(saved) == 3:
+            raise RuntimeError("injected failure in torch.save")
+        return real_save(obj, f, *args, **kwargs)
+
+    sent = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: sent.append(offset) or real_pwrite(fd, data, offset))
+    monkeypatch.setattr(dcp_filesystem.torch, "save", failing_save)
+    fds = _open_fds()
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    mgr = CheckpointManager(direct_dir / "ckpt", model=model, async_mode="off")
+    try:
+        with pytest.raises(CheckpointError, match="injected failure in torch.save"):
+            mgr.save(1)
+    finally:
+        mgr.close()
+    assert sent == []  # small items, all still in the buffer: nothing reached the file
+    assert find_latest(Storage(direct_dir / "ckpt"), "hash") is None
+    assert _open_fds() == fds
 
 
 def test_a_checkpoint_written_with_o_direct_loads_bit_exact(direct_dir):
@@ -207,3 +302,31 @@ def test_a_checkpoint_written_with_o_direct_loads_bit_exact(direct_dir):
     mgr.close()
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.skipif(not direct_io.ENABLED, reason="no O_DIRECT here (not Linux, or FTCKPT_DIRECT_IO=0)")
+def test_o_direct_is_used_exactly_on_the_file_systems_listed(tmp_path, monkeypatch):
+    """statfs's answer for the test directory and /dev/shm agrees with the kernel's mount
+    table, and decides whether a file is opened with O_DIRECT (a broken statfs would quietly
+    turn O_DIRECT off everywhere, or on for tmpfs)."""
+    from test_commit_protocol import _mount_point
+
+    monkeypatch.setattr(direct_io, "_refused_devices", set())
+    magic = {"ext2": 0xEF53, "ext3": 0xEF53, "ext4": 0xEF53, "xfs": 0x58465342, "btrfs": 0x9123683E,
+             "f2fs": 0xF2F52010, "tmpfs": 0x01021994, "overlay": 0x794C7630}
+    with open("/proc/mounts") as f:
+        mounts = {fields[1]: fields[2] for fields in (line.split() for line in f)}
+    for directory in [tmp_path, Path("/dev/shm")]:
+        if not directory.is_dir():
+            continue
+        kind = mounts.get(_mount_point(directory))
+        if kind not in magic:
+            continue
+        assert direct_io._file_system_type(str(directory)) == magic[kind], (directory, kind)
+        f = direct_io.open_direct(directory / f"ftckpt-test-{os.getpid()}")
+        try:
+            assert (f is not None) == (kind in ("ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs")), (directory, kind)
+        finally:
+            if f is not None:
+                f.abort()
+                os.unlink(directory / f"ftckpt-test-{os.getpid()}")
