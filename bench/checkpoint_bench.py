@@ -30,8 +30,9 @@ import time
 
 import torch
 
-from size_sweep import (calibrated_stall, disk_runs, durable_vs_write, load_vs_read, memcpy_speeds, memory_needed,
-                        read_bound, stall_vs_memcpy, stall_with_after, sweep_report, write_speeds)
+from size_sweep import (calibrated_stall, direct_write_ratios, disk_runs, durable_vs_write, load_vs_read,
+                        memcpy_speeds, memory_needed, read_bound, stall_vs_memcpy, stall_with_after, sweep_report,
+                        write_speeds)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNK = 16 << 20
@@ -156,6 +157,8 @@ def table(res: dict) -> tuple[str, list[str]]:
         f"read {cal['read_Bps'] / 1e6:.0f} MB/s ({'cold' if cal['read_cold'] else 'page cache could not be dropped'}); "
         f"the disk, measured before / after the arms: write {disk_runs(cal, 'write_Bps')}, read {disk_runs(cal, 'read_Bps')} MB/s; "
         f"one process's fsync'd writes next to ours' saves: {write_speeds('D', arms['D'])}, {write_speeds('E', arms['E'])} MB/s; "
+        f"ours' durable against one process's O_DIRECT write right after the save (not a target): "
+        f"D {direct_write_ratios(arms['D'])}, E {direct_write_ratios(E)}; "
         f"memcpys next to E's saves {memcpy_speeds(E)} GB/s per rank (E's stall against each rank's faster of "
         f"those and one once the save was durable {stall_with_after(E)}, against the worker-start memcpy "
         f"{calibrated_stall(E, res):.2f}x); "

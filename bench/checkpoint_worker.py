@@ -18,6 +18,7 @@ import ctypes
 import gc
 import json
 import math
+import mmap
 import os
 import random
 import shutil
@@ -126,6 +127,29 @@ def fsynced_write_seconds(path: str, nbytes: int, chunk) -> float:
         for offset in range(0, nbytes, len(chunk)):
             f.write(chunk[:min(len(chunk), nbytes - offset)])
         os.fsync(f.fileno())
+    return time.monotonic() - started
+
+
+def direct_write_seconds(path: str, nbytes: int, chunk: mmap.mmap) -> float:
+    """One process writing ``nbytes`` into the new file ``path`` with O_DIRECT, ``chunk`` (a
+    page-aligned buffer) after ``chunk``, the end padded to 4 KiB and truncated back, then
+    fsyncing it: what ours' O_DIRECT writer could reach at best. NaN where O_DIRECT is refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return math.nan
+    started = time.monotonic()
+    try:
+        with memoryview(chunk) as view:
+            for offset in range(0, nbytes, len(chunk)):
+                n = min(len(chunk), nbytes - offset)
+                os.pwrite(fd, view[:-(-n // 4096) * 4096], offset)
+        os.ftruncate(fd, nbytes)
+        os.fsync(fd)
+    except OSError:
+        return math.nan
+    finally:
+        os.close(fd)
     return time.monotonic() - started
 
 
@@ -313,7 +337,7 @@ def main() -> None:
         dist.barrier()
         arms[name] = Arm(name, root, ddp, opt, group, args.memory_dir)
         results["arms"][name] = {"label": ARMS[name], "stalls_s": [], "durables_s": [], "background_cpu_s": [],
-                                 "writes_s": [], "memcpys_s": [], "memcpys_with_after_s": [],
+                                 "writes_s": [], "direct_writes_s": [], "memcpys_s": [], "memcpys_with_after_s": [],
                                  "memcpy_Bps": []}
 
     # Saves, round-robin over the arms (the disk's speed drifts; no arm gets a quiet minute
@@ -322,6 +346,21 @@ def main() -> None:
     # whichever of D or E came right after C's async_save took 0.07-0.09 s longer at 101 MB,
     # with the disk idle), and in a fixed order D always came after C.
     write_chunk = torch.empty(16 << 20, dtype=torch.uint8).random_().numpy()
+
+    direct_chunk = mmap.mmap(-1, 16 << 20)
+    direct_chunk.write(write_chunk.tobytes())
+
+    def direct_write_bound(arm: Arm) -> float:
+        """As write_bound, with O_DIRECT (for the report: ours writes that way where it can)."""
+        seconds = 0.0
+        if rank == 0:
+            path = os.path.join(args.ckpt_root, "write-bound-direct.bin")
+            seconds = direct_write_seconds(path, dir_bytes(arm.path(arm.last)), direct_chunk)
+            if os.path.exists(path):
+                os.unlink(path)
+                fsync_dir(args.ckpt_root)
+        dist.barrier()
+        return seconds
 
     def write_bound(arm: Arm) -> float:
         """Ours' durable time's bound on the disk of the same moment (its write speed swings
@@ -389,6 +428,7 @@ def main() -> None:
                 r["memcpys_with_after_s"].append(wall_max(staged * min(copy_before, after)))
             if i > 0 and name in "DE":
                 r["writes_s"].append((before + write_bound(arm)) / 2)
+                r["direct_writes_s"].append(direct_write_bound(arm))
             if i == 0:
                 r["first_stall_s"] = stall
                 continue
@@ -442,6 +482,7 @@ def main() -> None:
             # Save i and write i ran back to back: durable MB/s over the write's MB/s (same
             # bytes) is the write's time over the save's, the median of those ratios.
             r["durable_vs_write"] = statistics.median(w / d for w, d in zip(r["writes_s"], r["durables_s"]))
+            r["durable_vs_direct_write"] = statistics.median(w / d for w, d in zip(r["direct_writes_s"], r["durables_s"]))
         if r["memcpys_s"] and min(r["memcpys_s"]) > 0:  # save i against its copies: the median of the ratios
             r["stall_vs_memcpy"] = statistics.median(st / m for st, m in zip(r["stalls_s"], r["memcpys_s"]))
             # Against each rank's faster of those and a copy once the save was durable (the

@@ -145,6 +145,17 @@ def write_speeds(name: str, arm: dict) -> str:
     return f"{name} {statistics.median(speeds):.0f} ({speeds[0]:.0f}-{speeds[-1]:.0f})"
 
 
+def direct_write_ratios(arm: dict) -> str:
+    """Durable against one process's O_DIRECT write of as many bytes right after the save
+    (median of the ratios) and that write's MB/s (median, range); for the report only."""
+    writes = [w for w in arm.get("direct_writes_s") or [] if w == w]  # NaN: O_DIRECT refused
+    if not writes or "durable_vs_direct_write" not in arm:
+        return "-"
+    speeds = sorted(arm["bytes"] / w / 1e6 for w in writes)
+    return (f"{arm['durable_vs_direct_write']:.2f}x ({statistics.median(speeds):.0f} MB/s, "
+            f"{speeds[0]:.0f}-{speeds[-1]:.0f})")
+
+
 def _holds(text: str, value: float, limit: float) -> bool:
     return value >= limit if ">=" in text else value <= limit
 
@@ -204,6 +215,10 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
               + ", ".join(f"{size / 1e6:.0f} MB {calibrated_stall(r['arms']['E'], r):.2f}x" for size, r in zip(sizes, results))
               + "; one process's fsync'd writes of as many bytes next to ours' saves, MB/s (median, range): "
               + "; ".join(f"{size / 1e6:.0f} MB: " + ", ".join(write_speeds(n, r['arms'][n]) for n in "DE")
+                          for size, r in zip(sizes, results))
+              + "; ours' durable time against one process's O_DIRECT write of as many bytes right after the save "
+              "(ours writes that way; not a target): "
+              + "; ".join(f"{size / 1e6:.0f} MB: " + ", ".join(f"{n} {direct_write_ratios(r['arms'][n])}" for n in "DE")
                           for size, r in zip(sizes, results))
               + ". A load's bound is one process's cold read of its own "
               "files right before or after it. The calibration, MB/s, before / after: "

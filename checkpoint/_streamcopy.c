@@ -1,4 +1,5 @@
-/* A memory copy with non-temporal ("streaming") stores, for the async save's staging copy.
+/* A memory copy with non-temporal ("streaming") stores, for the async save's staging copy
+ * and the copy into the O_DIRECT writer's buffer (direct_io.py), which goes to the disk.
  *
  * A plain copy (torch's copy_, or glibc's memcpy below its non-temporal threshold, which is
  * hundreds of MiB on some machines) reads every destination cache line before writing it
