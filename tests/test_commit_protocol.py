@@ -756,11 +756,26 @@ def test_a_process_that_ends_without_close_still_finishes_its_deletions(tmp_path
 
 
 @contextlib.contextmanager
-def small_disk(path: Path, size: str):
-    """A real disk of ``size`` (a tmpfs) at ``path``; the test is skipped where none can be mounted."""
+def small_disk(path: Path, size: str, kind: str = "tmpfs"):
+    """A real disk of ``size`` ("10m") at ``path``: a tmpfs, or (``kind="ext4"``) an ext4 file
+    system in an image file, loop-mounted, which checkpoint files are written to with
+    O_DIRECT as on a real disk; the test is skipped where none can be mounted."""
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    if kind == "ext4":
+        image = path.with_name(path.name + ".img")
+        with open(image, "wb") as f:
+            f.truncate(int(size.rstrip("m")) << 20)
+        try:
+            made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode == 0
+        except FileNotFoundError:
+            made = False
+        if not made:
+            pytest.skip("cannot make an ext4 file system here (mkfs.ext4)")
+        mount = ["mount", "-o", "loop", str(image), str(path)]
+    else:
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip(f"cannot mount a {kind} here (needs root with CAP_SYS_ADMIN{', and a loop device' if kind == 'ext4' else ''})")
     try:
         yield path
     finally:
@@ -818,18 +833,25 @@ def test_a_save_on_a_disk_with_room_for_two_waits_for_the_deletion_of_the_third(
             logger.setLevel(level)
 
 
-def test_a_save_that_fills_the_disk_says_so_and_leaves_no_partial_files(tmp_path):
-    """torch.save's zip writer fails a full disk with "unexpected pos N vs M": the error must
-    name the full disk, and the failed save's files must go (they would hold the disk full
-    and fail every later save), leaving the committed checkpoint as it was."""
-    with small_disk(tmp_path / "disk", "10m") as disk:
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
+def test_a_save_that_fills_the_disk_says_so_and_leaves_no_partial_files(tmp_path, kind):
+    """torch.save's zip writer fails a full disk with "unexpected pos N vs M" (through the
+    page cache, tmpfs) and the O_DIRECT writer with ENOSPC (ext4): the error must name the
+    full disk, and the failed save's files must go (they would hold the disk full and fail
+    every later save), leaving the committed checkpoint as it was."""
+    with small_disk(tmp_path / "disk", "10m" if kind == "tmpfs" else "16m", kind) as disk:  # ext4 keeps some
+        probe = checkpoint.direct_io.open_direct(disk / "probe")
+        assert (probe is not None) == (kind == "ext4" and checkpoint.direct_io.ENABLED)
+        if probe is not None:
+            probe.abort()
+            (disk / "probe").unlink()
         model = nn.Linear(1024, 1024)  # 4.2 MB a checkpoint
         mgr = CheckpointManager(disk, model=model, keep_last=0)
         try:
             mgr.save(1)
             committed = {p.name: p.read_bytes() for p in (disk / "step-00000001").iterdir()}
             ballast = disk / "other-data"
-            ballast.write_bytes(b"\0" * (5 << 20))  # someone else's file: no room for step 2
+            ballast.write_bytes(b"\0" * (shutil.disk_usage(disk).free - (2 << 20)))  # someone else's: no room for step 2
             free = shutil.disk_usage(disk).free
             with pytest.raises(CheckpointError, match=re.escape(f"disk holding {disk} is full") +
                                ".*the previous committed checkpoint stays"):
