@@ -157,7 +157,7 @@ def table(res: dict) -> tuple[str, list[str]]:
         f"read {cal['read_Bps'] / 1e6:.0f} MB/s ({'cold' if cal['read_cold'] else 'page cache could not be dropped'}); "
         f"the disk, measured before / after the arms: write {disk_runs(cal, 'write_Bps')}, read {disk_runs(cal, 'read_Bps')} MB/s; "
         f"one process's fsync'd writes next to ours' saves: {write_speeds('D', arms['D'])}, {write_speeds('E', arms['E'])} MB/s; "
-        f"ours' durable against one process's O_DIRECT write right after the save (not a target): "
+        f"ours' durable against one process's O_DIRECT write after the save's write bounds (not a target): "
         f"D {direct_write_ratios(arms['D'])}, E {direct_write_ratios(E)}; "
         f"memcpys next to E's saves {memcpy_speeds(E)} GB/s per rank (E's stall against each rank's faster of "
         f"those and one once the save was durable {stall_with_after(E)}, against the worker-start memcpy "

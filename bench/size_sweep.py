@@ -146,9 +146,10 @@ def write_speeds(name: str, arm: dict) -> str:
 
 
 def direct_write_ratios(arm: dict) -> str:
-    """Durable against one process's O_DIRECT write of as many bytes right after the save
-    (median of the ratios) and that write's MB/s (median, range); for the report only."""
-    writes = [w for w in arm.get("direct_writes_s") or [] if w == w]  # NaN: O_DIRECT refused
+    """Durable against one process's O_DIRECT write of as many bytes after the save and its
+    write bounds (median of the ratios) and that write's MB/s (median, range); for the report
+    only."""
+    writes = arm.get("direct_writes_s") or []
     if not writes or "durable_vs_direct_write" not in arm:
         return "-"
     speeds = sorted(arm["bytes"] / w / 1e6 for w in writes)
@@ -216,7 +217,7 @@ def sweep_report(results: list[dict], base: str) -> list[str]:
               + "; one process's fsync'd writes of as many bytes next to ours' saves, MB/s (median, range): "
               + "; ".join(f"{size / 1e6:.0f} MB: " + ", ".join(write_speeds(n, r['arms'][n]) for n in "DE")
                           for size, r in zip(sizes, results))
-              + "; ours' durable time against one process's O_DIRECT write of as many bytes right after the save "
+              + "; ours' durable time against one process's O_DIRECT write of as many bytes after the save's write bounds "
               "(ours writes that way; not a target): "
               + "; ".join(f"{size / 1e6:.0f} MB: " + ", ".join(f"{n} {direct_write_ratios(r['arms'][n])}" for n in "DE")
                           for size, r in zip(sizes, results))

@@ -9,9 +9,11 @@ ms per MB with O_DIRECT, of which 0.03-0.12 ms of kernel CPU. A checkpoint is wr
 read only after a failure, so leaving it out of the page cache costs nothing later.
 
 Only on Linux, and only on the local block-device file systems where O_DIRECT really goes
-past the page cache (ext4, XFS, btrfs, f2fs): elsewhere (NFS, where every direct write is a
-synchronous round trip; tmpfs, which takes O_DIRECT and caches anyway; FUSE) ``open_direct``
-returns None and the caller writes through the page cache with write-behind.
+past the page cache (ext4, XFS, f2fs, and overlayfs, which hands it to the one below):
+elsewhere (NFS, where every direct write is a synchronous round trip; tmpfs, which takes
+O_DIRECT and caches anyway; btrfs, which since Linux 6.14 turns direct writes to checksummed
+files into buffered ones written back one call at a time; FUSE) ``open_direct`` returns None
+and the caller writes through the page cache with write-behind.
 
 How: the bytes collect in an 8 MiB buffer (writes of 64 KiB or more are copied with the GIL
 released); each full buffer goes to the file in one ``pwrite``. The end that does not fill a
@@ -20,8 +22,9 @@ file's true size, when the descriptor is asked for (``fileno``: DCP asks for it 
 file, after the last write) or at ``close``. ``flush`` sends nothing: DCP calls it after every
 item it writes, small ones too, and each would cost a synchronous write of the partly filled
 block. A write the disk refuses (EINVAL: it needs a larger alignment) makes the file go on
-without O_DIRECT, writing behind through the page cache, and later files on that file system
-skip O_DIRECT.
+without O_DIRECT, writing behind through the page cache; when a whole buffer was refused,
+later files on that file system skip O_DIRECT too (a refused padded end alone costs each
+file one refused write).
 """
 
 from __future__ import annotations
@@ -45,17 +48,20 @@ ENABLED = (sys.platform.startswith("linux") and hasattr(os, "O_DIRECT")
 BUFFER_BYTES = 8 << 20
 ALIGN = 4096  # file offsets and lengths: a multiple of any disk's logical block size in common use
 SMALL_WRITE = 64 << 10  # below this, a copy under the GIL costs less than releasing it
-# statfs f_type of the file systems O_DIRECT is used on: ext2/3/4, XFS, btrfs, f2fs.
-DIRECT_FILE_SYSTEMS = {0xEF53, 0x58465342, 0x9123683E, 0xF2F52010}
+# statfs f_type of the file systems O_DIRECT is used on: ext2/3/4, XFS, f2fs, overlayfs.
+DIRECT_FILE_SYSTEMS = {0xEF53, 0x58465342, 0xF2F52010, 0x794C7630}
 _REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 _refused_devices: set[int] = set()  # file systems that refused an O_DIRECT open or write
 
 
 def _load_statfs():
-    try:
-        return ctypes.CDLL(None, use_errno=True).statfs
-    except (OSError, AttributeError):
-        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    for name in ("statfs64", "statfs"):  # statfs64: 32-bit glibc's plain one overflows on large disks
+        fn = getattr(libc, name, None)
+        if fn is not None:
+            fn.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+            return fn
+    return None
 
 
 _statfs = _load_statfs() if ENABLED else None
@@ -132,15 +138,16 @@ class DirectFile:
             done += take
             self._all_sent = False
             if self._used == capacity:
-                self._send(capacity)
+                self._send(capacity, remember=True)
                 if not self._direct:
                     self._write_behind(self._offset + capacity)
                 self._offset += capacity
                 self._used = self._sent = 0
         return len(view)
 
-    def _send(self, end: int) -> None:
-        """The buffer's bytes from the first not yet in the file for good up to ``end``."""
+    def _send(self, end: int, remember: bool = False) -> None:
+        """The buffer's bytes from the first not yet in the file for good up to ``end``;
+        ``remember``: a refusal of O_DIRECT holds for later files on this file system too."""
         try:
             with memoryview(self._buffer) as buffer:
                 start = self._sent
@@ -149,7 +156,7 @@ class DirectFile:
                         n = os.pwrite(self._fd, buffer[start:end], self._offset + start)
                     except OSError as e:
                         if e.errno in _REFUSED and self._direct and start % ALIGN == 0:
-                            self._drop_direct()  # the disk needs a larger alignment
+                            self._drop_direct(remember)  # the disk needs a larger alignment
                             continue
                         raise
                     if n <= 0:
