@@ -8,9 +8,9 @@ the GIL on large buffers, so writer threads still run in parallel).
 
 DCP's FileSystemWriter already does the rest of a fast durable write: one file per writer
 thread (``io_threads`` files per rank, written in parallel), large sequential writes of whole
-tensors, and one fsync per file. Local files are written with O_DIRECT (``direct_io.py``), past
-the page cache; where a file system refuses it at the open, through the page cache with
-write-behind (``_ChecksumStream``).
+tensors, and one fsync per file. Local files are written with O_DIRECT, past the page cache,
+on the file systems ``direct_io.py`` lists; elsewhere through the page cache with write-behind
+(``_ChecksumStream``).
 
 DCP stores each tensor with ``torch.save``, which computes a crc32 of its own for the zip
 entry; nothing checks it on load (``torch.load`` does not), and it costs more than our crc32
