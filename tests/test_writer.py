@@ -62,6 +62,19 @@ def _fds_under(directory: Path) -> list[str]:
     return held
 
 
+def _a_save_fails_and_commits_nothing(directory: Path, model: nn.Module, error: str) -> None:
+    """A sync save into ``directory / "ckpt"`` raises ``error``; nothing is committed and no
+    descriptor under ``directory`` is left open."""
+    mgr = CheckpointManager(directory / "ckpt", model=model, async_mode="off")
+    try:
+        with pytest.raises(CheckpointError, match=error):
+            mgr.save(1)
+    finally:
+        mgr.close()
+    assert find_latest(Storage(directory / "ckpt"), "hash") is None
+    assert _fds_under(directory) == []
+
+
 def _is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
@@ -259,15 +272,7 @@ def test_a_write_error_fails_the_save_and_close_sends_nothing_more(direct_dir, m
     f.close()
     assert calls == [0] and f.closed
 
-    model = nn.Linear(1024, 1024)
-    mgr = CheckpointManager(direct_dir / "ckpt", model=model, async_mode="off")
-    try:
-        with pytest.raises(CheckpointError, match="Input/output error"):
-            mgr.save(1)
-    finally:
-        mgr.close()
-    assert find_latest(Storage(direct_dir / "ckpt"), "hash") is None
-    assert _fds_under(direct_dir) == []
+    _a_save_fails_and_commits_nothing(direct_dir, nn.Linear(1024, 1024), "Input/output error")
 
 
 def test_a_save_that_fails_between_writes_closes_its_files_without_writing(direct_dir, monkeypatch):
@@ -289,16 +294,9 @@ def test_a_save_that_fails_between_writes_closes_its_files_without_writing(direc
     real_pwrite = os.pwrite
     monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: sent.append(offset) or real_pwrite(fd, data, offset))
     monkeypatch.setattr(dcp_filesystem.torch, "save", failing_save)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    mgr = CheckpointManager(direct_dir / "ckpt", model=model, async_mode="off")
-    try:
-        with pytest.raises(CheckpointError, match="injected failure in torch.save"):
-            mgr.save(1)
-    finally:
-        mgr.close()
+    _a_save_fails_and_commits_nothing(direct_dir, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+                                      "injected failure in torch.save")
     assert sent == []  # small items, all still in the buffer: nothing reached the file
-    assert find_latest(Storage(direct_dir / "ckpt"), "hash") is None
-    assert _fds_under(direct_dir) == []
 
 
 def test_a_checkpoint_written_with_o_direct_loads_bit_exact(direct_dir):
